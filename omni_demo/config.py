@@ -1,0 +1,100 @@
+"""Configuration dataclasses: what the engine is built with, and what one request asks for.
+
+Units used throughout the project: one talker codec token = 2 DiT mel frames = 480 samples at
+24 kHz (50 codec tokens per second of speech).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-Omni-7B"
+TINY_MODEL = "tiny"
+VOICES = ("Chelsie", "Ethan")
+SAMPLE_RATE = 24_000
+SAMPLES_PER_CODE = 480
+MEL_FRAMES_PER_CODE = 2
+
+# Qwen2.5-Omni only speaks when it is given this exact system prompt (model card).
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
+    "perceiving auditory and visual inputs, as well as generating text and speech."
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """How the model is loaded. Resolved once at start-up."""
+
+    model: str = DEFAULT_MODEL  # hub id, local directory, or "tiny" (built offline, random weights)
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU ("bfloat16", "float16", "float32")
+    attn: str = "auto"  # "auto": flash_attention_2 with flash-attn on CUDA, else sdpa ("sdpa", "eager")
+
+    def __post_init__(self):
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, not {self.dtype!r}")
+        if self.attn not in ("auto", "sdpa", "eager", "flash_attention_2"):
+            raise ValueError(f"attn must be auto, sdpa, eager or flash_attention_2, not {self.attn!r}")
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    """Chunk geometry of the streaming Token2Wav, in codec tokens unless named otherwise.
+
+    DiT windows must start on a DiT block (24 mel frames = 12 codes), so every field that
+    positions a window is a multiple of 12 codes; the decoder checks that against the model.
+    """
+
+    first_chunk_codes: int = 24  # first chunk, decoded without look-ahead as soon as it exists
+    chunk_codes: int = 36  # every later chunk (0.72 s), decoded once its look-ahead exists
+    past_context_codes: int = 24  # DiT context before a chunk (2 blocks)
+    future_context_codes: int = 12  # DiT look-ahead after a chunk (1 block)
+    vocoder_context_frames: int = 20  # mel frames of BigVGAN overlap kept on each inner edge
+    ode_steps: int = 10  # RK4 time points of the DiT flow (upstream: 10)
+    guidance_scale: float = 0.5  # classifier-free guidance (upstream: 0.5)
+    sway_coefficient: float = -1.0  # time-point sway (upstream: -1.0)
+
+    def __post_init__(self):
+        if min(self.first_chunk_codes, self.chunk_codes) < 1:
+            raise ValueError("chunk sizes must be at least one codec token")
+        if min(self.past_context_codes, self.future_context_codes, self.vocoder_context_frames) < 0:
+            raise ValueError("context sizes cannot be negative")
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """One request's settings. Thinker sampling fields left as None use the checkpoint's
+    generation_config, as upstream `generate` does; talker defaults are upstream's."""
+
+    voice: str = "Chelsie"
+    speech: bool = True  # False: text only; the talker and token2wav never run
+    greedy: bool = False  # argmax in both decoders (repetition penalties still apply, as upstream)
+    temperature: float | None = None  # thinker
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    talker_temperature: float = 0.9
+    talker_top_k: int = 40
+    talker_top_p: float = 0.8
+    talker_repetition_penalty: float = 1.05
+    max_new_tokens: int = 1024  # thinker tokens
+    max_audio_tokens: int = 4096  # talker codec tokens (4096 = 82 s of speech)
+    min_new_tokens: int = 0  # the thinker's end-of-turn tokens are suppressed until then (benchmarks)
+    min_audio_tokens: int = 0  # the talker's end-of-speech tokens likewise
+    use_audio_in_video: bool = False  # feed each video's sound track to the thinker
+    seed: int | None = None  # seeds sampling and the DiT noise
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.max_audio_tokens < 1:
+            raise ValueError("max_new_tokens and max_audio_tokens must be at least 1")
+        if self.min_new_tokens > self.max_new_tokens or self.min_audio_tokens > self.max_audio_tokens:
+            raise ValueError("a minimum length cannot exceed its maximum")
+        for name in ("temperature", "talker_temperature"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive (use greedy for argmax)")
+        for name in ("top_p", "talker_top_p"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1]")

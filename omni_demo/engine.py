@@ -1,0 +1,362 @@
+"""The streaming engine: Thinker and Talker decoded in lock-step, Token2Wav chunk by chunk.
+
+Talker codec step t consumes thinker "reply part" t = embedding + last hidden state of generated
+token t (the state of the forward pass that *feeds* token t), then the `text_eos` embedding once,
+then `text_pad` forever, exactly as `Qwen2_5OmniForConditionalGeneration.generate` lays them out.
+Reply part t exists once the thinker has fed token t, which it does to produce token t + 1, so
+the talker runs one step behind the thinker and speech starts after a couple of text tokens.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from .config import SAMPLES_PER_CODE, SAMPLE_RATE, GenerationOptions, StreamingConfig
+from .events import AudioChunk, Event, Finished, Stats, TextDelta
+from .inputs import InputError, PreparedInputs, prepare_inputs
+from .loading import LoadedModel
+from .sampling import Sampler
+from .token2wav import StreamingToken2Wav
+
+
+def _as_list(ids) -> list[int]:
+    if ids is None:
+        return []
+    return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+
+
+def _position_ids(past_len: int, rope_delta: torch.Tensor) -> torch.Tensor:
+    """Decode-step mRoPE position: all three axes advance together. -> [3, 1, 1]."""
+    return (rope_delta + past_len).view(1, 1, 1).expand(3, 1, 1)
+
+
+class ThinkerDecoder:
+    """Prefill the prompt, then feed one token at a time. Keeps its own KV cache and mRoPE delta."""
+
+    def __init__(self, thinker, inputs: PreparedInputs):
+        self.thinker = thinker
+        self.inputs = inputs
+        self.embed = thinker.get_input_embeddings()
+        self.cache = DynamicCache(config=thinker.config.text_config)
+        self.past_len = 0
+        self.rope_delta = None
+        self.prompt_embeds = None  # [1, L, D] input embeddings after the multimodal merge
+        self.prompt_hidden = None  # [1, L, D] last-layer hidden states (after the final norm)
+
+    @torch.inference_mode()
+    def prefill(self) -> torch.Tensor:
+        t = self.inputs.tensors
+        audio_lengths = t["feature_attention_mask"].sum(-1) if "feature_attention_mask" in t else None
+        positions, self.rope_delta = self.thinker.get_rope_index(
+            t["input_ids"],
+            t.get("image_grid_thw"),
+            t.get("video_grid_thw"),
+            t["attention_mask"],
+            self.inputs.use_audio_in_video,
+            audio_lengths,
+            t.get("video_second_per_grid"),
+        )
+        model_inputs = {k: v for k, v in t.items() if k != "attention_mask"}
+        out = self.thinker.model(
+            **model_inputs,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            use_audio_in_video=self.inputs.use_audio_in_video,
+            output_hidden_states=True,
+        )
+        self.prompt_embeds, self.prompt_hidden = out.hidden_states[0], out.last_hidden_state
+        self.past_len = t["input_ids"].shape[1]
+        return self.thinker.lm_head(out.last_hidden_state[:, -1])  # [1, V]
+
+    @torch.inference_mode()
+    def step(self, token: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed `token`; return (next-token logits [1, V], its reply part [1, 1, D])."""
+        ids = torch.tensor([[token]], device=self.prompt_hidden.device)
+        out = self.thinker.model(
+            input_ids=ids,
+            position_ids=_position_ids(self.past_len, self.rope_delta),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.past_len += 1
+        reply_part = out.last_hidden_state + self.embed(ids)
+        return self.thinker.lm_head(out.last_hidden_state[:, -1]), reply_part
+
+
+class TalkerDecoder:
+    """The codec-token decoder, on the conditioning upstream intends for every prompt: codec
+    pad/bos embeddings added to the last two prefill positions and 3-D mRoPE positions. (In
+    transformers 5.x `generate` drops an all-ones attention mask and the talker then skips both;
+    see generation/utils.py, "We can drop the mask altogether".)"""
+
+    def __init__(self, model, inputs: PreparedInputs):
+        self.talker = model.talker
+        self.config = model.config
+        self.text_embed = model.thinker.get_input_embeddings()
+        self.codec_embed = self.talker.get_input_embeddings()
+        self.inputs = inputs
+        self.cache = DynamicCache(config=self.talker.config)
+        self.past_len = 0
+        self.rope_delta = None
+
+    def prompt_codes(self) -> list[int]:
+        """The codec ids `generate` puts under the prompt: what its repetition penalty sees."""
+        talker = self.talker
+        return [talker.codec_mask_token] * self.inputs.prompt_len + [talker.codec_pad_token, talker.codec_bos_token]
+
+    def text_embedding(self, token_id: int) -> torch.Tensor:
+        ids = torch.tensor([[token_id]], device=self.talker.device)
+        return self.text_embed(ids)  # [1, 1, D]
+
+    @torch.inference_mode()
+    def prefill(self, thinker: ThinkerDecoder, speaker_bos: int, first_token: int, first_part) -> torch.Tensor:
+        t = self.inputs.tensors
+        input_ids = t["input_ids"]
+        cfg = self.config.thinker_config
+        # Media placeholders carry no text embedding for the talker (upstream zeroes them too).
+        is_media = torch.isin(
+            input_ids,
+            torch.tensor([cfg.audio_token_index, cfg.image_token_index, cfg.video_token_index], device=input_ids.device),
+        )
+        prompt = thinker.prompt_hidden + thinker.prompt_embeds.masked_fill(is_media.unsqueeze(-1), 0.0)
+        embeds = torch.cat([prompt, self.text_embedding(speaker_bos), first_part], dim=1)  # [1, L + 2, D]
+        embeds[:, -1] += self.codec_embed.weight[self.talker.codec_bos_token]
+        embeds[:, -2] += self.codec_embed.weight[self.talker.codec_pad_token]
+        positions, self.rope_delta = self.talker.get_rope_index(
+            torch.cat([input_ids, input_ids.new_tensor([[speaker_bos, self._position_safe(first_token)]])], dim=1),
+            t.get("image_grid_thw"),
+            t.get("video_grid_thw"),
+            torch.ones(1, input_ids.shape[1] + 2, dtype=torch.long, device=input_ids.device),
+            self.inputs.use_audio_in_video,
+            t["feature_attention_mask"].sum(-1) if "feature_attention_mask" in t else None,
+            t.get("video_second_per_grid"),
+        )
+        self.past_len = embeds.shape[1]
+        return self._forward(embeds, positions)
+
+    def _position_safe(self, token: int) -> int:
+        """A random thinker can open its reply with <|vision_bos|> or <|audio_bos|>; the position
+        code would then look for media after it and crash. Position it as plain text instead."""
+        starts = {self.config.thinker_config.vision_start_token_id, self.config.thinker_config.audio_start_token_id}
+        return self.config.talker_config.tts_text_start_token_id if token in starts else token
+
+    @torch.inference_mode()
+    def step(self, code: int, reply_input: torch.Tensor) -> torch.Tensor:
+        """Feed codec token `code` with its thinker reply input [1, 1, D]; return logits [1, V]."""
+        ids = torch.tensor([[code]], device=reply_input.device)
+        embeds = self.codec_embed(ids) + reply_input
+        logits = self._forward(embeds, _position_ids(self.past_len, self.rope_delta))
+        self.past_len += 1
+        return logits
+
+    def _forward(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.talker.model(
+            inputs_embeds=self.talker.thinker_to_talker_proj(embeds),
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return self.talker.codec_head(out.last_hidden_state[:, -1]).float()
+
+
+class TextDetokenizer:
+    """Incremental decode that never emits half of a multi-byte character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.text = text[len(self.text) :], text
+        return delta
+
+
+@dataclass
+class _Clock:
+    start: float
+    first_text: float | None = None
+    first_audio: float | None = None
+
+    def since_start(self, mark: float | None) -> float | None:
+        return None if mark is None else mark - self.start
+
+
+class OmniEngine:
+    """Owns the loaded model; `stream` serves one request at a time."""
+
+    def __init__(self, loaded: LoadedModel, streaming: StreamingConfig | None = None):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.processor = loaded.processor
+        self.streaming = streaming or StreamingConfig()
+        self.thinker_eos = _as_list(self.model.thinker.generation_config.eos_token_id)
+        if self.loaded.has_talker:
+            talker = self.model.talker
+            # Upstream stops the talker on codec pad or codec end (generate's talker_eos_token_id).
+            self.talker_eos = [talker.codec_pad_token, talker.codec_eos_token]
+
+    @property
+    def voices(self) -> list[str]:
+        return self.loaded.voices
+
+    def _check(self, options: GenerationOptions) -> None:
+        if options.speech and not self.loaded.has_talker:
+            raise InputError("this model was loaded without its talker; ask for text only")
+        if options.speech and options.voice not in self.model.speaker_map:
+            raise InputError(f"unknown voice {options.voice!r}; choose one of {', '.join(self.voices)}")
+
+    def _generator(self, options: GenerationOptions, offset: int) -> torch.Generator:
+        generator = torch.Generator(device=self.loaded.device)
+        if options.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(options.seed + offset)
+        return generator
+
+    def _thinker_sampler(self, options: GenerationOptions, prompt_len: int) -> Sampler:
+        defaults = self.model.thinker.generation_config
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        return Sampler(
+            do_sample=not options.greedy and bool(options.temperature or defaults.do_sample),
+            temperature=pick(options.temperature, defaults.temperature or 1.0),
+            top_k=pick(options.top_k, defaults.top_k),
+            top_p=pick(options.top_p, defaults.top_p),
+            repetition_penalty=pick(options.repetition_penalty, defaults.repetition_penalty),
+            eos_ids=self.thinker_eos,
+            prompt_len=prompt_len,
+            min_new_tokens=options.min_new_tokens,
+            generator=self._generator(options, 0),
+            device=self.loaded.device,
+        )
+
+    def _talker_sampler(self, options: GenerationOptions, prompt_len: int) -> Sampler:
+        return Sampler(
+            do_sample=not options.greedy,
+            temperature=options.talker_temperature,
+            top_k=options.talker_top_k,
+            top_p=options.talker_top_p,
+            repetition_penalty=options.talker_repetition_penalty,
+            suppress_ids=[self.model.talker.codec_bos_token],
+            eos_ids=self.talker_eos,
+            prompt_len=prompt_len,
+            min_new_tokens=options.min_audio_tokens,
+            generator=self._generator(options, 1),
+            device=self.loaded.device,
+        )
+
+    def prepare(self, messages, options: GenerationOptions) -> PreparedInputs:
+        self._check(options)
+        return prepare_inputs(
+            self.processor, messages, use_audio_in_video=options.use_audio_in_video, device=self.loaded.device
+        )
+
+    def stream(
+        self, messages, options: GenerationOptions | None = None, cancel: threading.Event | None = None
+    ) -> Iterator[Event]:
+        """Yield TextDelta and AudioChunk events as they are produced, then one Finished.
+
+        Stops within one decode step or one audio chunk of `cancel` being set, or at the next
+        yield when the generator is closed. Raises InputError for a request it cannot serve.
+        """
+        options = options or GenerationOptions()
+        clock = _Clock(time.perf_counter())
+        inputs = self.prepare(messages, options)
+        prompt_len = inputs.prompt_len
+        thinker = ThinkerDecoder(self.model.thinker, inputs)
+        text_sampler = self._thinker_sampler(options, prompt_len)
+        detok = TextDetokenizer(self.processor.tokenizer)
+        text_ids = inputs.input_ids.clone()  # [1, L + generated]: what the thinker's processors see
+        logits = thinker.prefill()
+
+        speech = options.speech
+        if speech:
+            talker = TalkerDecoder(self.model, inputs)
+            speaker = self.model.speaker_map[options.voice]
+            codec_sampler = self._talker_sampler(options, prompt_len + 2)
+            codec_ids = torch.tensor([talker.prompt_codes()], device=self.loaded.device)  # [1, L + 2 + codes]
+            decoder = StreamingToken2Wav(
+                self.model.token2wav, speaker, self.streaming, max_codes=options.max_audio_tokens, seed=options.seed
+            )
+            text_eos = talker.text_embedding(self.model.talker.text_eos_token)
+            text_pad = talker.text_embedding(self.model.talker.text_pad_token)
+        reply_inputs: deque[torch.Tensor] = deque()  # thinker -> talker hand-off, [1, 1, D] each
+        codes: list[int] = []
+        thinker_done, talker_done, talker_started = False, not speech, False
+        stop_reason, audio_pos = "length", 0
+
+        while not (thinker_done and talker_done):
+            if cancel is not None and cancel.is_set():
+                stop_reason = "cancelled"
+                break
+            if not thinker_done:  # one thinker step
+                token = int(text_sampler(text_ids, logits))
+                text_ids = torch.cat([text_ids, text_ids.new_tensor([[token]])], dim=1)
+                generated = text_ids.shape[1] - prompt_len
+                is_eos = token in self.thinker_eos
+                if not is_eos and (delta := detok.push(token)):
+                    clock.first_text = clock.first_text or time.perf_counter()
+                    yield TextDelta(delta, (token,))
+                thinker_done = is_eos or generated >= options.max_new_tokens
+                # The last token is fed only when the talker would otherwise get no reply part at all.
+                if not thinker_done or (speech and generated == 1 and not is_eos):
+                    logits, part = thinker.step(token)
+                    reply_inputs.append(part)
+                if thinker_done:
+                    stop_reason = "eos" if is_eos else "length"
+                    if speech and not reply_inputs and not talker_started:
+                        talker_done = True  # an empty reply has nothing to say
+                    elif speech:
+                        reply_inputs.append(text_eos)
+            if talker_done or not (reply_inputs or thinker_done):
+                continue
+            reply = reply_inputs.popleft() if reply_inputs else text_pad  # one talker step
+            if talker_started:
+                codec_logits = talker.step(codes[-1], reply)
+            else:
+                codec_logits = talker.prefill(thinker, speaker["bos_token"], int(text_ids[0, prompt_len]), reply)
+                talker_started = True
+            code = int(codec_sampler(codec_ids, codec_logits))
+            codec_ids = torch.cat([codec_ids, codec_ids.new_tensor([[code]])], dim=1)
+            samples = np.zeros(0, dtype=np.float32)
+            if code not in self.talker_eos:
+                codes.append(code)
+                samples = decoder.push([code])
+            talker_done = code in self.talker_eos or len(codes) >= options.max_audio_tokens
+            if talker_done:
+                samples = np.concatenate([samples, decoder.flush()])
+            if len(samples):
+                clock.first_audio = clock.first_audio or time.perf_counter()
+                yield AudioChunk(samples, audio_pos)
+                audio_pos += len(samples)
+
+        yield self._finished(inputs, detok, text_ids[0, prompt_len:].tolist(), codes, audio_pos, stop_reason, clock)
+
+    def _finished(self, inputs, detok, text_ids, codes, samples, stop_reason, clock) -> Finished:
+        total = time.perf_counter() - clock.start
+        audio_s = samples / SAMPLE_RATE
+        stats = Stats(
+            time_to_first_text_s=clock.since_start(clock.first_text),
+            time_to_first_audio_s=clock.since_start(clock.first_audio),
+            total_s=total,
+            audio_s=audio_s,
+            rtf=total / audio_s if audio_s else None,
+            prompt_tokens=inputs.prompt_len,
+            text_tokens=len(text_ids),
+            audio_tokens=len(codes),
+        )
+        assert samples == SAMPLES_PER_CODE * len(codes) or stop_reason == "cancelled"
+        return Finished(detok.text, text_ids, list(codes), samples, stop_reason, stats, inputs.messages)

@@ -1,0 +1,64 @@
+"""What the streaming engine yields: small typed events, all CPU data (safe to pickle across
+processes, as ZeroGPU requires)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str  # new text since the previous delta (may be empty while a multi-byte char is incomplete)
+    token_ids: tuple[int, ...]  # thinker tokens behind it
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    samples: np.ndarray  # [n] float32 in [-1, 1], mono
+    start_sample: int  # offset of samples[0] in the reply's audio
+    sample_rate: int = SAMPLE_RATE
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+    def pcm16(self) -> np.ndarray:
+        """int16 PCM, what Gradio's streaming audio wants (float chunks get peak-normalised)."""
+        return pcm16(self.samples)
+
+
+def pcm16(samples: np.ndarray) -> np.ndarray:
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype(np.int16)
+
+
+@dataclass(frozen=True)
+class Stats:
+    time_to_first_text_s: float | None  # request start -> first text delta
+    time_to_first_audio_s: float | None  # request start -> first audio chunk (None: no speech)
+    total_s: float
+    audio_s: float  # seconds of speech produced
+    rtf: float | None  # total_s / audio_s (below 1: faster than real time)
+    prompt_tokens: int
+    text_tokens: int
+    audio_tokens: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Finished:
+    text: str
+    text_token_ids: list[int]
+    codec_token_ids: list[int]
+    audio_samples: int  # total samples streamed (= 480 x codec tokens)
+    stop_reason: str  # "eos", "length" or "cancelled"
+    stats: Stats
+    messages: list = field(default_factory=list)  # the conversation as sent to the processor
+
+
+Event = TextDelta | AudioChunk | Finished

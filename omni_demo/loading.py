@@ -1,0 +1,127 @@
+"""Load the Qwen2.5-Omni processor and model from a hub id, a local directory, or "tiny"."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import TINY_MODEL, ModelConfig
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says why and what to do instead."""
+
+
+@dataclass
+class LoadedModel:
+    model: "torch.nn.Module"  # Qwen2_5OmniForConditionalGeneration, eval mode, on `device`
+    processor: object  # Qwen2_5OmniProcessor
+    name: str  # what the user asked for ("tiny", a hub id, or a directory)
+    path: str  # what was loaded from
+    device: torch.device
+    dtype: torch.dtype  # thinker and talker; token2wav always runs in float32
+    attn: str
+    is_random: bool  # the tiny checkpoint: random weights, nonsense replies
+
+    @property
+    def voices(self) -> list[str]:
+        return sorted(self.model.speaker_map)
+
+    @property
+    def has_talker(self) -> bool:
+        return bool(getattr(self.model, "has_talker", False))
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {requested!r} was requested but CUDA is not available here; use --device cpu")
+    return device
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[requested]
+
+
+def pick_attn(requested: str, device: torch.device) -> str:
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if has_flash and device.type == "cuda" else "sdpa"
+    if requested == "flash_attention_2" and not (has_flash and device.type == "cuda"):
+        raise ModelLoadError("flash_attention_2 needs CUDA and the flash-attn package; use --attn sdpa")
+    return requested
+
+
+_REQUIRED = {
+    "config.json": ("config.json",),
+    "speakers (spk_dict.pt)": ("spk_dict.pt",),
+    "tokenizer": ("tokenizer.json", "vocab.json"),
+    "processor config": ("processor_config.json", "preprocessor_config.json"),
+    "weights": ("*.safetensors", "*.bin", "*.safetensors.index.json"),
+}
+
+
+def check_model_dir(path: Path) -> None:
+    """Raise ModelLoadError naming every part a local checkpoint directory lacks."""
+    missing = [what for what, patterns in _REQUIRED.items() if not any(any(path.glob(p)) for p in patterns)]
+    if missing:
+        raise ModelLoadError(
+            f"{path} is not a complete Qwen2.5-Omni checkpoint: missing {', '.join(missing)}. "
+            "Download the whole model repository, or run with --model tiny for an offline demo."
+        )
+
+
+def resolve_model_path(name: str) -> tuple[str, bool]:
+    """Return (what to pass to from_pretrained, whether it is the random tiny checkpoint)."""
+    if name == TINY_MODEL:
+        from .tiny import ensure_tiny_checkpoint
+
+        return str(ensure_tiny_checkpoint()), True
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{path} is a file; pass the checkpoint's directory")
+        check_model_dir(path)
+        return str(path), (path / "tiny.json").exists()
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelLoadError(f"{name!r} is neither a local directory nor a hub id like Qwen/Qwen2.5-Omni-7B")
+    return name, False
+
+
+def load_model(config: ModelConfig) -> LoadedModel:
+    from transformers import AutoProcessor, Qwen2_5OmniForConditionalGeneration
+
+    path, is_random = resolve_model_path(config.model)
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    attn = pick_attn(config.attn, device)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = Qwen2_5OmniForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"could not load {config.model!r}: {_first_line(exc)}. Without network access to the "
+            "Hugging Face Hub, pass a local directory or run with --model tiny (offline, random weights)."
+        ) from exc
+    model.to(device).eval()
+    if getattr(model, "has_talker", False):
+        model.token2wav.float()  # upstream requires float32 for the DiT and BigVGAN
+    log.info("loaded %s on %s (%s, %s)", config.model, device, dtype, attn)
+    return LoadedModel(model, processor, config.model, path, device, dtype, attn, is_random)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,135 @@
+"""The transformers reference, `Qwen2_5OmniForConditionalGeneration.generate`, instrumented.
+
+Used by the fidelity tests and the benchmark. Two ways to call it:
+- as users do (`padded=False`): one prompt, so `generate` drops the all-ones mask and the talker
+  loses its codec pad/bos conditioning and 3-D positions (the transformers 5.x defect);
+- on its intended path (`padded=True`): the prompt as the longest row of a left-padded batch of
+  two, which keeps the mask, so its tokens are what the model is meant to produce.
+Images and videos get `talker_pixel_values=None` / `talker_pixel_values_videos=None`; otherwise
+`generate` forwards them to the talker and fails ("model_kwargs are not used: pixel_values").
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from .config import GenerationOptions
+from .inputs import load_media, normalize_conversation
+from .loading import LoadedModel
+
+# Row 2 of the padded batch; it must tokenize shorter than the prompt under test.
+FILLER = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+
+
+@dataclass
+class ReferenceResult:
+    text_token_ids: list[int]  # generated thinker tokens (stops after an end-of-turn token)
+    codec_token_ids: list[int]  # talker codes before its end token
+    waveform: torch.Tensor | None  # [n] float32
+    time_to_first_text_s: float | None
+    total_s: float
+
+
+class _FirstTokenClock:
+    """A generate() streamer that only notes when the first generated token arrives."""
+
+    def __init__(self):
+        self.calls = 0
+        self.first_token_at = None
+
+    def put(self, value):
+        self.calls += 1  # the first call carries the prompt
+        if self.calls == 2 and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+@contextmanager
+def _record_talker_output(talker):
+    captured = {}
+    original = talker.generate
+
+    def generate(*args, **kwargs):
+        captured["sequences"] = result = original(*args, **kwargs)
+        captured["prompt_len"] = kwargs["input_ids"].shape[1]
+        return result
+
+    talker.generate = generate
+    try:
+        yield captured
+    finally:
+        del talker.generate  # back to the class method
+
+
+def _batch(loaded: LoadedModel, messages, options: GenerationOptions, padded: bool):
+    processor = loaded.processor
+    messages = normalize_conversation(messages)
+    media = load_media(messages, options.use_audio_in_video)
+    use_audio_in_video = options.use_audio_in_video and media["videos"] is not None
+    texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in
+             ([messages, FILLER] if padded else [messages])]
+    if not use_audio_in_video:
+        media.pop("audio_from_video_indices")
+    extra = {"load_audio_from_video": True} if use_audio_in_video else {}
+    batch = processor(text=texts, return_tensors="pt", padding=True, **media, **extra).to(loaded.device)
+    if padded and batch["attention_mask"][0].min() == 0:
+        raise ValueError("the compared prompt must be the longest row of the padded batch")
+    return batch, use_audio_in_video
+
+
+def reference_generate(
+    loaded: LoadedModel, messages, options: GenerationOptions, *, padded: bool = True
+) -> ReferenceResult:
+    model = loaded.model
+    batch, use_audio_in_video = _batch(loaded, messages, options, padded)
+    prompt_len = batch["input_ids"].shape[1]
+    clock = _FirstTokenClock()
+    kwargs = dict(
+        speaker=options.voice,
+        use_audio_in_video=use_audio_in_video,
+        thinker_max_new_tokens=options.max_new_tokens,
+        thinker_min_new_tokens=options.min_new_tokens,
+        thinker_streamer=clock,
+        talker_max_new_tokens=options.max_audio_tokens,
+        talker_min_new_tokens=options.min_audio_tokens,
+        talker_pixel_values=None,
+        talker_pixel_values_videos=None,
+    )
+    if options.greedy:
+        kwargs.update(thinker_do_sample=False, talker_do_sample=False)
+    if not options.speech:
+        kwargs["generation_mode"] = "text"
+    if options.seed is not None:
+        torch.manual_seed(options.seed)
+    start = time.perf_counter()
+    with torch.inference_mode(), _record_talker_output(model.talker) as talker_out:
+        output = model.generate(**batch, **kwargs)
+    total = time.perf_counter() - start
+    sequences = output[0] if isinstance(output, tuple) else getattr(output, "sequences", output)
+    text_ids = _until(sequences[0, prompt_len:].tolist(), _eos(model.thinker.generation_config.eos_token_id), keep=True)
+    codes, waveform = [], None
+    if options.speech:
+        talker = model.talker
+        generated = talker_out["sequences"][0, talker_out["prompt_len"] :].tolist()
+        codes = _until(generated, {talker.codec_pad_token, talker.codec_eos_token}, keep=False)
+        wavs = output[1]
+        waveform = (wavs[0] if isinstance(wavs, list) else wavs).reshape(-1).float().cpu()
+    first = None if clock.first_token_at is None else clock.first_token_at - start
+    return ReferenceResult(text_ids, codes, waveform, first, total)
+
+
+def _eos(ids) -> set[int]:
+    return {int(ids)} if isinstance(ids, int) else {int(i) for i in ids}
+
+
+def _until(ids: list[int], stops: set[int], *, keep: bool) -> list[int]:
+    for index, token in enumerate(ids):
+        if token in stops:
+            return ids[: index + 1] if keep else ids[:index]
+    return ids
