@@ -47,7 +47,8 @@ class StreamingConfig:
     """
 
     first_chunk_codes: int = 24  # first chunk, decoded without look-ahead as soon as it exists
-    chunk_codes: int = 36  # every later chunk (0.72 s), decoded once its look-ahead exists
+    chunk_codes: int = 36  # second chunk (0.72 s), decoded once its look-ahead exists
+    max_chunk_codes: int = 144  # later chunks double up to this (2.88 s): less context re-decoded
     past_context_codes: int = 24  # DiT context before a chunk (2 blocks)
     future_context_codes: int = 12  # DiT look-ahead after a chunk (1 block)
     vocoder_context_frames: int = 20  # mel frames of BigVGAN overlap kept on each inner edge
@@ -58,6 +59,8 @@ class StreamingConfig:
     def __post_init__(self):
         if min(self.first_chunk_codes, self.chunk_codes) < 1:
             raise ValueError("chunk sizes must be at least one codec token")
+        if self.max_chunk_codes < self.chunk_codes:
+            raise ValueError("max_chunk_codes cannot be below chunk_codes")
         if min(self.past_context_codes, self.future_context_codes, self.vocoder_context_frames) < 0:
             raise ValueError("context sizes cannot be negative")
 

@@ -195,6 +195,50 @@ class _Clock:
         return None if mark is None else mark - self.start
 
 
+class _Speech:
+    """The talker side of one reply: its decoder, the hand-off queue of thinker reply inputs,
+    the codes so far and the streaming Token2Wav."""
+
+    def __init__(self, talker: TalkerDecoder, decoder: StreamingToken2Wav, sampler: Sampler, eos: list[int],
+                 max_codes: int, speaker_bos: int, first_token: int):
+        self.talker, self.decoder, self.sampler = talker, decoder, sampler
+        self.eos, self.max_codes = eos, max_codes
+        self.speaker_bos, self.first_token = speaker_bos, first_token
+        self.reply_inputs: deque[torch.Tensor] = deque()  # [1, 1, D] each, consumed one per step
+        self.text_pad = talker.text_embedding(talker.talker.text_pad_token)
+        self.codec_ids = torch.tensor([talker.prompt_codes()], device=self.text_pad.device)  # [1, L + 2 + codes]
+        self.codes: list[int] = []
+        self.started = self.done = False
+        self.audio_pos = 0
+
+    def end_of_text(self) -> None:
+        """The thinker has finished: text_eos follows its last reply part (then text_pad forever).
+        A reply that produced no reply part at all has nothing to say."""
+        if not self.reply_inputs and not self.started:
+            self.done = True
+        else:
+            self.reply_inputs.append(self.talker.text_embedding(self.talker.talker.text_eos_token))
+
+    def step(self, thinker: ThinkerDecoder) -> np.ndarray:
+        """One codec token; returns the samples that became final ([n] float32, maybe empty)."""
+        reply = self.reply_inputs.popleft() if self.reply_inputs else self.text_pad
+        if self.started:
+            logits = self.talker.step(self.codes[-1], reply)
+        else:
+            logits = self.talker.prefill(thinker, self.speaker_bos, self.first_token, reply)
+            self.started = True
+        code = int(self.sampler(self.codec_ids, logits))
+        self.codec_ids = torch.cat([self.codec_ids, self.codec_ids.new_tensor([[code]])], dim=1)
+        samples = np.zeros(0, dtype=np.float32)
+        if code not in self.eos:
+            self.codes.append(code)
+            samples = self.decoder.push([code])
+        self.done = code in self.eos or len(self.codes) >= self.max_codes
+        if self.done:
+            samples = np.concatenate([samples, self.decoder.flush()])
+        return samples
+
+
 class OmniEngine:
     """Owns the loaded model; `stream` serves one request at a time."""
 
@@ -273,32 +317,31 @@ class OmniEngine:
         yield when the generator is closed. Raises InputError for a request it cannot serve.
         """
         options = options or GenerationOptions()
-        clock = _Clock(time.perf_counter())
+        start = time.perf_counter()
         inputs = self.prepare(messages, options)
+        yield from self.stream_inputs(inputs, options, cancel, start=start)
+
+    def stream_inputs(
+        self,
+        inputs: PreparedInputs,
+        options: GenerationOptions,
+        cancel: threading.Event | None = None,
+        *,
+        start: float | None = None,
+    ) -> Iterator[Event]:
+        """`stream` for inputs already through the processor (timings count from `start`)."""
+        self._check(options)
+        clock = _Clock(start or time.perf_counter())
         prompt_len = inputs.prompt_len
         thinker = ThinkerDecoder(self.model.thinker, inputs)
         text_sampler = self._thinker_sampler(options, prompt_len)
         detok = TextDetokenizer(self.processor.tokenizer)
         text_ids = inputs.input_ids.clone()  # [1, L + generated]: what the thinker's processors see
         logits = thinker.prefill()
+        speech: _Speech | None = None  # set up after the first text token, so it never delays it
+        thinker_done, stop_reason = False, "length"
 
-        speech = options.speech
-        if speech:
-            talker = TalkerDecoder(self.model, inputs)
-            speaker = self.model.speaker_map[options.voice]
-            codec_sampler = self._talker_sampler(options, prompt_len + 2)
-            codec_ids = torch.tensor([talker.prompt_codes()], device=self.loaded.device)  # [1, L + 2 + codes]
-            decoder = StreamingToken2Wav(
-                self.model.token2wav, speaker, self.streaming, max_codes=options.max_audio_tokens, seed=options.seed
-            )
-            text_eos = talker.text_embedding(self.model.talker.text_eos_token)
-            text_pad = talker.text_embedding(self.model.talker.text_pad_token)
-        reply_inputs: deque[torch.Tensor] = deque()  # thinker -> talker hand-off, [1, 1, D] each
-        codes: list[int] = []
-        thinker_done, talker_done, talker_started = False, not speech, False
-        stop_reason, audio_pos = "length", 0
-
-        while not (thinker_done and talker_done):
+        while not (thinker_done and (speech is None or speech.done)):
             if cancel is not None and cancel.is_set():
                 stop_reason = "cancelled"
                 break
@@ -310,40 +353,41 @@ class OmniEngine:
                 if not is_eos and (delta := detok.push(token)):
                     clock.first_text = clock.first_text or time.perf_counter()
                     yield TextDelta(delta, (token,))
+                if options.speech and speech is None:
+                    speech = self._start_speech(inputs, options, first_token=token)
                 thinker_done = is_eos or generated >= options.max_new_tokens
                 # The last token is fed only when the talker would otherwise get no reply part at all.
                 if not thinker_done or (speech and generated == 1 and not is_eos):
                     logits, part = thinker.step(token)
-                    reply_inputs.append(part)
+                    if speech:
+                        speech.reply_inputs.append(part)
                 if thinker_done:
                     stop_reason = "eos" if is_eos else "length"
-                    if speech and not reply_inputs and not talker_started:
-                        talker_done = True  # an empty reply has nothing to say
-                    elif speech:
-                        reply_inputs.append(text_eos)
-            if talker_done or not (reply_inputs or thinker_done):
+                    if speech:
+                        speech.end_of_text()
+            if speech is None or speech.done or not (speech.reply_inputs or thinker_done):
                 continue
-            reply = reply_inputs.popleft() if reply_inputs else text_pad  # one talker step
-            if talker_started:
-                codec_logits = talker.step(codes[-1], reply)
-            else:
-                codec_logits = talker.prefill(thinker, speaker["bos_token"], int(text_ids[0, prompt_len]), reply)
-                talker_started = True
-            code = int(codec_sampler(codec_ids, codec_logits))
-            codec_ids = torch.cat([codec_ids, codec_ids.new_tensor([[code]])], dim=1)
-            samples = np.zeros(0, dtype=np.float32)
-            if code not in self.talker_eos:
-                codes.append(code)
-                samples = decoder.push([code])
-            talker_done = code in self.talker_eos or len(codes) >= options.max_audio_tokens
-            if talker_done:
-                samples = np.concatenate([samples, decoder.flush()])
+            samples = speech.step(thinker)  # one talker step
             if len(samples):
                 clock.first_audio = clock.first_audio or time.perf_counter()
-                yield AudioChunk(samples, audio_pos)
-                audio_pos += len(samples)
+                yield AudioChunk(samples, speech.audio_pos)
+                speech.audio_pos += len(samples)
 
+        codes, audio_pos = (speech.codes, speech.audio_pos) if speech else ([], 0)
         yield self._finished(inputs, detok, text_ids[0, prompt_len:].tolist(), codes, audio_pos, stop_reason, clock)
+
+    def _start_speech(self, inputs: PreparedInputs, options: GenerationOptions, first_token: int) -> "_Speech":
+        talker = TalkerDecoder(self.model, inputs)
+        decoder = StreamingToken2Wav(
+            self.model.token2wav,
+            self.model.speaker_map[options.voice],
+            self.streaming,
+            max_codes=options.max_audio_tokens,
+            seed=options.seed,
+        )
+        sampler = self._talker_sampler(options, inputs.prompt_len + 2)
+        return _Speech(talker, decoder, sampler, self.talker_eos, options.max_audio_tokens,
+                       self.model.speaker_map[options.voice]["bos_token"], first_token)
 
     def _finished(self, inputs, detok, text_ids, codes, samples, stop_reason, clock) -> Finished:
         total = time.perf_counter() - clock.start

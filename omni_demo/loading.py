@@ -97,7 +97,32 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
         return str(path), (path / "tiny.json").exists()
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelLoadError(f"{name!r} is neither a local directory nor a hub id like Qwen/Qwen2.5-Omni-7B")
-    return name, False
+    return fetch_from_hub(name), False
+
+
+def fetch_from_hub(repo_id: str) -> str:
+    """Local snapshot of a hub model: the cached one, else one download. Without a hub, one
+    short probe fails fast with advice instead of minutes of per-file retries."""
+    import huggingface_hub
+    from huggingface_hub import model_info, snapshot_download
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # not cached (yet)
+        pass
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                             "run with --model tiny for an offline demo")
+    try:
+        model_info(repo_id, timeout=10)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not fetch {repo_id!r} from the Hugging Face Hub ({_first_line(exc)}). "
+            "Check the network or the model id, pass a local directory, or run with --model tiny "
+            "(offline, random weights)."
+        ) from exc
+    log.info("downloading %s (about 22 GB for Qwen2.5-Omni-7B)", repo_id)
+    return snapshot_download(repo_id)
 
 
 def load_model(config: ModelConfig) -> LoadedModel:
@@ -111,10 +136,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
         processor = AutoProcessor.from_pretrained(path)
         model = Qwen2_5OmniForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"could not load {config.model!r}: {_first_line(exc)}. Without network access to the "
-            "Hugging Face Hub, pass a local directory or run with --model tiny (offline, random weights)."
-        ) from exc
+        raise ModelLoadError(f"could not load {config.model!r} from {path}: {_first_line(exc)}") from exc
     model.to(device).eval()
     if getattr(model, "has_talker", False):
         model.token2wav.float()  # upstream requires float32 for the DiT and BigVGAN
@@ -125,3 +147,25 @@ def load_model(config: ModelConfig) -> LoadedModel:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def build_random_model(omni_config, config: ModelConfig, processor) -> LoadedModel:
+    """A randomly initialised model of any architecture (e.g. `Qwen2_5OmniConfig()`, the 7B
+    defaults) built straight on the device, with random speakers. For benchmarks: no download."""
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    attn = pick_attn(config.attn, device)
+    with torch.device(device):
+        model = Qwen2_5OmniForConditionalGeneration._from_config(omni_config, dtype=dtype, attn_implementation=attn)
+    model.eval().token2wav.float()
+    dit = omni_config.token2wav_config.dit_config
+    vocab = omni_config.thinker_config.text_config.vocab_size
+    for index, name in enumerate(("Chelsie", "Ethan")):
+        model.speaker_map[name] = {
+            "bos_token": vocab - 1 - index,
+            "cond": torch.randn(1, dit.enc_emb_dim),
+            "ref_mel": torch.randn(1, 300, dit.mel_dim),
+        }
+    return LoadedModel(model, processor, "random", "random", device, dtype, attn, is_random=True)

@@ -86,8 +86,15 @@ def _batch(loaded: LoadedModel, messages, options: GenerationOptions, padded: bo
 def reference_generate(
     loaded: LoadedModel, messages, options: GenerationOptions, *, padded: bool = True
 ) -> ReferenceResult:
-    model = loaded.model
     batch, use_audio_in_video = _batch(loaded, messages, options, padded)
+    return reference_generate_batch(loaded, batch, options, use_audio_in_video=use_audio_in_video)
+
+
+def reference_generate_batch(
+    loaded: LoadedModel, batch: dict, options: GenerationOptions, *, use_audio_in_video: bool = False
+) -> ReferenceResult:
+    """Run `generate` on processor output; results are row 0's."""
+    model = loaded.model
     prompt_len = batch["input_ids"].shape[1]
     clock = _FirstTokenClock()
     kwargs = dict(

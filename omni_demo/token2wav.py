@@ -3,7 +3,9 @@
 Geometry (1 codec token = 2 mel frames = 480 samples; DiT block = 24 frames = 12 codes):
 - Chunks are runs of codes. The first chunk is decoded as soon as `first_chunk_codes` exist,
   without look-ahead (it buys the first audio ~0.25 s of talker time); each later chunk once
-  `future_context_codes` more than its end exist, or the reply has ended.
+  `future_context_codes` more than its end exist, or the reply has ended. The second chunk has
+  `chunk_codes`; later ones double up to `max_chunk_codes`, since by then playback is ahead and
+  bigger chunks re-decode less context.
 - A chunk's DiT window starts `past_context_codes` before it, rounded down to a DiT block (block
   attention is counted from the window start, so windows must start on a block), and ends
   `future_context_codes` after it. Only the chunk's own frames are kept.
@@ -25,29 +27,68 @@ from .config import MEL_FRAMES_PER_CODE, StreamingConfig
 HOP = 240  # samples per mel frame
 
 
+class DiTVelocity:
+    """The DiT's velocity field over one window, for the ODE solver.
+
+    Runs the same modules and ops as `Qwen2_5OmniToken2WavDiTModel.forward` with classifier-free
+    guidance batched as 2 (so results are bit-identical), but computes once per window what
+    upstream recomputes on every one of its 36 evaluations: the ECAPA speaker encoding (pass it in
+    to share it across windows), the code embeddings, the rotary tables and the block masks.
+    """
+
+    def __init__(self, dit, codes, conditioning, reference_mel, *, guidance_scale=0.5, speaker_code=None):
+        # codes [1, N]; conditioning [1, enc_emb_dim]; reference_mel [1, T, 80]
+        self.dit = dit
+        self.guidance_scale = guidance_scale
+        frames = codes.shape[1] * dit.repeats
+        if speaker_code is None:
+            speaker_code = encode_speaker(dit, reference_mel)
+        code_embed = torch.cat([dit.text_embed(codes), dit.text_embed(codes, drop_code=True)], dim=0)
+        speaker = conditioning.unsqueeze(1).repeat(1, frames, 1)
+        speaker = torch.cat([speaker, torch.zeros_like(speaker)], dim=0)
+        # Everything the input projection sees besides the noisy mel: [2, F, enc_dim + emb_dim + enc_emb_dim]
+        self.condition = torch.cat([speaker_code.unsqueeze(1).repeat(1, frames, 1), code_embed, speaker], dim=-1)
+        positions = torch.arange(frames, device=codes.device)[None, :].repeat(2, 1)
+        self.rotary = dit.rotary_embed(self.condition, positions)
+        block = torch.arange(frames, device=codes.device) // dit.block_size
+        block_diff = (block[None, :] - block[:, None]).expand(2, dit.num_attention_heads, frames, frames)
+        self.masks = [
+            (block_diff >= -float(layer.look_backward_block)) & (block_diff <= float(layer.look_ahead_block))
+            for layer in dit.transformer_blocks
+        ]
+
+    def __call__(self, time_step, state):
+        """state [1, F, 80] -> guided velocity [1, F, 80]."""
+        dit = self.dit
+        time = dit.time_embed(time_step.repeat(2))
+        hidden = dit.input_embed.proj(torch.cat([torch.cat([state, state], dim=0), self.condition], dim=-1))
+        for layer, mask in zip(dit.transformer_blocks, self.masks):
+            norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = layer.attn_norm(hidden, emb=time)
+            hidden = hidden + gate_msa.unsqueeze(1) * layer.attn(norm, position_embeddings=self.rotary, attention_mask=mask)
+            norm = layer.ff_norm(hidden) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+            hidden = hidden + gate_mlp.unsqueeze(1) * layer.ff(norm)
+        out = dit.proj_out(dit.norm_out(hidden, time))
+        guided, null = torch.chunk(out, 2, dim=0)
+        return guided + (guided - null) * self.guidance_scale
+
+
+def encode_speaker(dit, reference_mel):
+    """ECAPA embedding of the reference mel and of silence (the unconditioned CFG half): [2, enc_dim]."""
+    return dit.input_embed.spk_encoder(torch.cat([reference_mel, torch.zeros_like(reference_mel)], dim=0))
+
+
 @torch.no_grad()
-def dit_sample(dit, codes, conditioning, reference_mel, noise, *, steps=10, guidance_scale=0.5, sway=-1.0):
+def dit_sample(dit, codes, conditioning, reference_mel, noise, *, steps=10, guidance_scale=0.5, sway=-1.0,
+               speaker_code=None):
     """Upstream `Qwen2_5OmniToken2WavDiTModel.sample`, with the initial noise passed in.
 
     codes [1, N] long, conditioning [1, enc_emb_dim], reference_mel [1, T, 80],
     noise [1, 2N, 80] -> mel [1, 80, 2N].
     """
-    frames = noise.shape[1]
-    speaker = conditioning.unsqueeze(1).repeat(1, frames, 1)
-
-    def velocity(time_step, state):
-        out = dit(
-            hidden_states=state,
-            quantized_code=codes,
-            speaker_embedding=speaker,
-            condition_vector=reference_mel,
-            time_step=time_step,
-            apply_cfg=True,  # conditioned and unconditioned halves in one batch of 2
-        )
-        guided, null = torch.chunk(out, 2, dim=0)
-        return guided + (guided - null) * guidance_scale
-
-    times = torch.linspace(0, 1, steps, device=codes.device, dtype=speaker.dtype)
+    velocity = DiTVelocity(
+        dit, codes, conditioning, reference_mel, guidance_scale=guidance_scale, speaker_code=speaker_code
+    )
+    times = torch.linspace(0, 1, steps, device=codes.device, dtype=noise.dtype)
     times += sway * (torch.cos(torch.pi / 2 * times) - 1 + times)
     trajectory = RungeKutta4ODESolver(function=velocity, initial_value=noise).integrate(times)
     return trajectory[-1].permute(0, 2, 1)
@@ -74,18 +115,23 @@ class StreamingToken2Wav:
         self.block_codes = self.dit.config.block_size // MEL_FRAMES_PER_CODE
         self.conditioning = speaker["cond"].to(device).float()  # [1, enc_emb_dim]
         self.reference_mel = speaker["ref_mel"].to(device).float()  # [1, T, 80]
+        with torch.no_grad():
+            self.speaker_code = encode_speaker(self.dit, self.reference_mel)  # once per reply
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         frames = max_codes * MEL_FRAMES_PER_CODE
         self.noise = torch.randn(1, frames, self.dit.config.mel_dim, generator=generator).to(device)  # [1, F, 80]
         self.codes: list[int] = []
         self.decoded_codes = 0  # codes whose mel is final
+        self.chunks = 0  # DiT chunks decoded
         self.mel = torch.empty(1, self.dit.config.mel_dim, 0, device=device)  # [1, 80, final frames]
         self.vocoded_frames = 0  # frames whose samples were emitted
         self.samples_emitted = 0
 
     def _next_chunk_end(self) -> int:
-        size = self.config.first_chunk_codes if self.decoded_codes == 0 else self.config.chunk_codes
-        return self.decoded_codes + size
+        config = self.config
+        if self.chunks == 0:
+            return config.first_chunk_codes
+        return self.decoded_codes + min(config.chunk_codes * 2 ** (self.chunks - 1), config.max_chunk_codes)
 
     def push(self, codes: list[int]) -> np.ndarray:
         if len(self.codes) + len(codes) > self.noise.shape[1] // MEL_FRAMES_PER_CODE:
@@ -93,7 +139,7 @@ class StreamingToken2Wav:
         self.codes.extend(codes)
         while True:
             end = self._next_chunk_end()
-            lookahead = 0 if self.decoded_codes == 0 else self.config.future_context_codes
+            lookahead = 0 if self.chunks == 0 else self.config.future_context_codes
             if len(self.codes) < end + lookahead:
                 break
             self._decode_chunk(end)
@@ -120,10 +166,12 @@ class StreamingToken2Wav:
             steps=self.config.ode_steps,
             guidance_scale=self.config.guidance_scale,
             sway=self.config.sway_coefficient,
+            speaker_code=self.speaker_code,
         )
         keep = slice((start - window_start) * MEL_FRAMES_PER_CODE, (end - window_start) * MEL_FRAMES_PER_CODE)
         self.mel = torch.cat([self.mel, mel[:, :, keep]], dim=2)
         self.decoded_codes = end
+        self.chunks += 1
 
     def _vocode(self, *, final: bool) -> np.ndarray:
         """Emit samples for final frames, holding back `vocoder_context_frames` unless final."""

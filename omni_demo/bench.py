@@ -1,0 +1,214 @@
+"""Benchmark: the streaming engine against transformers' reference `generate`, same prompt,
+same process, several repeats.
+
+    python -m omni_demo.bench --model tiny --text-tokens 64 --audio-tokens 500
+    python -m omni_demo.bench --random-full-size --device cuda     # 7B architecture, random weights
+
+Random weights never stop on their own, so both lengths are forced (min = max). Prints a table
+and, last, one JSON line with `stream`, `reference` and `ratio` (stream / reference) objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import statistics
+import sys
+import threading
+import time
+
+import psutil
+import torch
+
+from .cli import add_model_arguments, model_config, quiet_libraries
+from .config import DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, GenerationOptions, TINY_MODEL
+from .events import Finished
+from .inputs import PreparedInputs
+
+METRICS = ("time_to_first_text_s", "time_to_first_audio_s", "total_s", "rtf", "peak_rss_mb", "peak_rss_growth_mb")
+PROMPT = "Tell me a long story about a robot who learns to sing, with many details."
+
+
+class PeakMemory:
+    """Peak process RSS (sampled every 2 ms) and, on CUDA, peak allocated VRAM during a block."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.process = psutil.Process()
+
+    def __enter__(self):
+        gc.collect()
+        _release_freed_memory()
+        self.baseline = self.peak = self.process.memory_info().rss
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+        self.peak_vram = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+
+    def as_dict(self) -> dict:
+        out = {"peak_rss_mb": self.peak / 2**20, "peak_rss_growth_mb": (self.peak - self.baseline) / 2**20}
+        if self.peak_vram is not None:
+            out["peak_vram_mb"] = self.peak_vram / 2**20
+        return out
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS, so one run's leftovers do not count as the next one's peak."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def run_stream(engine, inputs: PreparedInputs, options: GenerationOptions) -> dict:
+    with PeakMemory(engine.loaded.device) as memory:
+        finished = [event for event in engine.stream_inputs(inputs, options) if isinstance(event, Finished)][0]
+    stats = finished.stats
+    return {
+        "time_to_first_text_s": stats.time_to_first_text_s,
+        "time_to_first_audio_s": stats.time_to_first_audio_s,
+        "total_s": stats.total_s,
+        "rtf": stats.rtf,
+        "audio_s": stats.audio_s,
+        "text_tokens": stats.text_tokens,
+        "audio_tokens": stats.audio_tokens,
+        **memory.as_dict(),
+    }
+
+
+def run_reference(loaded, inputs: PreparedInputs, options: GenerationOptions) -> dict:
+    from .reference import reference_generate_batch
+
+    with PeakMemory(loaded.device) as memory:
+        result = reference_generate_batch(loaded, inputs.tensors, options, use_audio_in_video=inputs.use_audio_in_video)
+    audio_s = len(result.waveform) / SAMPLE_RATE if result.waveform is not None else 0.0
+    return {
+        "time_to_first_text_s": result.time_to_first_text_s,
+        "time_to_first_audio_s": result.total_s,  # the audio exists only once generate returns
+        "total_s": result.total_s,
+        "rtf": result.total_s / audio_s if audio_s else None,
+        "audio_s": audio_s,
+        "text_tokens": len(result.text_token_ids),
+        "audio_tokens": len(result.codec_token_ids),
+        **memory.as_dict(),
+    }
+
+
+def synthetic_inputs(loaded, prompt_tokens: int, seed: int = 0) -> PreparedInputs:
+    """Random text-token prompt for models without a matching processor (random full size)."""
+    vocab = loaded.model.config.thinker_config.audio_token_index  # ids below the special tokens
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (1, prompt_tokens), generator=generator).to(loaded.device)
+    return PreparedInputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [], False)
+
+
+def median(runs: list[dict], key: str):
+    values = [run[key] for run in runs if run.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(stream_runs: list[dict], reference_runs: list[dict]) -> dict:
+    keys = [*METRICS, "audio_s", "text_tokens", "audio_tokens"] + (["peak_vram_mb"] if "peak_vram_mb" in stream_runs[0] else [])
+    stream = {key: median(stream_runs, key) for key in keys}
+    reference = {key: median(reference_runs, key) for key in keys}
+    ratio = {
+        key: stream[key] / reference[key]
+        for key in (*METRICS, "peak_vram_mb")
+        if stream.get(key) is not None and reference.get(key)
+    }
+    return {"stream": stream, "reference": reference, "ratio": ratio}
+
+
+def print_table(summary: dict, file=sys.stdout) -> None:
+    print(f"{'metric':<24}{'stream':>12}{'reference':>12}{'stream/ref':>12}", file=file)
+    for key in summary["stream"]:
+        row = [summary[side].get(key) for side in ("stream", "reference")] + [summary["ratio"].get(key)]
+        cells = "".join(f"{'-' if v is None else f'{v:.3f}':>12}" for v in row)
+        print(f"{key:<24}{cells}", file=file)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m omni_demo.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.set_defaults(model=TINY_MODEL)
+    parser.add_argument("--random-full-size", action="store_true",
+                        help="the 7B architecture (Qwen2_5OmniConfig defaults) with random weights")
+    parser.add_argument("--text-tokens", type=int, default=64, help="thinker tokens, forced")
+    parser.add_argument("--audio-tokens", type=int, default=500, help="talker codec tokens, forced (50 = 1 s)")
+    parser.add_argument("--prompt-tokens", type=int, default=48, help="prompt length for --random-full-size")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--voice", default="Chelsie")
+    return parser.parse_args(argv)
+
+
+def load_for_bench(args):
+    from .loading import build_random_model, load_model
+
+    if not args.random_full_size:
+        loaded = load_model(model_config(args))
+        return loaded, None
+    from transformers import AutoProcessor, Qwen2_5OmniConfig
+
+    from .tiny import ensure_tiny_checkpoint
+
+    # Only the tokenizer is used (to detokenize); ids it does not know decode to nothing.
+    processor = AutoProcessor.from_pretrained(ensure_tiny_checkpoint())
+    loaded = build_random_model(Qwen2_5OmniConfig(), model_config(args), processor)
+    return loaded, synthetic_inputs(loaded, args.prompt_tokens)
+
+
+def main(argv=None) -> int:
+    from .engine import OmniEngine
+
+    args = parse_args(argv)
+    quiet_libraries()
+    loaded, inputs = load_for_bench(args)
+    engine = OmniEngine(loaded)
+    options = GenerationOptions(
+        voice=args.voice, greedy=True, seed=0,
+        max_new_tokens=args.text_tokens, min_new_tokens=args.text_tokens,
+        max_audio_tokens=args.audio_tokens, min_audio_tokens=args.audio_tokens,
+    )
+    if inputs is None:
+        messages = [{"role": "system", "content": [{"type": "text", "text": DEFAULT_SYSTEM_PROMPT}]},
+                    {"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
+        inputs = engine.prepare(messages, options)
+    warmup = GenerationOptions(voice=args.voice, greedy=True, max_new_tokens=4, max_audio_tokens=30)
+    run_stream(engine, inputs, warmup)
+    run_reference(loaded, inputs, warmup)
+    stream_runs, reference_runs = [], []
+    for repeat in range(args.repeats):
+        stream_runs.append(run_stream(engine, inputs, options))
+        reference_runs.append(run_reference(loaded, inputs, options))
+        print(f"repeat {repeat + 1}/{args.repeats}: stream {stream_runs[-1]['total_s']:.2f} s, "
+              f"reference {reference_runs[-1]['total_s']:.2f} s", file=sys.stderr)
+    summary = summarize(stream_runs, reference_runs)
+    summary["setup"] = {
+        "model": "random-full-size" if args.random_full_size else args.model,
+        "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."), "attn": loaded.attn,
+        "prompt_tokens": inputs.prompt_len, "text_tokens": args.text_tokens, "audio_tokens": args.audio_tokens,
+        "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else None,
+    }
+    print_table(summary)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
