@@ -46,9 +46,10 @@ class StreamingConfig:
     positions a window is a multiple of 12 codes; the decoder checks that against the model.
     """
 
-    first_chunk_codes: int = 24  # first chunk, decoded without look-ahead as soon as it exists
+    first_chunk_codes: int = 24  # first chunk, decoded once it and its own look-ahead exist
+    first_chunk_future_codes: int = 0  # look-ahead the first chunk waits for (0: latency over accuracy)
     chunk_codes: int = 36  # second chunk (0.72 s), decoded once its look-ahead exists
-    max_chunk_codes: int = 144  # later chunks double up to this (2.88 s): less context re-decoded
+    max_chunk_codes: int = 48  # later chunks grow to this (0.96 s): less context re-decoded
     past_context_codes: int = 24  # DiT context before a chunk (2 blocks)
     future_context_codes: int = 12  # DiT look-ahead after a chunk (1 block)
     vocoder_context_frames: int = 20  # mel frames of BigVGAN overlap kept on each inner edge
@@ -61,7 +62,8 @@ class StreamingConfig:
             raise ValueError("chunk sizes must be at least one codec token")
         if self.max_chunk_codes < self.chunk_codes:
             raise ValueError("max_chunk_codes cannot be below chunk_codes")
-        if min(self.past_context_codes, self.future_context_codes, self.vocoder_context_frames) < 0:
+        if min(self.past_context_codes, self.future_context_codes, self.first_chunk_future_codes,
+               self.vocoder_context_frames) < 0:
             raise ValueError("context sizes cannot be negative")
 
 

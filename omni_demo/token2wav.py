@@ -2,7 +2,8 @@
 
 Geometry (1 codec token = 2 mel frames = 480 samples; DiT block = 24 frames = 12 codes):
 - Chunks are runs of codes. The first chunk is decoded as soon as `first_chunk_codes` exist,
-  without look-ahead (it buys the first audio ~0.25 s of talker time); each later chunk once
+  by default without waiting for look-ahead (that buys the first audio ~0.25 s of talker
+  time; `first_chunk_future_codes` trades it back for accuracy); each later chunk once
   `future_context_codes` more than its end exist, or the reply has ended. The second chunk has
   `chunk_codes`; later ones double up to `max_chunk_codes`, since by then playback is ahead and
   bigger chunks re-decode less context.
@@ -139,7 +140,8 @@ class StreamingToken2Wav:
         self.codes.extend(codes)
         while True:
             end = self._next_chunk_end()
-            lookahead = 0 if self.chunks == 0 else self.config.future_context_codes
+            config = self.config
+            lookahead = config.first_chunk_future_codes if self.chunks == 0 else config.future_context_codes
             if len(self.codes) < end + lookahead:
                 break
             self._decode_chunk(end)

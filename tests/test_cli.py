@@ -1,0 +1,66 @@
+"""The terminal client and the benchmark, run as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import soundfile as sf
+
+from .conftest import ASSETS
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def omni(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def test_cli_streams_text_writes_wav_and_json(tiny_dir, tmp_path):
+    out = tmp_path / "reply.wav"
+    result = omni("omni_demo", "--model", "tiny", "--prompt", "What is this?", "--image", str(ASSETS / "shapes.png"),
+                  "--audio", str(ASSETS / "question.wav"), "--voice", "Ethan", "--greedy", "--seed", "3",
+                  "--max-new-tokens", "16", "--max-audio-tokens", "60", "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout.splitlines()[-1])
+    assert result.stdout.startswith(data["text"] + "\n"), "the streamed text comes first, then the JSON line"
+    for key in ("messages", "text", "text_token_ids", "codec_token_ids", "audio_samples", "sample_rate",
+                "time_to_first_text_s", "time_to_first_audio_s", "total_s", "audio_s", "rtf"):
+        assert key in data
+    assert data["messages"][-1]["content"][0] == {"type": "image", "image": str(ASSETS / "shapes.png")}
+    assert len(data["text_token_ids"]) == 16 and data["audio_samples"] == 480 * len(data["codec_token_ids"]) > 0
+    wave, rate = sf.read(out)
+    assert rate == 24000 and len(wave) == data["audio_samples"]
+    assert "random-weight" in result.stderr
+
+
+def test_cli_text_only(tiny_dir):
+    result = omni("omni_demo", "--model", "tiny", "--prompt", "hi", "--no-audio", "--max-new-tokens", "5", "--json")
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["codec_token_ids"] == [] and data["audio_samples"] == 0 and data["time_to_first_audio_s"] is None
+
+
+def test_cli_errors_are_one_line_not_tracebacks(tiny_dir, tmp_path):
+    cases = [
+        (["--prompt", "hi", "--voice", "Bob"], "unknown voice 'Bob'"),
+        (["--prompt", "hi", "--video", str(tmp_path / "gone.mp4")], "video file not found"),
+    ]
+    for args, expected in cases:
+        result = omni("omni_demo", "--model", "tiny", *args)
+        assert result.returncode == 2
+        assert expected in result.stderr and "Traceback" not in result.stderr
+    result = omni("omni_demo", "--model", "tiny")
+    assert result.returncode == 2 and "give --prompt" in result.stderr
+
+
+def test_bench_prints_table_and_json(tiny_dir):
+    result = omni("omni_demo.bench", "--model", "tiny", "--text-tokens", "8", "--audio-tokens", "60",
+                  "--repeats", "1", timeout=600)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    for side in ("stream", "reference"):
+        for key in ("time_to_first_text_s", "time_to_first_audio_s", "total_s", "rtf", "peak_rss_mb"):
+            assert summary[side][key] > 0
+        assert summary[side]["audio_tokens"] == 60 and summary[side]["text_tokens"] == 8
+    assert summary["ratio"]["time_to_first_audio_s"] < 1
+    assert "stream/ref" in result.stdout and "time_to_first_audio_s" in result.stdout
