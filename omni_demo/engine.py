@@ -257,6 +257,14 @@ class OmniEngine:
     def voices(self) -> list[str]:
         return self.loaded.voices
 
+    @property
+    def model_name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def is_random(self) -> bool:
+        return self.loaded.is_random
+
     def _check(self, options: GenerationOptions) -> None:
         if options.speech and not self.loaded.has_talker:
             raise InputError("this model was loaded without its talker; ask for text only")

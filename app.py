@@ -1,0 +1,92 @@
+"""omni-demo web app: talk to Qwen2.5-Omni and hear it answer while it is still thinking.
+
+    python app.py                   # Qwen/Qwen2.5-Omni-7B on the GPU
+    python app.py --model tiny      # offline, tiny random-weight checkpoint (nonsense replies)
+    python app.py --share           # plus a public https link (mic and webcam need https)
+
+Every flag has an environment variable (OMNI_MODEL, OMNI_DEVICE, ...), for Spaces and containers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from omni_demo.config import DEFAULT_MODEL
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def env(name: str, default):
+    return os.environ.get(name, default)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=env("OMNI_MODEL", DEFAULT_MODEL),
+                        help="hub id, local directory, or 'tiny' (default %(default)s)")
+    parser.add_argument("--device", default=env("OMNI_DEVICE", "auto"), help="cuda, cuda:1, cpu (default: auto)")
+    parser.add_argument("--dtype", default=env("OMNI_DTYPE", "auto"), choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--attn", default=env("OMNI_ATTN", "auto"), choices=["auto", "sdpa", "eager", "flash_attention_2"])
+    parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="0.0.0.0 to serve the network")
+    parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--share", action="store_true", default=bool(env("OMNI_SHARE", "")),
+                        help="also serve a public https link through Gradio")
+    parser.add_argument("--concurrency", type=int, default=int(env("OMNI_CONCURRENCY", 1)),
+                        help="replies generated at once (one GPU: 1; others wait in the queue)")
+    parser.add_argument("--max-queue", type=int, default=int(env("OMNI_MAX_QUEUE", 16)),
+                        help="requests that may wait; past it users are told the server is busy")
+    parser.add_argument("--max-upload-mb", type=float, default=float(env("OMNI_MAX_UPLOAD_MB", 100)))
+    parser.add_argument("--auth", default=env("OMNI_AUTH", None), help="user:password for share links")
+    return parser.parse_args(argv)
+
+
+def build_app(args):
+    """Load the model and return the configured Blocks (not launched)."""
+    from omni_demo.cli import quiet_libraries
+    from omni_demo.config import ModelConfig
+    from omni_demo.engine import OmniEngine
+    from omni_demo.loading import load_model
+    from omni_demo.ui import build_demo
+    from omni_demo.zerogpu import ZeroGPUBackend, on_zerogpu
+
+    quiet_libraries()
+    loaded = load_model(ModelConfig(model=args.model, device=args.device, dtype=args.dtype, attn=args.attn))
+    engine = OmniEngine(loaded)
+    backend = ZeroGPUBackend(engine) if on_zerogpu() else engine
+    demo = build_demo(backend)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
+    return demo
+
+
+def auth_pair(value: str | None):
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise SystemExit("error: --auth needs user:password")
+    return (user, password)
+
+
+def main(argv=None) -> int:
+    from omni_demo.loading import ModelLoadError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        demo = build_app(args)
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    demo.launch(
+        server_name=args.host, server_port=args.port, share=args.share, auth=auth_pair(args.auth),
+        max_file_size=f"{args.max_upload_mb:g}mb", allowed_paths=[str(ASSETS)], show_error=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
