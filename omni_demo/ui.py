@@ -134,7 +134,7 @@ def format_stats(finished: Finished, conversation: list[dict]) -> str:
     cells += [f"total {s.total_s:.2f} s", f"context {s.prompt_tokens} tokens ({media_summary(conversation)})"]
     if finished.stop_reason == "cancelled":
         cells.append("stopped")
-    return "⏱ " + " · ".join(cells)
+    return " · ".join(cells)
 
 
 def save_reply_audio(chunks: list[np.ndarray]) -> str:
@@ -159,7 +159,7 @@ def respond(backend, message, history, webcam, voice, speech, system_prompt, tem
         use_audio_in_video=bool(use_audio_in_video),
     )
     reply = {"role": "assistant", "content": ""}
-    yield None, chat + [reply], None, gr.skip(), "⏳ thinking…"
+    yield None, chat + [reply], None, gr.skip(), "Thinking…"
     chunks: list[np.ndarray] = []
     try:
         with closing(backend.stream(conversation, options)) as events:
@@ -170,7 +170,7 @@ def respond(backend, message, history, webcam, voice, speech, system_prompt, tem
                 elif isinstance(event, AudioChunk):
                     chunks.append(event.samples)
                     spoken = sum(len(c) for c in chunks) / SAMPLE_RATE
-                    yield gr.skip(), gr.skip(), gr.skip(), (SAMPLE_RATE, event.pcm16()), f"🔊 {spoken:.1f} s of speech"
+                    yield gr.skip(), gr.skip(), gr.skip(), (SAMPLE_RATE, event.pcm16()), f"Speaking… {spoken:.1f} s so far"
                     time.sleep(FLUSH_DELAY_S)
                     yield gr.skip(), gr.skip(), gr.skip(), (SAMPLE_RATE, EMPTY_PCM), gr.skip()
                 elif isinstance(event, Finished):
@@ -221,8 +221,8 @@ def build_demo(backend, *, title: str = "Qwen2.5-Omni, streaming") -> gr.Blocks:
                     file_count="multiple", elem_id="textbox", show_label=False,
                 )
                 with gr.Row():
-                    stop = gr.Button("⏹ Stop", variant="stop", elem_id="stop")
-                    clear = gr.Button("🗑 Clear", elem_id="clear")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    clear = gr.Button("Clear", elem_id="clear")
                 stats = gr.Markdown(elem_id="stats")
             with gr.Column(scale=2):
                 audio_out = gr.Audio(label="Spoken reply", streaming=True, autoplay=True, interactive=False,
