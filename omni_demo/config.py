@@ -103,3 +103,18 @@ class GenerationOptions:
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server; over a limit the user is told which one and by how much."""
+
+    max_audio_s: float = 300.0  # per audio clip (the feature extractor pads to 300 s)
+    max_video_s: float = 180.0  # per video
+    max_video_frames: int = 256  # frames read per video (qwen-omni-utils samples 2 per second)
+    max_images_per_turn: int = 8
+    max_context_tokens: int | None = None  # prompt tokens; None: the thinker's and talker's windows decide
+
+    def __post_init__(self):
+        if min(self.max_audio_s, self.max_video_s, self.max_video_frames, self.max_images_per_turn) <= 0:
+            raise ValueError("limits must be positive")

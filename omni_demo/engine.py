@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from .config import SAMPLES_PER_CODE, SAMPLE_RATE, GenerationOptions, StreamingConfig
-from .events import AudioChunk, Event, Finished, Stats, TextDelta
+from .config import SAMPLES_PER_CODE, SAMPLE_RATE, GenerationOptions, Limits, StreamingConfig
+from .events import AudioChunk, ContextTrimmed, Event, Finished, Stats, TextDelta
 from .inputs import InputError, PreparedInputs, prepare_inputs
 from .loading import LoadedModel
 from .sampling import Sampler
@@ -239,14 +239,29 @@ class _Speech:
         return samples
 
 
+class EngineError(RuntimeError):
+    """A request failed inside the engine; the engine itself stays usable."""
+
+
+def _without_oldest_turn(messages: list[dict]) -> list[dict] | None:
+    """Drop the first user message after the system prompt and everything up to the next user
+    message; None when only the last turn is left."""
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    users = [i for i, m in enumerate(messages) if m["role"] == "user" and i >= start]
+    if len(users) < 2:
+        return None
+    return messages[:start] + messages[users[1]:]
+
+
 class OmniEngine:
     """Owns the loaded model; `stream` serves one request at a time."""
 
-    def __init__(self, loaded: LoadedModel, streaming: StreamingConfig | None = None):
+    def __init__(self, loaded: LoadedModel, streaming: StreamingConfig | None = None, limits: Limits | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
         self.streaming = streaming or StreamingConfig()
+        self.limits = limits or Limits()
         self.thinker_eos = _as_list(self.model.thinker.generation_config.eos_token_id)
         if self.loaded.has_talker:
             talker = self.model.talker
@@ -312,9 +327,33 @@ class OmniEngine:
 
     def prepare(self, messages, options: GenerationOptions) -> PreparedInputs:
         self._check(options)
-        return prepare_inputs(
-            self.processor, messages, use_audio_in_video=options.use_audio_in_video, device=self.loaded.device
-        )
+        return prepare_inputs(self.processor, messages, use_audio_in_video=options.use_audio_in_video,
+                              device=self.loaded.device, limits=self.limits)
+
+    def prompt_limit(self, options: GenerationOptions) -> int:
+        """Longest prompt that leaves room for the reply in the thinker's (and talker's) window."""
+        config = self.model.config
+        limit = config.thinker_config.text_config.max_position_embeddings - options.max_new_tokens
+        if options.speech:  # the talker's prompt is the thinker's + 2, then one position per code
+            limit = min(limit, config.talker_config.max_position_embeddings - 2 - options.max_audio_tokens)
+        if self.limits.max_context_tokens is not None:
+            limit = min(limit, self.limits.max_context_tokens)
+        return limit
+
+    def fit_context(self, messages, options: GenerationOptions) -> tuple[PreparedInputs, int]:
+        """Prepare the conversation; while it is over the window, leave out its oldest whole turn
+        (a user message and the replies to it). Returns (inputs, turns left out)."""
+        limit = self.prompt_limit(options)
+        inputs, dropped = self.prepare(messages, options), 0
+        while inputs.prompt_len > limit:
+            shorter = _without_oldest_turn(inputs.messages)
+            if shorter is None:
+                raise InputError(
+                    f"this message is {inputs.prompt_len} tokens with its media; the limit is {limit} "
+                    f"({inputs.prompt_len - limit} over). Send less media, a shorter clip, or lower max new tokens."
+                )
+            inputs, dropped = self.prepare(shorter, options), dropped + 1
+        return inputs, dropped
 
     def stream(
         self, messages, options: GenerationOptions | None = None, cancel: threading.Event | None = None
@@ -326,8 +365,16 @@ class OmniEngine:
         """
         options = options or GenerationOptions()
         start = time.perf_counter()
-        inputs = self.prepare(messages, options)
-        yield from self.stream_inputs(inputs, options, cancel, start=start)
+        inputs, dropped = self.fit_context(messages, options)
+        if dropped:
+            yield ContextTrimmed(dropped, inputs.prompt_len, self.prompt_limit(options))
+        try:
+            yield from self.stream_inputs(inputs, options, cancel, start=start)
+        except torch.OutOfMemoryError as exc:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # hand the failed request's memory back for the next one
+            raise EngineError("the GPU ran out of memory on this request; try shorter or fewer media, "
+                              "or a shorter reply") from exc
 
     def stream_inputs(
         self,

@@ -61,4 +61,13 @@ class Finished:
     messages: list = field(default_factory=list)  # the conversation as sent to the processor
 
 
-Event = TextDelta | AudioChunk | Finished
+@dataclass(frozen=True)
+class ContextTrimmed:
+    """The conversation was over the context window: its oldest turns were left out of this reply."""
+
+    dropped_turns: int
+    prompt_tokens: int  # after trimming
+    limit_tokens: int
+
+
+Event = TextDelta | AudioChunk | ContextTrimmed | Finished

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .config import Limits
+
 MEDIA_TYPES = ("image", "audio", "video")
 ROLES = ("system", "user", "assistant")
 
@@ -79,6 +81,41 @@ def _normalize_part(part: Any, index: int) -> dict | None:
     return {**part, kind: str(path)}
 
 
+def check_limits(messages: list[dict], limits: Limits) -> list[dict]:
+    """Refuse media over the limits (before decoding any of it); bound the frames read per video."""
+    for message in messages:
+        images = sum(part["type"] == "image" for part in message["content"])
+        if images > limits.max_images_per_turn:
+            raise InputError(f"this turn has {images} images; the limit is {limits.max_images_per_turn} "
+                             f"({images - limits.max_images_per_turn} too many)")
+        for part in message["content"]:
+            kind = part["type"]
+            if kind in ("audio", "video") and isinstance(part[kind], str):
+                limit = limits.max_audio_s if kind == "audio" else limits.max_video_s
+                seconds = _duration(part[kind])
+                if seconds is not None and seconds > limit:
+                    raise InputError(f"{kind} {_describe(part[kind])} is {seconds:.1f} s long; the limit is "
+                                     f"{limit:g} s ({seconds - limit:.1f} s over)")
+            if kind == "video":
+                part["max_frames"] = min(int(part.get("max_frames", limits.max_video_frames)), limits.max_video_frames)
+    return messages
+
+
+def _duration(path: str) -> float | None:
+    """Container duration in seconds, read from the header; None when it cannot be probed (the
+    decoder then reports the file as unreadable)."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            if container.duration is not None:
+                return container.duration / av.time_base
+            streams = [s for s in container.streams if s.duration is not None and s.time_base is not None]
+            return max((float(s.duration * s.time_base) for s in streams), default=None)
+    except Exception:
+        return None
+
+
 def _describe(source: Any) -> str:
     return Path(source).name if isinstance(source, str) else type(source).__name__
 
@@ -143,9 +180,11 @@ def _reason(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def prepare_inputs(processor, messages: Any, *, use_audio_in_video: bool, device=None) -> PreparedInputs:
+def prepare_inputs(processor, messages: Any, *, use_audio_in_video: bool, device=None,
+                   limits: Limits = Limits()) -> PreparedInputs:
     """Validate, read media, apply the chat template and run the processor (batch of one)."""
     messages = normalize_conversation(copy.deepcopy(messages) if isinstance(messages, list) else messages)
+    messages = check_limits(messages, limits)
     media = load_media(messages, use_audio_in_video)
     use_audio_in_video = use_audio_in_video and media["videos"] is not None
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

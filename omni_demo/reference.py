@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import GenerationOptions
-from .inputs import load_media, normalize_conversation
+from .config import GenerationOptions, Limits
+from .inputs import check_limits, load_media, normalize_conversation
 from .loading import LoadedModel
 
 # Row 2 of the padded batch; it must tokenize shorter than the prompt under test.
@@ -69,7 +69,7 @@ def _record_talker_output(talker):
 
 def _batch(loaded: LoadedModel, messages, options: GenerationOptions, padded: bool):
     processor = loaded.processor
-    messages = normalize_conversation(messages)
+    messages = check_limits(normalize_conversation(messages), Limits())
     media = load_media(messages, options.use_audio_in_video)
     use_audio_in_video = options.use_audio_in_video and media["videos"] is not None
     texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import mimetypes
+import os
 import tempfile
+import threading
 import time
+from collections import OrderedDict
 from contextlib import closing
-from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -19,7 +21,7 @@ import numpy as np
 import soundfile as sf
 
 from .config import DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, SAMPLES_PER_CODE, GenerationOptions
-from .events import AudioChunk, Finished, TextDelta
+from .events import AudioChunk, ContextTrimmed, Finished, TextDelta
 from .inputs import InputError
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,47 @@ SYSTEM_PROMPT_WARNING = (
     "⚠️ Qwen2.5-Omni only speaks reliably with its default system prompt. With another prompt the "
     "spoken reply may be missing or garbled; switch speech off or restore the default."
 )
+
+
+class UploadRegistry:
+    """Which uploaded files belong to which browser session. A turn may only refer to files its own
+    session uploaded (or the app's assets), so a crafted history cannot make the server read
+    /etc/passwd, ../ paths or another user's upload."""
+
+    def __init__(self, max_sessions: int = 10_000):
+        self.sessions: OrderedDict[str, set[str]] = OrderedDict()
+        self.max_sessions = max_sessions
+        self.lock = threading.Lock()
+
+    def add(self, session: str, paths: list[str]) -> None:
+        with self.lock:
+            owned = self.sessions.setdefault(session, set())
+            owned.update(str(Path(p).resolve()) for p in paths)
+            self.sessions.move_to_end(session)
+            while len(self.sessions) > self.max_sessions:
+                self.sessions.popitem(last=False)
+
+    def check(self, session: str, paths: list[str]) -> None:
+        with self.lock:
+            owned = self.sessions.get(session, set())
+        for path in paths:
+            resolved = Path(path).resolve()
+            if str(resolved) not in owned and not resolved.is_relative_to(ASSETS):
+                raise gr.Error(f"Refused {Path(path).name}: this conversation did not upload it.")
+
+
+def new_upload_paths(message: dict | None, webcam: str | None) -> list[str]:
+    files = [*((message or {}).get("files") or []), *([webcam] if webcam else [])]
+    return [f if isinstance(f, str) else f.get("path") for f in files]
+
+
+def user_file_paths(history: list[dict]) -> list[str]:
+    return [part["file"]["path"] for message in history if message["role"] == "user"
+            for part in _parts(message) if part.get("type") == "file"]
+
+
+def gradio_upload_dir() -> Path:
+    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
 
 
 def media_kind(path: str) -> str | None:
@@ -137,19 +180,44 @@ def format_stats(finished: Finished, conversation: list[dict]) -> str:
     return " · ".join(cells)
 
 
-def save_reply_audio(chunks: list[np.ndarray]) -> str:
-    path = REPLY_DIR / f"reply-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**6}.wav"
+def save_reply_audio(chunks: list[np.ndarray], keep: int = 256) -> str:
+    """Write the reply's wav (Gradio copies it into its cache); keep only the newest `keep` here."""
+    path = REPLY_DIR / f"reply-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**9:09d}.wav"
     sf.write(path, np.concatenate(chunks), SAMPLE_RATE, subtype="PCM_16")
+    for old in sorted(REPLY_DIR.glob("reply-*.wav"), key=lambda p: p.stat().st_mtime)[:-keep]:
+        old.unlink(missing_ok=True)
     return str(path)
 
 
-def respond(backend, message, history, webcam, voice, speech, system_prompt, temperature, top_p, max_new_tokens,
-            max_speech_s, use_audio_in_video):
-    """Send one user turn; stream the reply into the chat and the audio player.
+class ChatHandler:
+    """The reply handler, bound to a backend and the upload registry. A method rather than a
+    functools.partial of a function: Gradio only injects gr.Request where it can read type hints."""
 
-    Outputs: textbox, chatbot, webcam, streaming audio, latency readout.
-    """
+    def __init__(self, backend, uploads: UploadRegistry | None = None):
+        self.backend = backend
+        self.uploads = uploads or UploadRegistry()
+
+    def respond(self, message, history, webcam, voice, speech, system_prompt, temperature, top_p, max_new_tokens,
+                max_speech_s, use_audio_in_video, request: gr.Request):
+        """Send one user turn; stream the reply into the chat and the audio player.
+
+        Outputs: textbox, chatbot, webcam, streaming audio, latency readout.
+        """
+        yield from _respond(self.backend, self.uploads, request.session_hash, message, history, webcam, voice,
+                            speech, system_prompt, temperature, top_p, max_new_tokens, max_speech_s,
+                            use_audio_in_video)
+
+
+def _respond(backend, uploads, session, message, history, webcam, voice, speech, system_prompt, temperature, top_p,
+             max_new_tokens, max_speech_s, use_audio_in_video):
     history = list(history or [])
+    new_files = new_upload_paths(message, webcam)
+    for path in new_files:  # fresh uploads live in Gradio's upload folder (or are our examples)
+        resolved = Path(path).resolve()
+        if not (resolved.is_relative_to(gradio_upload_dir()) or resolved.is_relative_to(ASSETS)):
+            raise gr.Error(f"Refused {Path(path).name}: not an upload.")
+    uploads.add(session, new_files)
+    uploads.check(session, user_file_paths(history))
     turn = user_turn(message, webcam)
     chat = history + turn
     conversation = chat_to_conversation(chat, system_prompt.strip())
@@ -173,6 +241,9 @@ def respond(backend, message, history, webcam, voice, speech, system_prompt, tem
                     yield gr.skip(), gr.skip(), gr.skip(), (SAMPLE_RATE, event.pcm16()), f"Speaking… {spoken:.1f} s so far"
                     time.sleep(FLUSH_DELAY_S)
                     yield gr.skip(), gr.skip(), gr.skip(), (SAMPLE_RATE, EMPTY_PCM), gr.skip()
+                elif isinstance(event, ContextTrimmed):
+                    gr.Warning(f"The conversation is longer than the model's window ({event.limit_tokens} tokens): "
+                               f"its oldest {event.dropped_turns} turn(s) were left out of this reply.")
                 elif isinstance(event, Finished):
                     final = chat + [reply]
                     if chunks:
@@ -206,7 +277,8 @@ EXAMPLES = [
 
 
 def build_demo(backend, *, title: str = "Qwen2.5-Omni, streaming") -> gr.Blocks:
-    with gr.Blocks(title=title, fill_height=True) as demo:
+    # Uploads and replies older than a day leave Gradio's cache (checked hourly).
+    with gr.Blocks(title=title, fill_height=True, delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"# {title}\nTalk with text, images, audio, video, your microphone or webcam. "
                     "The reply is written and spoken at the same time.")
         if backend.is_random:
@@ -243,7 +315,7 @@ def build_demo(backend, *, title: str = "Qwen2.5-Omni, streaming") -> gr.Blocks:
 
         settings = [voice, speech, system_prompt, temperature, top_p, max_new_tokens, max_speech_s, use_audio_in_video]
         reply_event = textbox.submit(
-            partial(respond, backend), [textbox, chatbot, webcam, *settings],
+            ChatHandler(backend).respond, [textbox, chatbot, webcam, *settings],
             [textbox, chatbot, webcam, audio_out, stats], api_name="chat", concurrency_id="gpu",
         )
         stop.click(None, cancels=[reply_event])
