@@ -31,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=env("OMNI_DEVICE", "auto"), help="cuda, cuda:1, cpu (default: auto)")
     parser.add_argument("--dtype", default=env("OMNI_DTYPE", "auto"), choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--attn", default=env("OMNI_ATTN", "auto"), choices=["auto", "sdpa", "eager", "flash_attention_2"])
+    parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=env("OMNI_FAST", "1") != "0",
+                        help="lean decode steps: static KV cache, CUDA graphs on CUDA (default on)")
     parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="0.0.0.0 to serve the network")
     parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", default=bool(env("OMNI_SHARE", "")),
@@ -55,9 +57,12 @@ def build_app(args):
 
     quiet_libraries()
     loaded = load_model(ModelConfig(model=args.model, device=args.device, dtype=args.dtype, attn=args.attn))
-    engine = OmniEngine(loaded)
+    engine = OmniEngine(loaded, fast=args.fast)
     backend = ZeroGPUBackend(engine) if on_zerogpu() else engine
     demo = build_demo(backend)
+    if args.concurrency > 1:
+        logging.getLogger("app").warning("one engine serves one reply at a time; extra concurrent replies will be "
+                                         "refused with a message. Keep --concurrency 1 on one GPU.")
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     return demo
 

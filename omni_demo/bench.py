@@ -109,6 +109,82 @@ def run_reference(loaded, inputs: PreparedInputs, options: GenerationOptions) ->
     }
 
 
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_decode_steps(engine, inputs: PreparedInputs, steps: int, *, lean: bool) -> dict:
+    """Seconds per decode step of the engine's thinker and talker decoders after a prefill."""
+    from .engine import TalkerDecoder, ThinkerDecoder
+
+    device, model = engine.loaded.device, engine.model
+    thinker = ThinkerDecoder(model.thinker, inputs, engine.thinker_static if lean else None)
+    logits = thinker.prefill()
+    token = int(logits.argmax(-1))
+    for _ in range(8):  # warm-up
+        thinker.step(token)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits, part = thinker.step(token)
+    _sync(device)
+    result = {"thinker_step_ms": 1e3 * (time.perf_counter() - start) / steps}
+    if engine.loaded.has_talker:
+        thinker = ThinkerDecoder(model.thinker, inputs, engine.thinker_static if lean else None)
+        thinker.prefill()
+        _, part = thinker.step(token)
+        talker = TalkerDecoder(model, inputs, engine.talker_static if lean else None)
+        talker.prefill(thinker, next(iter(model.speaker_map.values()))["bos_token"], token, part)
+        pad = talker.text_embedding(model.talker.text_pad_token)
+        for _ in range(8):  # warm-up
+            talker.step(100, pad)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            talker.step(100, pad)
+        _sync(device)
+        result["talker_step_ms"] = 1e3 * (time.perf_counter() - start) / steps
+    return result
+
+
+def time_generate_steps(loaded, inputs: PreparedInputs, text_steps: int, audio_steps: int) -> dict:
+    """Seconds per step inside transformers' thinker.generate and talker.generate: the difference
+    between a long and a 2-token run, so prefill and set-up cancel out."""
+    from .reference import reference_generate_batch
+
+    def run(text, audio):
+        options = GenerationOptions(greedy=True, max_new_tokens=text, min_new_tokens=text,
+                                    max_audio_tokens=audio, min_audio_tokens=audio)
+        return reference_generate_batch(loaded, inputs.tensors, options)
+
+    short, long = run(2, 2), run(text_steps, audio_steps)
+    return {
+        "thinker_step_ms": 1e3 * (long.thinker_generate_s - short.thinker_generate_s) / (text_steps - 2),
+        "talker_step_ms": 1e3 * (long.talker_generate_s - short.talker_generate_s) / (audio_steps - 2),
+    }
+
+
+def _median_of(runs: list[dict]) -> dict:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def step_table(loaded, engine, inputs, steps: int, repeats: int = 3) -> dict:
+    """ms per decode step: inside transformers' generate, the engine's plain step, its lean step
+    (median of `repeats`, `steps` steps each)."""
+    table = {
+        "steps": steps,
+        "generate": _median_of([time_generate_steps(loaded, inputs, steps, steps) for _ in range(repeats)]),
+        "plain": _median_of([time_decode_steps(engine, inputs, steps, lean=False) for _ in range(repeats)]),
+    }
+    if engine.fast:
+        table["lean"] = _median_of([time_decode_steps(engine, inputs, steps, lean=True) for _ in range(repeats)])
+        for part in ("thinker_step_ms", "talker_step_ms"):
+            table.setdefault("speedup_vs_generate", {})[part] = table["generate"][part] / table["lean"][part]
+            table.setdefault("speedup_vs_plain", {})[part] = table["plain"][part] / table["lean"][part]
+    return table
+
+
 def synthetic_inputs(loaded, prompt_tokens: int, seed: int = 0) -> PreparedInputs:
     """Random text-token prompt for models without a matching processor (random full size)."""
     vocab = loaded.model.config.thinker_config.audio_token_index  # ids below the special tokens
@@ -140,6 +216,15 @@ def print_table(summary: dict, file=sys.stdout) -> None:
         row = [summary[side].get(key) for side in ("stream", "reference")] + [summary["ratio"].get(key)]
         cells = "".join(f"{'-' if v is None else f'{v:.3f}':>12}" for v in row)
         print(f"{key:<24}{cells}", file=file)
+    steps = summary.get("steps")
+    if steps:
+        columns = [c for c in ("generate", "plain", "lean") if c in steps]
+        print(f"\n{'ms per decode step':<24}" + "".join(f"{c:>12}" for c in columns)
+              + ("  lean speed-up vs generate" if "lean" in steps else ""), file=file)
+        for part in ("thinker_step_ms", "talker_step_ms"):
+            cells = "".join(f"{steps[c][part]:>12.3f}" for c in columns)
+            extra = f"  {steps['speedup_vs_generate'][part]:.1f}x" if "lean" in steps else ""
+            print(f"{part.removesuffix('_step_ms'):<24}{cells}{extra}", file=file)
 
 
 def parse_args(argv=None):
@@ -154,6 +239,7 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-tokens", type=int, default=48, help="prompt length for --random-full-size")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--voice", default="Chelsie")
+    parser.add_argument("--step-tokens", type=int, default=200, help="decode steps timed per step measurement")
     return parser.parse_args(argv)
 
 
@@ -179,7 +265,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_libraries()
     loaded, inputs = load_for_bench(args)
-    engine = OmniEngine(loaded)
+    engine = OmniEngine(loaded, fast=args.fast)
     options = GenerationOptions(
         voice=args.voice, greedy=True, seed=0,
         max_new_tokens=args.text_tokens, min_new_tokens=args.text_tokens,
@@ -201,11 +287,13 @@ def main(argv=None) -> int:
         print(f"repeat {repeat + 1}/{args.repeats}: stream {stream_runs[-1]['total_s']:.2f} s, "
               f"reference {reference_runs[-1]['total_s']:.2f} s", file=sys.stderr)
     summary = summarize(stream_runs, reference_runs)
+    summary["steps"] = step_table(loaded, engine, inputs, args.step_tokens)
     summary["setup"] = {
         "model": "random-full-size" if args.random_full_size else args.model,
         "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."), "attn": loaded.attn,
         "prompt_tokens": inputs.prompt_len, "text_tokens": args.text_tokens, "audio_tokens": args.audio_tokens,
-        "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "repeats": args.repeats, "fast": engine.fast, "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__, "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else None,
     }
     print_table(summary)

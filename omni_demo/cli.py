@@ -28,6 +28,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--attn", default="auto", choices=["auto", "sdpa", "eager", "flash_attention_2"])
+    parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                        help="lean decode steps: static KV cache, fused matmuls, CUDA graphs on CUDA (default on)")
 
 
 def model_config(args) -> ModelConfig:
@@ -69,7 +71,7 @@ def run(args) -> dict:
     loaded = load_model(model_config(args))
     if loaded.is_random:
         print("note: tiny random-weight checkpoint; its replies are deliberately nonsense", file=sys.stderr)
-    engine = OmniEngine(loaded)
+    engine = OmniEngine(loaded, fast=args.fast)
     options = GenerationOptions(
         voice=args.voice, speech=not args.no_audio, greedy=args.greedy, seed=args.seed,
         max_new_tokens=args.max_new_tokens, max_audio_tokens=args.max_audio_tokens,

@@ -9,6 +9,7 @@ the talker runs one step behind the thinker and speech starts after a couple of 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -21,10 +22,13 @@ from transformers import DynamicCache
 
 from .config import SAMPLES_PER_CODE, SAMPLE_RATE, GenerationOptions, Limits, StreamingConfig
 from .events import AudioChunk, ContextTrimmed, Event, Finished, Stats, TextDelta
+from .fast import StaticDecoder, graph_buckets
 from .inputs import InputError, PreparedInputs, prepare_inputs
 from .loading import LoadedModel
 from .sampling import Sampler
 from .token2wav import StreamingToken2Wav
+
+log = logging.getLogger(__name__)
 
 
 def _as_list(ids) -> list[int]:
@@ -41,9 +45,10 @@ def _position_ids(past_len: int, rope_delta: torch.Tensor) -> torch.Tensor:
 class ThinkerDecoder:
     """Prefill the prompt, then feed one token at a time. Keeps its own KV cache and mRoPE delta."""
 
-    def __init__(self, thinker, inputs: PreparedInputs):
+    def __init__(self, thinker, inputs: PreparedInputs, static: StaticDecoder | None = None):
         self.thinker = thinker
         self.inputs = inputs
+        self.static = static  # lean decode steps after the prefill (omni_demo.fast)
         self.embed = thinker.get_input_embeddings()
         self.cache = DynamicCache(config=thinker.config.text_config)
         self.past_len = 0
@@ -75,12 +80,20 @@ class ThinkerDecoder:
         )
         self.prompt_embeds, self.prompt_hidden = out.hidden_states[0], out.last_hidden_state
         self.past_len = t["input_ids"].shape[1]
+        if self.static is not None:
+            self.static.load(self.cache)
+            self.cache, self.rope_offset = None, int(self.rope_delta)  # one host sync, not one per step
         return self.thinker.lm_head(out.last_hidden_state[:, -1])  # [1, V]
 
     @torch.inference_mode()
     def step(self, token: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed `token`; return (next-token logits [1, V], its reply part [1, 1, D])."""
         ids = torch.tensor([[token]], device=self.prompt_hidden.device)
+        if self.static is not None:
+            embeds = self.embed(ids)
+            hidden = self.static.step(embeds, self.past_len + self.rope_offset)
+            self.past_len += 1
+            return self.thinker.lm_head(hidden[:, -1]), hidden + embeds
         out = self.thinker.model(
             input_ids=ids,
             position_ids=_position_ids(self.past_len, self.rope_delta),
@@ -98,8 +111,9 @@ class TalkerDecoder:
     transformers 5.x `generate` drops an all-ones attention mask and the talker then skips both;
     see generation/utils.py, "We can drop the mask altogether".)"""
 
-    def __init__(self, model, inputs: PreparedInputs):
+    def __init__(self, model, inputs: PreparedInputs, static: StaticDecoder | None = None):
         self.talker = model.talker
+        self.static = static
         self.config = model.config
         self.text_embed = model.thinker.get_input_embeddings()
         self.codec_embed = self.talker.get_input_embeddings()
@@ -141,7 +155,11 @@ class TalkerDecoder:
             t.get("video_second_per_grid"),
         )
         self.past_len = embeds.shape[1]
-        return self._forward(embeds, positions)
+        logits = self._forward(embeds, positions)
+        if self.static is not None:
+            self.static.load(self.cache)
+            self.cache, self.rope_offset = None, int(self.rope_delta)
+        return logits
 
     def _position_safe(self, token: int) -> int:
         """A random thinker can open its reply with <|vision_bos|> or <|audio_bos|>; the position
@@ -154,7 +172,11 @@ class TalkerDecoder:
         """Feed codec token `code` with its thinker reply input [1, 1, D]; return logits [1, V]."""
         ids = torch.tensor([[code]], device=reply_input.device)
         embeds = self.codec_embed(ids) + reply_input
-        logits = self._forward(embeds, _position_ids(self.past_len, self.rope_delta))
+        if self.static is not None:
+            hidden = self.static.step(self.talker.thinker_to_talker_proj(embeds), self.past_len + self.rope_offset)
+            logits = self.talker.codec_head(hidden[:, -1]).float()
+        else:
+            logits = self._forward(embeds, _position_ids(self.past_len, self.rope_delta))
         self.past_len += 1
         return logits
 
@@ -256,17 +278,45 @@ def _without_oldest_turn(messages: list[dict]) -> list[dict] | None:
 class OmniEngine:
     """Owns the loaded model; `stream` serves one request at a time."""
 
-    def __init__(self, loaded: LoadedModel, streaming: StreamingConfig | None = None, limits: Limits | None = None):
+    def __init__(self, loaded: LoadedModel, streaming: StreamingConfig | None = None, limits: Limits | None = None,
+                 fast: bool = True):
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
         self.streaming = streaming or StreamingConfig()
         self.limits = limits or Limits()
+        self._busy = threading.Lock()  # the lean decoders' static caches serve one reply at a time
+        self.thinker_static = self.talker_static = None
+        if fast:
+            self._make_static_decoders()
         self.thinker_eos = _as_list(self.model.thinker.generation_config.eos_token_id)
         if self.loaded.has_talker:
             talker = self.model.talker
             # Upstream stops the talker on codec pad or codec end (generate's talker_eos_token_id).
             self.talker_eos = [talker.codec_pad_token, talker.codec_eos_token]
+
+    def _make_static_decoders(self) -> None:
+        """Static KV caches over the whole windows; on CUDA, decode steps captured as CUDA graphs now,
+        so the first reply does not pay for the capture."""
+        config = self.model.config
+        self.thinker_static = StaticDecoder(self.model.thinker.model.language_model,
+                                            config.thinker_config.text_config.max_position_embeddings)
+        if self.loaded.has_talker:
+            self.talker_static = StaticDecoder(self.model.talker.model, config.talker_config.max_position_embeddings)
+        if self.loaded.device.type != "cuda":
+            return
+        for decoder in (self.thinker_static, self.talker_static):
+            if decoder is None:
+                continue
+            try:
+                decoder.capture(graph_buckets(decoder.max_len))
+            except Exception:  # an eager lean step still beats the plain one
+                log.exception("CUDA graph capture failed; decoding with eager lean steps")
+                decoder.graphs.clear()
+
+    @property
+    def fast(self) -> bool:
+        return self.thinker_static is not None
 
     @property
     def voices(self) -> list[str]:
@@ -386,9 +436,17 @@ class OmniEngine:
     ) -> Iterator[Event]:
         """`stream` for inputs already through the processor (timings count from `start`)."""
         self._check(options)
+        if not self._busy.acquire(blocking=False):
+            raise EngineError("the engine is already serving a reply; run one reply at a time per engine")
+        try:
+            yield from self._stream_locked(inputs, options, cancel, start)
+        finally:
+            self._busy.release()
+
+    def _stream_locked(self, inputs, options, cancel, start) -> Iterator[Event]:
         clock = _Clock(start or time.perf_counter())
         prompt_len = inputs.prompt_len
-        thinker = ThinkerDecoder(self.model.thinker, inputs)
+        thinker = ThinkerDecoder(self.model.thinker, inputs, self.thinker_static)
         text_sampler = self._thinker_sampler(options, prompt_len)
         detok = TextDetokenizer(self.processor.tokenizer)
         text_ids = inputs.input_ids.clone()  # [1, L + generated]: what the thinker's processors see
@@ -432,7 +490,7 @@ class OmniEngine:
         yield self._finished(inputs, detok, text_ids[0, prompt_len:].tolist(), codes, audio_pos, stop_reason, clock)
 
     def _start_speech(self, inputs: PreparedInputs, options: GenerationOptions, first_token: int) -> "_Speech":
-        talker = TalkerDecoder(self.model, inputs)
+        talker = TalkerDecoder(self.model, inputs, self.talker_static)
         decoder = StreamingToken2Wav(
             self.model.token2wav,
             self.model.speaker_map[options.voice],

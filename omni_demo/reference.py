@@ -32,6 +32,8 @@ class ReferenceResult:
     waveform: torch.Tensor | None  # [n] float32
     time_to_first_text_s: float | None
     total_s: float
+    thinker_generate_s: float  # thinker.generate alone
+    talker_generate_s: float | None  # talker.generate alone
 
 
 class _FirstTokenClock:
@@ -51,20 +53,25 @@ class _FirstTokenClock:
 
 
 @contextmanager
-def _record_talker_output(talker):
+def _record_generate(module):
+    """Capture what `module.generate` returns and how long it took (synchronised on CUDA)."""
     captured = {}
-    original = talker.generate
+    original = module.generate
 
     def generate(*args, **kwargs):
+        start = time.perf_counter()
         captured["sequences"] = result = original(*args, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        captured["seconds"] = time.perf_counter() - start
         captured["prompt_len"] = kwargs["input_ids"].shape[1]
         return result
 
-    talker.generate = generate
+    module.generate = generate
     try:
         yield captured
     finally:
-        del talker.generate  # back to the class method
+        del module.generate  # back to the class method
 
 
 def _batch(loaded: LoadedModel, messages, options: GenerationOptions, padded: bool):
@@ -115,7 +122,8 @@ def reference_generate_batch(
     if options.seed is not None:
         torch.manual_seed(options.seed)
     start = time.perf_counter()
-    with torch.inference_mode(), _record_talker_output(model.talker) as talker_out:
+    with torch.inference_mode(), _record_generate(model.thinker) as thinker_out, \
+            _record_generate(model.talker) as talker_out:
         output = model.generate(**batch, **kwargs)
     total = time.perf_counter() - start
     sequences = output[0] if isinstance(output, tuple) else getattr(output, "sequences", output)
@@ -128,7 +136,8 @@ def reference_generate_batch(
         wavs = output[1]
         waveform = (wavs[0] if isinstance(wavs, list) else wavs).reshape(-1).float().cpu()
     first = None if clock.first_token_at is None else clock.first_token_at - start
-    return ReferenceResult(text_ids, codes, waveform, first, total)
+    return ReferenceResult(text_ids, codes, waveform, first, total, thinker_out["seconds"],
+                           talker_out.get("seconds"))
 
 
 def _eos(ids) -> set[int]:

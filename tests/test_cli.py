@@ -55,7 +55,7 @@ def test_cli_errors_are_one_line_not_tracebacks(tiny_dir, tmp_path):
 
 def test_bench_prints_table_and_json(tiny_dir):
     result = omni("omni_demo.bench", "--model", "tiny", "--text-tokens", "8", "--audio-tokens", "60",
-                  "--repeats", "1", timeout=600)
+                  "--repeats", "1", "--step-tokens", "20", timeout=600)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     for side in ("stream", "reference"):
@@ -64,3 +64,7 @@ def test_bench_prints_table_and_json(tiny_dir):
         assert summary[side]["audio_tokens"] == 60 and summary[side]["text_tokens"] == 8
     assert summary["ratio"]["time_to_first_audio_s"] < 1
     assert "stream/ref" in result.stdout and "time_to_first_audio_s" in result.stdout
+    steps = summary["steps"]
+    for path in ("generate", "plain", "lean"):
+        assert steps[path]["thinker_step_ms"] > 0 and steps[path]["talker_step_ms"] > 0
+    assert "ms per decode step" in result.stdout and summary["setup"]["fast"] is True
