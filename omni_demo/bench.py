@@ -121,7 +121,7 @@ def time_decode_steps(engine, inputs: PreparedInputs, steps: int, *, lean: bool)
     device, model = engine.loaded.device, engine.model
     thinker = ThinkerDecoder(model.thinker, inputs, engine.thinker_static if lean else None)
     logits = thinker.prefill()
-    token = int(logits.argmax(-1))
+    token = logits.argmax(-1)  # [1] on the device
     for _ in range(8):  # warm-up
         thinker.step(token)
     _sync(device)
@@ -135,14 +135,15 @@ def time_decode_steps(engine, inputs: PreparedInputs, steps: int, *, lean: bool)
         thinker.prefill()
         _, part = thinker.step(token)
         talker = TalkerDecoder(model, inputs, engine.talker_static if lean else None)
-        talker.prefill(thinker, next(iter(model.speaker_map.values()))["bos_token"], token, part)
+        talker.prefill(thinker, next(iter(model.speaker_map.values()))["bos_token"], int(token), part)
         pad = talker.text_embedding(model.talker.text_pad_token)
+        code = torch.tensor([100], device=device)
         for _ in range(8):  # warm-up
-            talker.step(100, pad)
+            talker.step(code, pad)
         _sync(device)
         start = time.perf_counter()
         for _ in range(steps):
-            talker.step(100, pad)
+            talker.step(code, pad)
         _sync(device)
         result["talker_step_ms"] = 1e3 * (time.perf_counter() - start) / steps
     return result

@@ -42,6 +42,24 @@ def _position_ids(past_len: int, rope_delta: torch.Tensor) -> torch.Tensor:
     return (rope_delta + past_len).view(1, 1, 1).expand(3, 1, 1)
 
 
+class TokenBuffer:
+    """Token ids so far in a preallocated [1, capacity] tensor: appending writes in place (no
+    per-step allocation), `ids` is a view for the logits processors."""
+
+    def __init__(self, initial: torch.Tensor, capacity: int):
+        self.buffer = initial.new_zeros(1, capacity)
+        self.length = initial.shape[1]
+        self.buffer[:, : self.length] = initial
+
+    def append(self, token: torch.Tensor) -> None:
+        self.buffer[:, self.length] = token
+        self.length += 1
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.buffer[:, : self.length]
+
+
 class ThinkerDecoder:
     """Prefill the prompt, then feed one token at a time. Keeps its own KV cache and mRoPE delta."""
 
@@ -86,9 +104,9 @@ class ThinkerDecoder:
         return self.thinker.lm_head(out.last_hidden_state[:, -1])  # [1, V]
 
     @torch.inference_mode()
-    def step(self, token: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed `token`; return (next-token logits [1, V], its reply part [1, 1, D])."""
-        ids = torch.tensor([[token]], device=self.prompt_hidden.device)
+    def step(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed `token` ([1] long, on the device); return (next-token logits [1, V], its reply part [1, 1, D])."""
+        ids = token.view(1, 1)
         if self.static is not None:
             embeds = self.embed(ids)
             hidden = self.static.step(embeds, self.past_len + self.rope_offset)
@@ -168,10 +186,10 @@ class TalkerDecoder:
         return self.config.talker_config.tts_text_start_token_id if token in starts else token
 
     @torch.inference_mode()
-    def step(self, code: int, reply_input: torch.Tensor) -> torch.Tensor:
-        """Feed codec token `code` with its thinker reply input [1, 1, D]; return logits [1, V]."""
-        ids = torch.tensor([[code]], device=reply_input.device)
-        embeds = self.codec_embed(ids) + reply_input
+    def step(self, code: torch.Tensor, reply_input: torch.Tensor) -> torch.Tensor:
+        """Feed codec token `code` ([1] long, on the device) with its thinker reply input [1, 1, D];
+        return logits [1, V]."""
+        embeds = self.codec_embed(code.view(1, 1)) + reply_input
         if self.static is not None:
             hidden = self.static.step(self.talker.thinker_to_talker_proj(embeds), self.past_len + self.rope_offset)
             logits = self.talker.codec_head(hidden[:, -1]).float()
@@ -228,7 +246,9 @@ class _Speech:
         self.speaker_bos, self.first_token = speaker_bos, first_token
         self.reply_inputs: deque[torch.Tensor] = deque()  # [1, 1, D] each, consumed one per step
         self.text_pad = talker.text_embedding(talker.talker.text_pad_token)
-        self.codec_ids = torch.tensor([talker.prompt_codes()], device=self.text_pad.device)  # [1, L + 2 + codes]
+        prompt = torch.tensor([talker.prompt_codes()], device=self.text_pad.device)
+        self.codec_ids = TokenBuffer(prompt, prompt.shape[1] + max_codes + 1)  # [1, L + 2 + codes]
+        self.last_code = None  # [1] on the device
         self.codes: list[int] = []
         self.started = self.done = False
         self.audio_pos = 0
@@ -245,12 +265,13 @@ class _Speech:
         """One codec token; returns the samples that became final ([n] float32, maybe empty)."""
         reply = self.reply_inputs.popleft() if self.reply_inputs else self.text_pad
         if self.started:
-            logits = self.talker.step(self.codes[-1], reply)
+            logits = self.talker.step(self.last_code, reply)
         else:
             logits = self.talker.prefill(thinker, self.speaker_bos, self.first_token, reply)
             self.started = True
-        code = int(self.sampler(self.codec_ids, logits))
-        self.codec_ids = torch.cat([self.codec_ids, self.codec_ids.new_tensor([[code]])], dim=1)
+        self.last_code = self.sampler(self.codec_ids.ids, logits)
+        self.codec_ids.append(self.last_code)
+        code = int(self.last_code)  # the one host sync of the step
         samples = np.zeros(0, dtype=np.float32)
         if code not in self.eos:
             self.codes.append(code)
@@ -449,7 +470,7 @@ class OmniEngine:
         thinker = ThinkerDecoder(self.model.thinker, inputs, self.thinker_static)
         text_sampler = self._thinker_sampler(options, prompt_len)
         detok = TextDetokenizer(self.processor.tokenizer)
-        text_ids = inputs.input_ids.clone()  # [1, L + generated]: what the thinker's processors see
+        text_ids = TokenBuffer(inputs.input_ids, prompt_len + options.max_new_tokens)  # what the processors see
         logits = thinker.prefill()
         speech: _Speech | None = None  # set up after the first text token, so it never delays it
         thinker_done, stop_reason = False, "length"
@@ -459,9 +480,10 @@ class OmniEngine:
                 stop_reason = "cancelled"
                 break
             if not thinker_done:  # one thinker step
-                token = int(text_sampler(text_ids, logits))
-                text_ids = torch.cat([text_ids, text_ids.new_tensor([[token]])], dim=1)
-                generated = text_ids.shape[1] - prompt_len
+                next_token = text_sampler(text_ids.ids, logits)  # [1] on the device
+                text_ids.append(next_token)
+                token = int(next_token)  # the one host sync of the step
+                generated = text_ids.length - prompt_len
                 is_eos = token in self.thinker_eos
                 if not is_eos and (delta := detok.push(token)):
                     clock.first_text = clock.first_text or time.perf_counter()
@@ -471,7 +493,7 @@ class OmniEngine:
                 thinker_done = is_eos or generated >= options.max_new_tokens
                 # The last token is fed only when the talker would otherwise get no reply part at all.
                 if not thinker_done or (speech and generated == 1 and not is_eos):
-                    logits, part = thinker.step(token)
+                    logits, part = thinker.step(next_token)
                     if speech:
                         speech.reply_inputs.append(part)
                 if thinker_done:
@@ -487,7 +509,7 @@ class OmniEngine:
                 speech.audio_pos += len(samples)
 
         codes, audio_pos = (speech.codes, speech.audio_pos) if speech else ([], 0)
-        yield self._finished(inputs, detok, text_ids[0, prompt_len:].tolist(), codes, audio_pos, stop_reason, clock)
+        yield self._finished(inputs, detok, text_ids.ids[0, prompt_len:].tolist(), codes, audio_pos, stop_reason, clock)
 
     def _start_speech(self, inputs: PreparedInputs, options: GenerationOptions, first_token: int) -> "_Speech":
         talker = TalkerDecoder(self.model, inputs, self.talker_static)
