@@ -29,6 +29,7 @@ from .sampling import Sampler
 from .token2wav import StreamingToken2Wav
 
 log = logging.getLogger(__name__)
+BUSY_WAIT_S = 30.0  # how long a reply waits for the previous one to let go of the engine
 
 
 def _as_list(ids) -> list[int]:
@@ -457,8 +458,10 @@ class OmniEngine:
     ) -> Iterator[Event]:
         """`stream` for inputs already through the processor (timings count from `start`)."""
         self._check(options)
-        if not self._busy.acquire(blocking=False):
-            raise EngineError("the engine is already serving a reply; run one reply at a time per engine")
+        # A cancelled reply releases the engine when its generator is closed, within one decode
+        # step; the next queued reply may already be here, so it waits for that.
+        if not self._busy.acquire(timeout=BUSY_WAIT_S):
+            raise EngineError("the engine is busy with another reply; run one reply at a time per engine")
         try:
             yield from self._stream_locked(inputs, options, cancel, start)
         finally:

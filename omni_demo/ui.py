@@ -197,67 +197,65 @@ class ChatHandler:
         self.backend = backend
         self.uploads = uploads or UploadRegistry()
 
+    def check_files(self, session: str, message, webcam, history: list[dict]) -> None:
+        """New files must be fresh uploads (or our examples); files in the history must be this
+        session's own uploads."""
+        new_files = new_upload_paths(message, webcam)
+        for path in new_files:
+            resolved = Path(path).resolve()
+            if not (resolved.is_relative_to(gradio_upload_dir()) or resolved.is_relative_to(ASSETS)):
+                raise gr.Error(f"Refused {Path(path).name}: not an upload.")
+        self.uploads.add(session, new_files)
+        self.uploads.check(session, user_file_paths(history))
+
     def respond(self, message, history, webcam, voice, speech, system_prompt, temperature, top_p, max_new_tokens,
                 max_speech_s, use_audio_in_video, request: gr.Request):
         """Send one user turn; stream the reply into the chat and the audio player.
 
         Outputs: textbox, chatbot, webcam, streaming audio, latency readout.
         """
-        yield from _respond(self.backend, self.uploads, request.session_hash, message, history, webcam, voice,
-                            speech, system_prompt, temperature, top_p, max_new_tokens, max_speech_s,
-                            use_audio_in_video)
-
-
-def _respond(backend, uploads, session, message, history, webcam, voice, speech, system_prompt, temperature, top_p,
-             max_new_tokens, max_speech_s, use_audio_in_video):
-    history = list(history or [])
-    new_files = new_upload_paths(message, webcam)
-    for path in new_files:  # fresh uploads live in Gradio's upload folder (or are our examples)
-        resolved = Path(path).resolve()
-        if not (resolved.is_relative_to(gradio_upload_dir()) or resolved.is_relative_to(ASSETS)):
-            raise gr.Error(f"Refused {Path(path).name}: not an upload.")
-    uploads.add(session, new_files)
-    uploads.check(session, user_file_paths(history))
-    turn = user_turn(message, webcam)
-    chat = history + turn
-    conversation = chat_to_conversation(chat, system_prompt.strip())
-    options = GenerationOptions(
-        voice=voice, speech=bool(speech), temperature=float(temperature), top_p=float(top_p),
-        max_new_tokens=int(max_new_tokens), max_audio_tokens=int(float(max_speech_s) * CODES_PER_SECOND),
-        use_audio_in_video=bool(use_audio_in_video),
-    )
-    reply = {"role": "assistant", "content": ""}
-    yield None, chat + [reply], None, gr.skip(), "Thinking…"
-    chunks: list[np.ndarray] = []
-    try:
-        with closing(backend.stream(conversation, options)) as events:
-            for event in events:
-                if isinstance(event, TextDelta):
-                    reply = {"role": "assistant", "content": reply["content"] + event.text}
-                    yield gr.skip(), chat + [reply], gr.skip(), gr.skip(), gr.skip()
-                elif isinstance(event, AudioChunk):
-                    chunks.append(event.samples)
-                    spoken = sum(len(c) for c in chunks) / SAMPLE_RATE
-                    yield gr.skip(), gr.skip(), gr.skip(), (SAMPLE_RATE, event.pcm16()), f"Speaking… {spoken:.1f} s so far"
-                    time.sleep(FLUSH_DELAY_S)
-                    yield gr.skip(), gr.skip(), gr.skip(), (SAMPLE_RATE, EMPTY_PCM), gr.skip()
-                elif isinstance(event, ContextTrimmed):
-                    gr.Warning(f"The conversation is longer than the model's window ({event.limit_tokens} tokens): "
-                               f"its oldest {event.dropped_turns} turn(s) were left out of this reply.")
-                elif isinstance(event, Finished):
-                    final = chat + [reply]
-                    if chunks:
-                        final.append({"role": "assistant", "content": {"path": save_reply_audio(chunks)}})
-                    yield gr.skip(), final, gr.skip(), gr.skip(), format_stats(event, conversation)
-    except InputError as exc:
-        # Nothing is lost: the chat goes back to before this turn and the message to the textbox.
-        yield message, history, webcam, gr.skip(), ""
-        raise gr.Error(str(exc)) from exc
-    except Exception as exc:
-        log.exception("reply failed")
-        failed = chat + [reply, {"role": "assistant", "content": f"⚠️ This reply failed: {exc}"}]
-        yield gr.skip(), failed, gr.skip(), gr.skip(), ""
-        raise gr.Error(f"The reply failed ({type(exc).__name__}: {exc}). The chat is kept; try again.") from exc
+        history = list(history or [])
+        self.check_files(request.session_hash, message, webcam, history)
+        turn = user_turn(message, webcam)
+        chat = history + turn
+        conversation = chat_to_conversation(chat, system_prompt.strip())
+        options = GenerationOptions(
+            voice=voice, speech=bool(speech), temperature=float(temperature), top_p=float(top_p),
+            max_new_tokens=int(max_new_tokens), max_audio_tokens=int(float(max_speech_s) * CODES_PER_SECOND),
+            use_audio_in_video=bool(use_audio_in_video),
+        )
+        reply = {"role": "assistant", "content": ""}
+        yield None, chat + [reply], None, gr.skip(), "Thinking…"
+        chunks: list[np.ndarray] = []
+        try:
+            with closing(self.backend.stream(conversation, options)) as events:
+                for event in events:
+                    if isinstance(event, TextDelta):
+                        reply = {"role": "assistant", "content": reply["content"] + event.text}
+                        yield gr.skip(), chat + [reply], gr.skip(), gr.skip(), gr.skip()
+                    elif isinstance(event, AudioChunk):
+                        chunks.append(event.samples)
+                        spoken = (event.start_sample + len(event.samples)) / SAMPLE_RATE
+                        yield gr.skip(), gr.skip(), gr.skip(), (SAMPLE_RATE, event.pcm16()), f"Speaking… {spoken:.1f} s"
+                        time.sleep(FLUSH_DELAY_S)
+                        yield gr.skip(), gr.skip(), gr.skip(), (SAMPLE_RATE, EMPTY_PCM), gr.skip()
+                    elif isinstance(event, ContextTrimmed):
+                        gr.Warning(f"The conversation is longer than the model's window ({event.limit_tokens} tokens): "
+                                   f"its oldest {event.dropped_turns} turn(s) were left out of this reply.")
+                    elif isinstance(event, Finished):
+                        final = chat + [reply]
+                        if chunks:
+                            final.append({"role": "assistant", "content": {"path": save_reply_audio(chunks)}})
+                        yield gr.skip(), final, gr.skip(), gr.skip(), format_stats(event, conversation)
+        except InputError as exc:
+            # Nothing is lost: the chat goes back to before this turn and the message to the textbox.
+            yield message, history, webcam, gr.skip(), ""
+            raise gr.Error(str(exc)) from exc
+        except Exception as exc:
+            log.exception("reply failed")
+            failed = chat + [reply, {"role": "assistant", "content": f"⚠️ This reply failed: {exc}"}]
+            yield gr.skip(), failed, gr.skip(), gr.skip(), ""
+            raise gr.Error(f"The reply failed ({type(exc).__name__}: {exc}). The chat is kept; try again.") from exc
 
 
 def system_prompt_notice(system_prompt: str, speech: bool):

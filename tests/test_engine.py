@@ -18,11 +18,12 @@ LONG = GenerationOptions(greedy=True, max_new_tokens=200, min_new_tokens=200, ma
 
 
 class ForwardCounter:
-    """Counts forward passes of the thinker, talker and both Token2Wav halves."""
+    """Counts forward passes: thinker and talker output heads (every step, plain or lean) and both
+    Token2Wav halves."""
 
     def __init__(self, model):
         self.count = 0
-        modules = (model.thinker.model, model.talker.model, model.token2wav.code2wav_dit_model,
+        modules = (model.thinker.lm_head, model.talker.codec_head, model.token2wav.code2wav_dit_model,
                    model.token2wav.code2wav_bigvgan_model)
         self.hooks = [m.register_forward_pre_hook(self._hit) for m in modules]
 

@@ -1,6 +1,8 @@
 """The lean decode step (static KV cache, fused matmuls; CUDA graphs on CUDA) against the plain
 transformers forward: the same greedy tokens and codes."""
 
+import threading
+
 import pytest
 import torch
 
@@ -39,15 +41,20 @@ def test_fused_weights_keep_the_plain_path_intact(engine, plain):
     assert torch.equal(fused.gate_up_weight[: layer.mlp.gate_proj.out_features], layer.mlp.gate_proj.weight)
 
 
-def test_second_engine_is_refused_while_one_reply_runs(engine):
+def test_a_second_reply_waits_for_the_engine_and_then_runs(engine, monkeypatch):
+    from omni_demo import engine as engine_module
     from omni_demo.engine import EngineError
 
-    first = engine.stream([{"role": "user", "content": "hi"}], GenerationOptions(max_new_tokens=50, speech=False))
+    hi = [{"role": "user", "content": "hi"}]
+    first = engine.stream(hi, GenerationOptions(max_new_tokens=50, speech=False))
     next(first)
-    with pytest.raises(EngineError, match="already serving a reply"):
-        next(engine.stream([{"role": "user", "content": "hi"}], GenerationOptions(max_new_tokens=5, speech=False)))
-    first.close()
-    assert run(engine, [{"role": "user", "content": "hi"}], GenerationOptions(max_new_tokens=3, speech=False))
+    monkeypatch.setattr(engine_module, "BUSY_WAIT_S", 0.2)
+    with pytest.raises(EngineError, match="busy with another reply"):
+        next(engine.stream(hi, GenerationOptions(max_new_tokens=5, speech=False)))
+    # as after a Stop: the cancelled reply is closed while the next one is already waiting
+    monkeypatch.setattr(engine_module, "BUSY_WAIT_S", 10.0)
+    threading.Timer(0.3, first.close).start()
+    assert isinstance(run(engine, hi, GenerationOptions(max_new_tokens=3, speech=False))[-1], Finished)
 
 
 def test_graph_buckets_cover_the_window():

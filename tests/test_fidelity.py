@@ -93,7 +93,7 @@ def test_text_only_never_runs_talker_or_token2wav(engine):
     model = engine.model
     calls = []
     hooks = [m.register_forward_pre_hook(lambda *_: calls.append(1))
-             for m in (model.talker, model.talker.model, model.token2wav.code2wav_dit_model,
+             for m in (model.talker, model.talker.model, model.talker.codec_head, model.token2wav.code2wav_dit_model,
                        model.token2wav.code2wav_bigvgan_model)]
     try:
         events = run(engine, text_messages(), GenerationOptions(greedy=True, speech=False, max_new_tokens=12))

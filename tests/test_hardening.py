@@ -50,11 +50,12 @@ class RecordingBackend:
 
 
 class ForwardClock:
-    """Timestamps of every forward pass in the model (thinker, talker, DiT, vocoder)."""
+    """Timestamps of every forward pass: thinker and talker output heads (run on every step, plain
+    or lean), DiT and vocoder."""
 
     def __init__(self, model):
         self.times = []
-        modules = (model.thinker.model, model.talker.model, model.token2wav.code2wav_dit_model,
+        modules = (model.thinker.lm_head, model.talker.codec_head, model.token2wav.code2wav_dit_model,
                    model.token2wav.code2wav_bigvgan_model)
         self.hooks = [m.register_forward_pre_hook(lambda *_: self.times.append(time.monotonic())) for m in modules]
 
@@ -169,7 +170,7 @@ def test_a_fault_mid_reply_keeps_the_chat_and_the_server(live, engine):
         if calls["n"] == 20:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    hook = engine.model.talker.model.register_forward_pre_hook(out_of_memory)
+    hook = engine.model.talker.codec_head.register_forward_pre_hook(out_of_memory)  # runs on every talker step
     shown = None
     try:
         job, start = send(client, "this one breaks", history=first.chat, max_new_tokens=64, max_speech_s=10)
