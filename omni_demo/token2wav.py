@@ -126,7 +126,6 @@ class StreamingToken2Wav:
         self.chunks = 0  # DiT chunks decoded
         self.mel = torch.empty(1, self.dit.config.mel_dim, 0, device=device)  # [1, 80, final frames]
         self.vocoded_frames = 0  # frames whose samples were emitted
-        self.samples_emitted = 0
 
     def _next_chunk_end(self) -> int:
         config = self.config
@@ -185,5 +184,4 @@ class StreamingToken2Wav:
         wave = vocode(self.bigvgan, self.mel[:, :, begin:])
         samples = wave[(self.vocoded_frames - begin) * HOP : (stop - begin) * HOP].cpu().numpy()
         self.vocoded_frames = stop
-        self.samples_emitted += len(samples)
         return samples
