@@ -209,7 +209,7 @@ class ChatHandler:
         self.uploads.check(session, user_file_paths(history))
 
     def respond(self, message, history, webcam, voice, speech, system_prompt, temperature, top_p, max_new_tokens,
-                max_speech_s, use_audio_in_video, request: gr.Request):
+                max_speech_s, use_audio_in_video, seed, request: gr.Request):
         """Send one user turn; stream the reply into the chat and the audio player.
 
         Outputs: textbox, chatbot, webcam, streaming audio, latency readout.
@@ -222,7 +222,7 @@ class ChatHandler:
         options = GenerationOptions(
             voice=voice, speech=bool(speech), temperature=float(temperature), top_p=float(top_p),
             max_new_tokens=int(max_new_tokens), max_audio_tokens=int(float(max_speech_s) * CODES_PER_SECOND),
-            use_audio_in_video=bool(use_audio_in_video),
+            use_audio_in_video=bool(use_audio_in_video), seed=int(seed) or None,
         )
         reply = {"role": "assistant", "content": ""}
         yield None, chat + [reply], None, gr.skip(), "Thinking…"
@@ -307,11 +307,13 @@ def build_demo(backend, *, title: str = "Qwen2.5-Omni, streaming") -> gr.Blocks:
                     top_p = gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="Top-p")
                     max_new_tokens = gr.Slider(16, 2048, value=512, step=16, label="Max new tokens")
                     max_speech_s = gr.Slider(5, 80, value=60, step=5, label="Max speech (seconds)")
+                    seed = gr.Number(0, precision=0, minimum=0, label="Seed (0: random; same seed, same reply)")
                     system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=3)
                     notice = gr.Markdown(SYSTEM_PROMPT_WARNING, visible=False, elem_id="system-prompt-warning")
         gr.Examples(EXAMPLES, inputs=[textbox], label="Examples")
 
-        settings = [voice, speech, system_prompt, temperature, top_p, max_new_tokens, max_speech_s, use_audio_in_video]
+        settings = [voice, speech, system_prompt, temperature, top_p, max_new_tokens, max_speech_s, use_audio_in_video,
+                    seed]
         reply_event = textbox.submit(
             ChatHandler(backend).respond, [textbox, chatbot, webcam, *settings],
             [textbox, chatbot, webcam, audio_out, stats], api_name="chat", concurrency_id="gpu",

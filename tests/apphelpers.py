@@ -60,7 +60,7 @@ class AppServer:
 
 
 SETTINGS = dict(voice="Chelsie", speech=True, system_prompt=DEFAULT_SYSTEM_PROMPT, temperature=0.7, top_p=0.8,
-                max_new_tokens=24, max_speech_s=5, use_audio_in_video=True)
+                max_new_tokens=24, max_speech_s=5, use_audio_in_video=True, seed=1234)
 
 
 def is_skip(value) -> bool:

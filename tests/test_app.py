@@ -109,3 +109,10 @@ def test_oversize_upload_is_refused(server, client, tmp_path):
 def _write(path, data: bytes):
     path.write_bytes(data)
     return path
+
+
+def test_same_seed_same_reply(client):
+    first = collect(*send(client, "Say something", max_new_tokens=16, max_speech_s=5, seed=77))
+    again = collect(*send(client, "Say something", max_new_tokens=16, max_speech_s=5, seed=77))
+    other = collect(*send(client, "Say something", max_new_tokens=16, max_speech_s=5, seed=78))
+    assert first.texts[-1] == again.texts[-1] and first.texts[-1] != other.texts[-1]

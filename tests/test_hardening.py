@@ -107,7 +107,8 @@ def test_eight_sessions_are_served_whole_in_order_one_at_a_time(live):
         assert users[-1]["content"][0]["text"] == f"caller {index} says hello"
         wavs = [file_path(p) for m in reply.chat if m["role"] == "assistant" for p in m["content"]
                 if p.get("type") == "file"]
-        assert len(wavs) == 1 and sf.info(wavs[0]).frames == finished.audio_samples > 0
+        assert len(wavs) == (finished.audio_samples > 0)  # a reply may end at once; then it has no audio
+        assert all(sf.info(wav).frames == finished.audio_samples for wav in wavs)
     print(f"served 8 concurrent sessions, {len(replies)} replies whole, max 1 on the model at once")
 
 
@@ -205,7 +206,7 @@ def call_raw(url, data, session="attacker-session"):
 
 def settings_list():
     return [SETTINGS[k] for k in ("voice", "speech", "system_prompt", "temperature", "top_p", "max_new_tokens",
-                                  "max_speech_s", "use_audio_in_video")]
+                                  "max_speech_s", "use_audio_in_video", "seed")]
 
 
 def file_data(path):
