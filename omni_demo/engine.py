@@ -100,8 +100,8 @@ class ThinkerDecoder:
         self.prompt_embeds, self.prompt_hidden = out.hidden_states[0], out.last_hidden_state
         self.past_len = t["input_ids"].shape[1]
         if self.static is not None:
-            self.static.load(self.cache)
-            self.cache, self.rope_offset = None, int(self.rope_delta)  # one host sync, not one per step
+            self.static.load(self.cache, int(self.rope_delta))  # one host sync, not one per step
+            self.cache = None
         return self.thinker.lm_head(out.last_hidden_state[:, -1])  # [1, V]
 
     @torch.inference_mode()
@@ -110,7 +110,7 @@ class ThinkerDecoder:
         ids = token.view(1, 1)
         if self.static is not None:
             embeds = self.embed(ids)
-            hidden = self.static.step(embeds, self.past_len + self.rope_offset)
+            hidden = self.static.step(embeds)
             self.past_len += 1
             return self.thinker.lm_head(hidden[:, -1]), hidden + embeds
         out = self.thinker.model(
@@ -176,8 +176,8 @@ class TalkerDecoder:
         self.past_len = embeds.shape[1]
         logits = self._forward(embeds, positions)
         if self.static is not None:
-            self.static.load(self.cache)
-            self.cache, self.rope_offset = None, int(self.rope_delta)
+            self.static.load(self.cache, int(self.rope_delta))
+            self.cache = None
         return logits
 
     def _position_safe(self, token: int) -> int:
@@ -192,7 +192,7 @@ class TalkerDecoder:
         return logits [1, V]."""
         embeds = self.codec_embed(code.view(1, 1)) + reply_input
         if self.static is not None:
-            hidden = self.static.step(self.talker.thinker_to_talker_proj(embeds), self.past_len + self.rope_offset)
+            hidden = self.static.step(self.talker.thinker_to_talker_proj(embeds))
             logits = self.talker.codec_head(hidden[:, -1]).float()
         else:
             logits = self._forward(embeds, _position_ids(self.past_len, self.rope_delta))
@@ -334,7 +334,6 @@ class OmniEngine:
                 decoder.capture(graph_buckets(decoder.max_len))
             except Exception:  # an eager lean step still beats the plain one
                 log.exception("CUDA graph capture failed; decoding with eager lean steps")
-                decoder.graphs.clear()
 
     @property
     def fast(self) -> bool:

@@ -39,12 +39,16 @@ class StaticDecoder:
         cos, sin = stack.rotary_emb(weight, positions.view(1, 1, -1).expand(3, 1, -1))
         self.cos, self.sin = cos[0], sin[0]
         self.length = 0  # cached positions
+        self.rope_offset = 0  # mRoPE position minus cache position (the prompt's rope delta)
         self.graphs: dict[int, _GraphStep] = {}
+        self.buckets: list[int] = []  # sorted keys of `graphs`
         self.fused = [_fuse(layer) for layer in stack.layers]
         self.norm_weight, self.norm_eps = stack.norm.weight, stack.norm.variance_epsilon
 
-    def load(self, cache) -> None:
-        """Copy a transformers DynamicCache (after prefill) into the static cache."""
+    def load(self, cache, rope_offset: int) -> None:
+        """Copy a transformers DynamicCache (after prefill) into the static cache; later positions
+        are cache length + `rope_offset`."""
+        self.rope_offset = rope_offset
         for index, layer in enumerate(cache.layers):
             length = layer.keys.shape[2]
             self.keys[index, :, :, :length] = layer.keys
@@ -52,11 +56,12 @@ class StaticDecoder:
         self.length = cache.get_seq_length()
 
     @torch.inference_mode()
-    def step(self, embeds: torch.Tensor, position: int) -> torch.Tensor:
-        """embeds [1, 1, D] at mRoPE position `position` -> last hidden state [1, 1, D] (final norm)."""
+    def step(self, embeds: torch.Tensor) -> torch.Tensor:
+        """embeds [1, 1, D] of the next token -> its last hidden state [1, 1, D] (final norm)."""
         if self.length >= self.max_len:
             raise RuntimeError(f"static KV cache full ({self.max_len} positions)")
-        bucket = next((b for b in sorted(self.graphs) if b > self.length), None)
+        position = self.length + self.rope_offset
+        bucket = next((b for b in self.buckets if b > self.length), None)
         if bucket is not None:
             hidden = self.graphs[bucket].run(embeds, position, self.length)
         else:
@@ -94,9 +99,10 @@ class StaticDecoder:
         return _rms_norm(hidden, self.norm_weight, self.norm_eps)
 
     def capture(self, buckets: list[int]) -> None:
-        """CUDA only: capture the step for each cache-length bucket (warm-up included)."""
-        for bucket in sorted(b for b in buckets if b <= self.max_len):
-            self.graphs[bucket] = _GraphStep(self, bucket)
+        """CUDA only: capture the step for each cache-length bucket (warm-up included). Nothing
+        changes unless every capture succeeds."""
+        graphs = {bucket: _GraphStep(self, bucket) for bucket in sorted(b for b in buckets if b <= self.max_len)}
+        self.graphs, self.buckets = graphs, sorted(graphs)
 
 
 class _FusedWeights:

@@ -22,12 +22,11 @@ import soundfile as sf
 
 from .config import DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, SAMPLES_PER_CODE, GenerationOptions
 from .events import AudioChunk, ContextTrimmed, Finished, TextDelta
-from .inputs import InputError
+from .inputs import MEDIA_TYPES, InputError
 
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-MEDIA_KINDS = ("image", "audio", "video")
 # Gradio publishes only the audio frames ready within ~5 ms of a yield; an empty chunk ~50 ms
 # later flushes the rest, so speech does not lag one chunk behind (measured, shared NOTES.md).
 FLUSH_DELAY_S = 0.05
@@ -91,7 +90,7 @@ def media_kind(path: str) -> str | None:
     """'image', 'audio' or 'video' from the file name, else None."""
     mime, _ = mimetypes.guess_type(path)
     kind = (mime or "").split("/")[0]
-    return kind if kind in MEDIA_KINDS else None
+    return kind if kind in MEDIA_TYPES else None
 
 
 def _file_part(path: str) -> dict:
@@ -158,7 +157,7 @@ def _parts(message: dict) -> list[dict]:
 
 
 def media_summary(conversation: list[dict]) -> str:
-    counts = {kind: 0 for kind in MEDIA_KINDS}
+    counts = {kind: 0 for kind in MEDIA_TYPES}
     for message in conversation:
         for part in message["content"]:
             if part["type"] in counts:
