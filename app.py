@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from omni_demo.config import DEFAULT_MODEL
+from omni_demo.cli import add_model_arguments, model_config
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -26,13 +26,7 @@ def env(name: str, default):
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=env("OMNI_MODEL", DEFAULT_MODEL),
-                        help="hub id, local directory, or 'tiny' (default %(default)s)")
-    parser.add_argument("--device", default=env("OMNI_DEVICE", "auto"), help="cuda, cuda:1, cpu (default: auto)")
-    parser.add_argument("--dtype", default=env("OMNI_DTYPE", "auto"), choices=["auto", "bfloat16", "float16", "float32"])
-    parser.add_argument("--attn", default=env("OMNI_ATTN", "auto"), choices=["auto", "sdpa", "eager", "flash_attention_2"])
-    parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=env("OMNI_FAST", "1") != "0",
-                        help="lean decode steps: static KV cache, CUDA graphs on CUDA (default on)")
+    add_model_arguments(parser)
     parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="0.0.0.0 to serve the network")
     parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", default=bool(env("OMNI_SHARE", "")),
@@ -49,15 +43,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_app(args):
     """Load the model and return the configured Blocks (not launched)."""
     from omni_demo.cli import quiet_libraries
-    from omni_demo.config import ModelConfig
     from omni_demo.engine import OmniEngine
     from omni_demo.loading import load_model
     from omni_demo.ui import build_demo
     from omni_demo.zerogpu import ZeroGPUBackend, on_zerogpu
 
     quiet_libraries()
-    loaded = load_model(ModelConfig(model=args.model, device=args.device, dtype=args.dtype, attn=args.attn))
-    engine = OmniEngine(loaded, fast=args.fast)
+    loaded = load_model(model_config(args))
+    engine = OmniEngine(loaded, lean=args.lean)
     backend = ZeroGPUBackend(engine) if on_zerogpu() else engine
     demo = build_demo(backend)
     if args.concurrency > 1:
@@ -77,7 +70,7 @@ def auth_pair(value: str | None):
 
 
 def main(argv=None) -> int:
-    from omni_demo.loading import ModelLoadError
+    from omni_demo.errors import ModelLoadError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)

@@ -24,8 +24,9 @@ import torch
 
 from .cli import add_model_arguments, model_config, quiet_libraries
 from .config import DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, GenerationOptions, TINY_MODEL
+from .errors import ModelLoadError
 from .events import Finished
-from .inputs import PreparedInputs
+from .inputs import PreparedInputs, system_message
 
 METRICS = ("time_to_first_text_s", "time_to_first_audio_s", "total_s", "rtf", "peak_rss_mb", "peak_rss_growth_mb")
 PROMPT = "Tell me a long story about a robot who learns to sing, with many details."
@@ -115,37 +116,33 @@ def _sync(device) -> None:
 
 
 def time_decode_steps(engine, inputs: PreparedInputs, steps: int, *, lean: bool) -> dict:
-    """Seconds per decode step of the engine's thinker and talker decoders after a prefill."""
-    from .engine import TalkerDecoder, ThinkerDecoder
+    """ms per decode step of the engine's thinker and talker decoders after a prefill."""
+    from .decoders import TalkerDecoder, ThinkerDecoder
 
     device, model = engine.loaded.device, engine.model
-    thinker = ThinkerDecoder(model.thinker, inputs, engine.thinker_static if lean else None)
-    logits = thinker.prefill()
-    token = logits.argmax(-1)  # [1] on the device
-    for _ in range(8):  # warm-up
-        thinker.step(token)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        logits, part = thinker.step(token)
-    _sync(device)
-    result = {"thinker_step_ms": 1e3 * (time.perf_counter() - start) / steps}
-    if engine.loaded.has_talker:
-        thinker = ThinkerDecoder(model.thinker, inputs, engine.thinker_static if lean else None)
-        thinker.prefill()
-        _, part = thinker.step(token)
-        talker = TalkerDecoder(model, inputs, engine.talker_static if lean else None)
-        talker.prefill(thinker, next(iter(model.speaker_map.values()))["bos_token"], int(token), part)
-        pad = talker.text_embedding(model.talker.text_pad_token)
-        code = torch.tensor([100], device=device)
+
+    def per_step_ms(step) -> float:
         for _ in range(8):  # warm-up
-            talker.step(code, pad)
+            step()
         _sync(device)
         start = time.perf_counter()
         for _ in range(steps):
-            talker.step(code, pad)
+            step()
         _sync(device)
-        result["talker_step_ms"] = 1e3 * (time.perf_counter() - start) / steps
+        return 1e3 * (time.perf_counter() - start) / steps
+
+    thinker = ThinkerDecoder(model.thinker, engine.decode_step("thinker", lean))
+    token = thinker.prefill(inputs).argmax(-1)  # [1] on the device
+    result = {"thinker_step_ms": per_step_ms(lambda: thinker.step(token))}
+    if engine.loaded.has_talker:
+        thinker = ThinkerDecoder(model.thinker, engine.decode_step("thinker", lean))
+        thinker.prefill(inputs)
+        _, reply_part = thinker.step(token)
+        talker = TalkerDecoder(model, engine.decode_step("talker", lean))
+        talker.prefill(inputs, thinker, next(iter(model.speaker_map.values()))["bos_token"], int(token), reply_part)
+        pad = talker.text_embedding(model.talker.text_pad_token)
+        code = torch.tensor([100], device=device)
+        result["talker_step_ms"] = per_step_ms(lambda: talker.step(code, pad))
     return result
 
 
@@ -178,7 +175,7 @@ def step_table(loaded, engine, inputs, steps: int, repeats: int = 3) -> dict:
         "generate": _median_of([time_generate_steps(loaded, inputs, steps, steps) for _ in range(repeats)]),
         "plain": _median_of([time_decode_steps(engine, inputs, steps, lean=False) for _ in range(repeats)]),
     }
-    if engine.fast:
+    if engine.lean:
         table["lean"] = _median_of([time_decode_steps(engine, inputs, steps, lean=True) for _ in range(repeats)])
         for part in ("thinker_step_ms", "talker_step_ms"):
             table.setdefault("speedup_vs_generate", {})[part] = table["generate"][part] / table["lean"][part]
@@ -265,16 +262,19 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     quiet_libraries()
-    loaded, inputs = load_for_bench(args)
-    engine = OmniEngine(loaded, fast=args.fast)
+    try:
+        loaded, inputs = load_for_bench(args)
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    engine = OmniEngine(loaded, lean=args.lean)
     options = GenerationOptions(
         voice=args.voice, greedy=True, seed=0,
         max_new_tokens=args.text_tokens, min_new_tokens=args.text_tokens,
         max_audio_tokens=args.audio_tokens, min_audio_tokens=args.audio_tokens,
     )
     if inputs is None:
-        messages = [{"role": "system", "content": [{"type": "text", "text": DEFAULT_SYSTEM_PROMPT}]},
-                    {"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
+        messages = [system_message(DEFAULT_SYSTEM_PROMPT), {"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
         inputs = engine.prepare(messages, options)
     warmup = GenerationOptions(voice=args.voice, greedy=True, max_new_tokens=4, max_audio_tokens=30)
     run_stream(engine, inputs, warmup)
@@ -293,7 +293,7 @@ def main(argv=None) -> int:
         "model": "random-full-size" if args.random_full_size else args.model,
         "device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."), "attn": loaded.attn,
         "prompt_tokens": inputs.prompt_len, "text_tokens": args.text_tokens, "audio_tokens": args.audio_tokens,
-        "repeats": args.repeats, "fast": engine.fast, "torch": torch.__version__,
+        "repeats": args.repeats, "lean": engine.lean, "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(loaded.device) if loaded.device.type == "cuda" else None,
     }

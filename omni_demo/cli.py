@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, GenerationOptions, ModelConfig
+from .config import (ATTN_IMPLEMENTATIONS, DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT, DTYPES, SAMPLE_RATE,
+                     GenerationOptions, ModelConfig)
+from .inputs import system_message
 
 
 def build_messages(prompt: str | None, system: str, images=(), audios=(), videos=()) -> list[dict]:
@@ -19,16 +22,20 @@ def build_messages(prompt: str | None, system: str, images=(), audios=(), videos
     content += [{"type": "video", "video": str(p)} for p in videos]
     if prompt:
         content.append({"type": "text", "text": prompt})
-    messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
-    return messages + [{"role": "user", "content": content}]
+    return ([system_message(system)] if system else []) + [{"role": "user", "content": content}]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local directory, or 'tiny' (offline, random)")
-    parser.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    parser.add_argument("--attn", default="auto", choices=["auto", "sdpa", "eager", "flash_attention_2"])
-    parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+    """The model flags of the app, the terminal client and the bench; each has an environment variable."""
+    env = os.environ.get
+    parser.add_argument("--model", default=env("OMNI_MODEL", DEFAULT_MODEL),
+                        help="hub id, local directory, or 'tiny' (offline, random weights) (default %(default)s)")
+    parser.add_argument("--device", default=env("OMNI_DEVICE", "auto"), help="cuda, cuda:1, cpu (default: auto)")
+    parser.add_argument("--dtype", default=env("OMNI_DTYPE", "auto"), choices=DTYPES,
+                        help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--attn", default=env("OMNI_ATTN", "auto"), choices=ATTN_IMPLEMENTATIONS,
+                        help="auto: flash_attention_2 where installed on CUDA, else sdpa")
+    parser.add_argument("--lean", action=argparse.BooleanOptionalAction, default=env("OMNI_LEAN", "1") != "0",
                         help="lean decode steps: static KV cache, fused matmuls, CUDA graphs on CUDA (default on)")
 
 
@@ -71,7 +78,7 @@ def run(args) -> dict:
     loaded = load_model(model_config(args))
     if loaded.is_random:
         print("note: tiny random-weight checkpoint; its replies are deliberately nonsense", file=sys.stderr)
-    engine = OmniEngine(loaded, fast=args.fast)
+    engine = OmniEngine(loaded, lean=args.lean)
     options = GenerationOptions(
         voice=args.voice, speech=not args.no_audio, greedy=args.greedy, seed=args.seed,
         max_new_tokens=args.max_new_tokens, max_audio_tokens=args.max_audio_tokens,
@@ -104,8 +111,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from .inputs import InputError
-    from .loading import ModelLoadError
+    from .errors import InputError, ModelLoadError
 
     args = parse_args(argv)
     quiet_libraries()

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-Omni-7B"
 TINY_MODEL = "tiny"
-VOICES = ("Chelsie", "Ethan")
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # "auto": bfloat16 on CUDA, float32 on CPU
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # "auto": flash_attention_2 if installed on CUDA
 SAMPLE_RATE = 24_000
 SAMPLES_PER_CODE = 480
 MEL_FRAMES_PER_CODE = 2
@@ -32,18 +33,18 @@ class ModelConfig:
     attn: str = "auto"  # "auto": flash_attention_2 with flash-attn on CUDA, else sdpa ("sdpa", "eager")
 
     def __post_init__(self):
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, not {self.dtype!r}")
-        if self.attn not in ("auto", "sdpa", "eager", "flash_attention_2"):
-            raise ValueError(f"attn must be auto, sdpa, eager or flash_attention_2, not {self.attn!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.attn not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, not {self.attn!r}")
 
 
 @dataclass(frozen=True)
 class StreamingConfig:
     """Chunk geometry of the streaming Token2Wav, in codec tokens unless named otherwise.
 
-    DiT windows must start on a DiT block (24 mel frames = 12 codes), so every field that
-    positions a window is a multiple of 12 codes; the decoder checks that against the model.
+    DiT block attention is counted from the window start, so omni_demo.token2wav rounds every
+    window start down to a DiT block (24 mel frames = 12 codes); the fields need not be multiples.
     """
 
     first_chunk_codes: int = 24  # first chunk, decoded once it and its own look-ahead exist

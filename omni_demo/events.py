@@ -7,24 +7,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import SAMPLE_RATE
-
 
 @dataclass(frozen=True)
 class TextDelta:
-    text: str  # new text since the previous delta (may be empty while a multi-byte char is incomplete)
-    token_ids: tuple[int, ...]  # thinker tokens behind it
+    text: str  # the text one thinker token completed (never empty)
 
 
 @dataclass(frozen=True)
 class AudioChunk:
-    samples: np.ndarray  # [n] float32 in [-1, 1], mono
+    samples: np.ndarray  # [n] float32 in [-1, 1], mono, 24 kHz
     start_sample: int  # offset of samples[0] in the reply's audio
-    sample_rate: int = SAMPLE_RATE
-
-    @property
-    def seconds(self) -> float:
-        return len(self.samples) / self.sample_rate
 
     def pcm16(self) -> np.ndarray:
         """int16 PCM, what Gradio's streaming audio wants (float chunks get peak-normalised)."""

@@ -6,7 +6,6 @@ error, then everything goes through the Qwen processor in one call.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,18 +13,15 @@ from typing import Any
 import numpy as np
 
 from .config import Limits
+from .errors import InputError, first_line
 
 MEDIA_TYPES = ("image", "audio", "video")
 ROLES = ("system", "user", "assistant")
 
 
-class InputError(ValueError):
-    """The request cannot be served as given; the message names the problem."""
-
-
 @dataclass
 class PreparedInputs:
-    tensors: dict  # processor output (input_ids [1, L], attention_mask, pixel_values, ...) on the model device
+    tensors: dict  # processor output (input_ids [B, L], attention_mask, pixel_values, ...) on the model device
     messages: list[dict]  # the conversation exactly as given to the processor
     use_audio_in_video: bool  # after checking that every video has a sound track
 
@@ -38,8 +34,13 @@ class PreparedInputs:
         return int(self.tensors["input_ids"].shape[1])
 
 
+def system_message(text: str) -> dict:
+    return {"role": "system", "content": [{"type": "text", "text": text}]}
+
+
 def normalize_conversation(messages: Any) -> list[dict]:
-    """Check roles and parts; string contents become one text part. Returns a deep copy."""
+    """Check roles and parts; string contents become one text part. Returns new message and part
+    dicts (the caller's are never changed)."""
     if not isinstance(messages, list) or not messages:
         raise InputError("the conversation is empty: send at least one user message")
     normalized = []
@@ -156,7 +157,7 @@ def load_media(messages: list[dict], use_audio_in_video: bool) -> dict:
             except InputError:
                 raise
             except Exception as exc:  # PIL, av, librosa and torchcodec each raise their own types
-                raise InputError(f"could not read {kind} {_describe(source)}: {_reason(exc)}") from exc
+                raise InputError(f"could not read {kind} {_describe(source)}: {first_line(exc)}") from exc
     return {
         "images": images or None,
         "videos": videos or None,
@@ -175,26 +176,23 @@ def _read_audio(part: dict, *, from_video: bool) -> np.ndarray:
     return samples
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
-
-
-def prepare_inputs(processor, messages: Any, *, use_audio_in_video: bool, device=None,
-                   limits: Limits = Limits()) -> PreparedInputs:
-    """Validate, read media, apply the chat template and run the processor (batch of one)."""
-    messages = normalize_conversation(copy.deepcopy(messages) if isinstance(messages, list) else messages)
-    messages = check_limits(messages, limits)
+def prepare_inputs(processor, messages: Any, *, use_audio_in_video: bool, device=None, limits: Limits = Limits(),
+                   padding_rows: tuple[list[dict], ...] = ()) -> PreparedInputs:
+    """Validate, read media, apply the chat template and run the processor. The batch is this
+    conversation alone, or with text-only `padding_rows` after it (transformers' reference on its
+    intended, left-padded path: omni_demo.reference)."""
+    messages = check_limits(normalize_conversation(messages), limits)
     media = load_media(messages, use_audio_in_video)
     use_audio_in_video = use_audio_in_video and media["videos"] is not None
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+             for m in (messages, *padding_rows)]
     kwargs = {"load_audio_from_video": True} if use_audio_in_video else {}
     if not use_audio_in_video:
         media.pop("audio_from_video_indices")
     try:
-        tensors = processor(text=[text], return_tensors="pt", padding=True, **media, **kwargs)
+        tensors = processor(text=texts, return_tensors="pt", padding=True, **media, **kwargs)
     except Exception as exc:
-        raise InputError(f"the processor rejected this input: {_reason(exc)}") from exc
+        raise InputError(f"the processor rejected this input: {first_line(exc)}") from exc
     if device is not None:
         tensors = tensors.to(device)
     return PreparedInputs(dict(tensors), messages, use_audio_in_video)

@@ -10,14 +10,9 @@ from pathlib import Path
 import torch
 
 from .config import TINY_MODEL, ModelConfig
+from .errors import ModelLoadError, first_line
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message says why and what to do instead."""
 
 
 @dataclass
@@ -52,7 +47,7 @@ def pick_device(requested: str) -> torch.device:
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[requested]
+    return getattr(torch, requested)  # one of config.DTYPES
 
 
 def pick_attn(requested: str, device: torch.device) -> str:
@@ -117,7 +112,7 @@ def fetch_from_hub(repo_id: str) -> str:
         model_info(repo_id, timeout=10)
     except Exception as exc:
         raise ModelLoadError(
-            f"could not fetch {repo_id!r} from the Hugging Face Hub ({_first_line(exc)}). "
+            f"could not fetch {repo_id!r} from the Hugging Face Hub ({first_line(exc)}). "
             "Check the network or the model id, pass a local directory, or run with --model tiny "
             "(offline, random weights)."
         ) from exc
@@ -136,17 +131,12 @@ def load_model(config: ModelConfig) -> LoadedModel:
         processor = AutoProcessor.from_pretrained(path)
         model = Qwen2_5OmniForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load {config.model!r} from {path}: {_first_line(exc)}") from exc
+        raise ModelLoadError(f"could not load {config.model!r} from {path}: {first_line(exc)}") from exc
     model.to(device).eval()
     if getattr(model, "has_talker", False):
         model.token2wav.float()  # upstream requires float32 for the DiT and BigVGAN
     log.info("loaded %s on %s (%s, %s)", config.model, device, dtype, attn)
     return LoadedModel(model, processor, config.model, path, device, dtype, attn, is_random)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def build_random_model(omni_config, config: ModelConfig, processor) -> LoadedModel:

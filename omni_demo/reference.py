@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import GenerationOptions, Limits
-from .inputs import check_limits, load_media, normalize_conversation
+from .config import GenerationOptions
+from .inputs import prepare_inputs
 from .loading import LoadedModel
+from .sampling import token_id_list
 
 # Row 2 of the padded batch; it must tokenize shorter than the prompt under test.
 FILLER = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
@@ -74,27 +75,14 @@ def _record_generate(module):
         del module.generate  # back to the class method
 
 
-def _batch(loaded: LoadedModel, messages, options: GenerationOptions, padded: bool):
-    processor = loaded.processor
-    messages = check_limits(normalize_conversation(messages), Limits())
-    media = load_media(messages, options.use_audio_in_video)
-    use_audio_in_video = options.use_audio_in_video and media["videos"] is not None
-    texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in
-             ([messages, FILLER] if padded else [messages])]
-    if not use_audio_in_video:
-        media.pop("audio_from_video_indices")
-    extra = {"load_audio_from_video": True} if use_audio_in_video else {}
-    batch = processor(text=texts, return_tensors="pt", padding=True, **media, **extra).to(loaded.device)
-    if padded and batch["attention_mask"][0].min() == 0:
-        raise ValueError("the compared prompt must be the longest row of the padded batch")
-    return batch, use_audio_in_video
-
-
 def reference_generate(
     loaded: LoadedModel, messages, options: GenerationOptions, *, padded: bool = True
 ) -> ReferenceResult:
-    batch, use_audio_in_video = _batch(loaded, messages, options, padded)
-    return reference_generate_batch(loaded, batch, options, use_audio_in_video=use_audio_in_video)
+    inputs = prepare_inputs(loaded.processor, messages, use_audio_in_video=options.use_audio_in_video,
+                            device=loaded.device, padding_rows=(FILLER,) if padded else ())
+    if padded and inputs.tensors["attention_mask"][0].min() == 0:
+        raise ValueError("the compared prompt must be the longest row of the padded batch")
+    return reference_generate_batch(loaded, inputs.tensors, options, use_audio_in_video=inputs.use_audio_in_video)
 
 
 def reference_generate_batch(
@@ -127,7 +115,8 @@ def reference_generate_batch(
         output = model.generate(**batch, **kwargs)
     total = time.perf_counter() - start
     sequences = output[0] if isinstance(output, tuple) else getattr(output, "sequences", output)
-    text_ids = _until(sequences[0, prompt_len:].tolist(), _eos(model.thinker.generation_config.eos_token_id), keep=True)
+    thinker_eos = set(token_id_list(model.thinker.generation_config.eos_token_id))
+    text_ids = _until(sequences[0, prompt_len:].tolist(), thinker_eos, keep=True)
     codes, waveform = [], None
     if options.speech:
         talker = model.talker
@@ -140,11 +129,8 @@ def reference_generate_batch(
                            talker_out.get("seconds"))
 
 
-def _eos(ids) -> set[int]:
-    return {int(ids)} if isinstance(ids, int) else {int(i) for i in ids}
-
-
 def _until(ids: list[int], stops: set[int], *, keep: bool) -> list[int]:
+    """`ids` up to the first stop token (`keep`: including it)."""
     for index, token in enumerate(ids):
         if token in stops:
             return ids[: index + 1] if keep else ids[:index]

@@ -59,3 +59,10 @@ class Sampler:
             return scores.argmax(dim=-1)
         probs = torch.softmax(scores, dim=-1)
         return torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)
+
+
+def token_id_list(ids) -> list[int]:
+    """A generation config's token id field (an int, a list, or None) as a list."""
+    if ids is None:
+        return []
+    return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]

@@ -67,4 +67,4 @@ def test_bench_prints_table_and_json(tiny_dir):
     steps = summary["steps"]
     for path in ("generate", "plain", "lean"):
         assert steps[path]["thinker_step_ms"] > 0 and steps[path]["talker_step_ms"] > 0
-    assert "ms per decode step" in result.stdout and summary["setup"]["fast"] is True
+    assert "ms per decode step" in result.stdout and summary["setup"]["lean"] is True

@@ -7,7 +7,7 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from omni_demo.config import GenerationOptions
-from omni_demo.engine import TextDetokenizer
+from omni_demo.streams import TextDetokenizer
 from omni_demo.events import AudioChunk, Finished, TextDelta
 from omni_demo.inputs import InputError
 

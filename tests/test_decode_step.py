@@ -1,5 +1,5 @@
 """The lean decode step (static KV cache, fused matmuls; CUDA graphs on CUDA) against the plain
-transformers forward: the same greedy tokens and codes."""
+one (transformers' forward over a DynamicCache): the same greedy tokens and codes."""
 
 import threading
 
@@ -9,7 +9,7 @@ import torch
 from omni_demo.config import GenerationOptions, ModelConfig
 from omni_demo.engine import OmniEngine
 from omni_demo.events import Finished
-from omni_demo.fast import graph_buckets
+from omni_demo.decode_step import graph_buckets
 from omni_demo.loading import load_model
 
 from .conftest import run
@@ -18,12 +18,12 @@ from .test_fidelity import CASES
 
 @pytest.fixture(scope="module")
 def plain(loaded):
-    return OmniEngine(loaded, fast=False)
+    return OmniEngine(loaded, lean=False)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_lean_equals_plain(engine, plain, case):
-    assert engine.fast and not plain.fast
+    assert engine.lean and not plain.lean
     messages, use_audio_in_video = CASES[case]
     options = GenerationOptions(greedy=True, max_new_tokens=40, max_audio_tokens=120,
                                 use_audio_in_video=use_audio_in_video)
@@ -43,7 +43,7 @@ def test_fused_weights_keep_the_plain_path_intact(engine, plain):
 
 def test_a_second_reply_waits_for_the_engine_and_then_runs(engine, monkeypatch):
     from omni_demo import engine as engine_module
-    from omni_demo.engine import EngineError
+    from omni_demo.errors import EngineError
 
     hi = [{"role": "user", "content": "hi"}]
     first = engine.stream(hi, GenerationOptions(max_new_tokens=50, speech=False))
@@ -66,8 +66,8 @@ def test_graph_buckets_cover_the_window():
 @pytest.mark.gpu
 def test_cuda_graph_steps_equal_plain_on_gpu(tiny_dir):
     loaded = load_model(ModelConfig(model="tiny", device="cuda", dtype="float32"))
-    lean, plain = OmniEngine(loaded, fast=True), OmniEngine(loaded, fast=False)
-    assert lean.thinker_static.graphs, "CUDA graphs should be captured at load"
+    lean, plain = OmniEngine(loaded, lean=True), OmniEngine(loaded, lean=False)
+    assert lean.lean_steps["thinker"].graphs, "CUDA graphs should be captured at load"
     for case in CASES:
         messages, use_audio_in_video = CASES[case]
         options = GenerationOptions(greedy=True, max_new_tokens=40, max_audio_tokens=120,

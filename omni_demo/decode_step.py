@@ -1,12 +1,17 @@
-"""A lean decode step for the thinker's and the talker's decoder stacks.
+"""One decode step of the thinker's or the talker's decoder stack, after a transformers prefill.
 
-Plain transformers decoding spends most of a one-token step on framework work: Cache objects,
-mask building, position and rotary tensors, output dataclasses. `StaticDecoder` keeps a
-preallocated KV cache per layer, precomputed rotary tables, and runs the same modules and the same
-arithmetic as `Qwen2_5OmniDecoderLayer` (so greedy tokens match the plain path exactly).
+Both decoders call `step(embeds) -> hidden` on one of two twins, loaded with the prefill's cache:
+- `PlainStep`: the stack's own transformers forward over the prefill's DynamicCache.
+- `LeanStep`: the same arithmetic without the framework around it. Plain transformers decoding
+  spends most of a one-token step on Cache objects, mask building, position and rotary tensors
+  and output dataclasses; `LeanStep` keeps a preallocated KV cache per layer and precomputed
+  rotary tables, and runs the ops of `Qwen2_5OmniDecoderLayer` with q/k/v and gate/up fused (so
+  greedy tokens match `PlainStep` exactly). On CUDA it is captured as CUDA graphs, one per
+  cache-length bucket (attention then runs over the whole bucket with a mask), at engine start,
+  so the first reply does not pay for the capture.
 
-On CUDA the step can be captured as CUDA graphs, one per cache-length bucket (attention then
-runs over the whole bucket with a mask), captured at load time so the first reply does not pay.
+Decode positions advance all three mRoPE axes together: position = cache length + the prompt's
+rope delta (`rope_offset`).
 """
 
 from __future__ import annotations
@@ -19,9 +24,31 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 
-class StaticDecoder:
+class PlainStep:
+    """The decoder stack's transformers forward over a DynamicCache: the reference twin of `LeanStep`."""
+
+    def __init__(self, stack):
+        self.stack = stack  # the thinker's language model or the talker's model
+        self.cache = None
+        self.rope_offset = 0
+
+    def load(self, cache, rope_offset: int) -> None:
+        """Continue from a prefill's DynamicCache; later positions are cache length + `rope_offset`."""
+        self.cache, self.rope_offset = cache, rope_offset
+
+    @torch.inference_mode()
+    def step(self, embeds: torch.Tensor) -> torch.Tensor:
+        """embeds [1, 1, D] of the next token -> its last hidden state [1, 1, D] (final norm)."""
+        position = self.cache.get_seq_length() + self.rope_offset
+        positions = torch.full((3, 1, 1), position, dtype=torch.long, device=embeds.device)
+        out = self.stack(inputs_embeds=embeds, position_ids=positions, past_key_values=self.cache, use_cache=True)
+        return out.last_hidden_state
+
+
+class LeanStep:
     """One-token decode over a static KV cache for a Qwen2.5-Omni text stack (`layers`, `norm`,
-    `rotary_emb`): the thinker's language model or the talker's model."""
+    `rotary_emb`): the thinker's language model or the talker's model. One per stack, shared by
+    the replies, which run one at a time."""
 
     def __init__(self, stack, max_len: int):
         config = stack.config
@@ -153,9 +180,9 @@ def _rotate(x, cos, sin):
 class _GraphStep:
     """The decode step as one CUDA graph, for caches of at most `span` positions."""
 
-    def __init__(self, decoder: StaticDecoder, span: int):
-        self.decoder = decoder
-        d, hidden = decoder, decoder.stack.config.hidden_size
+    def __init__(self, lean: LeanStep, span: int):
+        self.lean = lean
+        d, hidden = lean, lean.stack.config.hidden_size
         self.embeds = torch.zeros(1, 1, hidden, device=d.device, dtype=d.dtype)
         self.position = torch.zeros(1, dtype=torch.long, device=d.device)
         self.index = torch.zeros(1, dtype=torch.long, device=d.device)
@@ -175,7 +202,7 @@ class _GraphStep:
         d.values.copy_(saved[1])
 
     def _body(self, span):
-        d = self.decoder
+        d = self.lean
         cos, sin = d.cos.index_select(0, self.position)[0], d.sin.index_select(0, self.position)[0]
         torch.le(self.positions, self.index, out=self.mask[0, 0, 0])
         return d._step(self.embeds, cos, sin, self.index, mask=self.mask, span=span)
