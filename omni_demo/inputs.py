@@ -104,7 +104,7 @@ def check_limits(messages: list[dict], limits: Limits) -> list[dict]:
 
 def _duration(path: str) -> float | None:
     """Container duration in seconds, read from the header; None when it cannot be probed (the
-    decoder then reports the file as unreadable)."""
+    media reader then reports the file as unreadable)."""
     import av
 
     try:

@@ -102,7 +102,7 @@ def vocode(bigvgan, mel) -> torch.Tensor:
 
 
 class StreamingToken2Wav:
-    """Stateful chunked decoder: `push` codes as they arrive, `flush` at the end of the reply.
+    """Token2Wav as a stateful stream: `push` codes as they arrive, `flush` at the end of the reply.
 
     Both return the newly final samples ([n] float32 numpy, possibly empty).
     """

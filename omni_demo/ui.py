@@ -1,34 +1,33 @@
 """The Gradio web UI. It never imports torch: `build_demo(backend)` takes anything with the
 engine's `stream(messages, options, cancel)`, `voices`, `model_name` and `is_random`.
 
-Handlers are top-level functions; the wiring is at the bottom of `build_demo`.
+The reply handler is `ChatHandler.respond` (a method, so that it is bound to the backend and
+still gets Gradio's `gr.Request`); the other handlers are functions. Conversation format and
+upload policy live in omni_demo.conversation. The wiring is at the bottom of `build_demo`.
 """
 
 from __future__ import annotations
 
 import logging
-import mimetypes
-import os
 import tempfile
-import threading
 import time
-from collections import OrderedDict
 from contextlib import closing
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import gradio as gr
 import numpy as np
 import soundfile as sf
 
 from .config import DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, SAMPLES_PER_CODE, GenerationOptions
+from .conversation import ASSETS, UploadRegistry, chat_to_conversation, media_summary, new_upload_paths, user_turn
+from .errors import InputError
 from .events import AudioChunk, ContextTrimmed, Finished, TextDelta
-from .inputs import MEDIA_TYPES, InputError
 
 log = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # Gradio publishes only the audio frames ready within ~5 ms of a yield; an empty chunk ~50 ms
-# later flushes the rest, so speech does not lag one chunk behind (measured, shared NOTES.md).
+# later flushes the rest, so speech does not lag one chunk behind (measured on Gradio 6.31).
 FLUSH_DELAY_S = 0.05
 EMPTY_PCM = np.zeros(0, dtype=np.int16)
 CODES_PER_SECOND = SAMPLE_RATE // SAMPLES_PER_CODE  # 50 talker codes per second of speech
@@ -45,126 +44,14 @@ SYSTEM_PROMPT_WARNING = (
 )
 
 
-class UploadRegistry:
-    """Which uploaded files belong to which browser session. A turn may only refer to files its own
-    session uploaded (or the app's assets), so a crafted history cannot make the server read
-    /etc/passwd, ../ paths or another user's upload."""
+class Reply(NamedTuple):
+    """One update of the reply handler's outputs, by name; what is not named stays as it is."""
 
-    def __init__(self, max_sessions: int = 10_000):
-        self.sessions: OrderedDict[str, set[str]] = OrderedDict()
-        self.max_sessions = max_sessions
-        self.lock = threading.Lock()
-
-    def add(self, session: str, paths: list[str]) -> None:
-        with self.lock:
-            owned = self.sessions.setdefault(session, set())
-            owned.update(str(Path(p).resolve()) for p in paths)
-            self.sessions.move_to_end(session)
-            while len(self.sessions) > self.max_sessions:
-                self.sessions.popitem(last=False)
-
-    def check(self, session: str, paths: list[str]) -> None:
-        with self.lock:
-            owned = self.sessions.get(session, set())
-        for path in paths:
-            resolved = Path(path).resolve()
-            if str(resolved) not in owned and not resolved.is_relative_to(ASSETS):
-                raise gr.Error(f"Refused {Path(path).name}: this conversation did not upload it.")
-
-
-def new_upload_paths(message: dict | None, webcam: str | None) -> list[str]:
-    files = [*((message or {}).get("files") or []), *([webcam] if webcam else [])]
-    return [f if isinstance(f, str) else f.get("path") for f in files]
-
-
-def user_file_paths(history: list[dict]) -> list[str]:
-    return [part["file"]["path"] for message in history if message["role"] == "user"
-            for part in _parts(message) if part.get("type") == "file"]
-
-
-def gradio_upload_dir() -> Path:
-    return Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
-
-
-def media_kind(path: str) -> str | None:
-    """'image', 'audio' or 'video' from the file name, else None."""
-    mime, _ = mimetypes.guess_type(path)
-    kind = (mime or "").split("/")[0]
-    return kind if kind in MEDIA_TYPES else None
-
-
-def _file_part(path: str) -> dict:
-    return {"type": "file", "file": {"path": path, "mime_type": mimetypes.guess_type(path)[0]}}
-
-
-def user_turn(message: dict | None, webcam: str | None) -> list[dict]:
-    """The chat messages for what the user sends: each file on its own, then the text."""
-    message = message or {}
-    files = [*(message.get("files") or []), *([webcam] if webcam else [])]
-    text = (message.get("text") or "").strip()
-    if not files and not text:
-        raise gr.Error("Nothing to send: type a message, record one, or attach an image, audio clip or video.")
-    turn = []
-    for file in files:
-        path = file if isinstance(file, str) else file.get("path")
-        if media_kind(path) is None:
-            raise gr.Error(f"Unsupported file {Path(path).name}: attach images, audio or video.")
-        turn.append({"role": "user", "content": [_file_part(path)]})
-    if text:
-        turn.append({"role": "user", "content": [{"type": "text", "text": text}]})
-    return turn
-
-
-def chat_to_conversation(history: list[dict], system_prompt: str) -> list[dict]:
-    """Chatbot messages -> Qwen messages: consecutive user messages become one turn with every
-    file as an image/audio/video part; assistant turns keep their text (not the reply audio)."""
-    conversation = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] if system_prompt else []
-    for message in history:
-        parts = []
-        for part in _parts(message):
-            if part.get("type") == "text" and part.get("text", "").strip():
-                parts.append({"type": "text", "text": part["text"]})
-            elif part.get("type") == "file" and message["role"] == "user":
-                path = part["file"]["path"]
-                kind = media_kind(path)
-                if kind is None:
-                    raise InputError(f"unsupported file in the conversation: {Path(path).name}")
-                parts.append({"type": kind, kind: path})
-        if not parts:
-            continue
-        if conversation and conversation[-1]["role"] == message["role"]:
-            conversation[-1]["content"].extend(parts)
-        else:
-            conversation.append({"role": message["role"], "content": parts})
-    return conversation
-
-
-def _parts(message: dict) -> list[dict]:
-    content = message.get("content")
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if isinstance(content, dict):
-        content = [content]
-    parts = []
-    for part in content or []:
-        if isinstance(part, str):
-            parts.append({"type": "text", "text": part})
-        elif "path" in part:  # a bare file dict, as handlers may append
-            parts.append({"type": "file", "file": part})
-        else:
-            parts.append(part)
-    return parts
-
-
-def media_summary(conversation: list[dict]) -> str:
-    counts = {kind: 0 for kind in MEDIA_TYPES}
-    for message in conversation:
-        for part in message["content"]:
-            if part["type"] in counts:
-                counts[part["type"]] += 1
-    names = {"image": "image", "audio": "audio clip", "video": "video"}
-    seen = [f"{n} {names[k]}{'s' if n > 1 else ''}" for k, n in counts.items() if n]
-    return ", ".join(seen) if seen else "text only"
+    textbox: Any = gr.skip()
+    chat: Any = gr.skip()
+    webcam: Any = gr.skip()
+    audio: Any = gr.skip()  # the streaming player: (24000, int16 [n])
+    stats: Any = gr.skip()  # the latency readout
 
 
 def format_stats(finished: Finished, conversation: list[dict]) -> str:
@@ -188,56 +75,50 @@ def save_reply_audio(chunks: list[np.ndarray], keep: int = 256) -> str:
     return str(path)
 
 
+def reply_options(voice, speech, temperature, top_p, max_new_tokens, max_speech_s, use_audio_in_video,
+                  seed) -> GenerationOptions:
+    """The settings panel's values as a request's options."""
+    try:
+        return GenerationOptions(
+            voice=voice, speech=bool(speech), temperature=float(temperature), top_p=float(top_p),
+            max_new_tokens=int(max_new_tokens), max_audio_tokens=int(float(max_speech_s) * CODES_PER_SECOND),
+            use_audio_in_video=bool(use_audio_in_video), seed=int(seed) or None,
+        )
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"invalid setting: {exc}") from exc
+
+
 class ChatHandler:
-    """The reply handler, bound to a backend and the upload registry. A method rather than a
-    functools.partial of a function: Gradio only injects gr.Request where it can read type hints."""
+    """The reply handler, bound to a backend and the upload registry."""
 
     def __init__(self, backend, uploads: UploadRegistry | None = None):
         self.backend = backend
         self.uploads = uploads or UploadRegistry()
 
-    def check_files(self, session: str, message, webcam, history: list[dict]) -> None:
-        """New files must be fresh uploads (or our examples); files in the history must be this
-        session's own uploads."""
-        new_files = new_upload_paths(message, webcam)
-        for path in new_files:
-            resolved = Path(path).resolve()
-            if not (resolved.is_relative_to(gradio_upload_dir()) or resolved.is_relative_to(ASSETS)):
-                raise gr.Error(f"Refused {Path(path).name}: not an upload.")
-        self.uploads.add(session, new_files)
-        self.uploads.check(session, user_file_paths(history))
-
     def respond(self, message, history, webcam, voice, speech, system_prompt, temperature, top_p, max_new_tokens,
                 max_speech_s, use_audio_in_video, seed, request: gr.Request):
-        """Send one user turn; stream the reply into the chat and the audio player.
-
-        Outputs: textbox, chatbot, webcam, streaming audio, latency readout.
-        """
+        """Send one user turn; stream the reply into the chat and the audio player."""
         history = list(history or [])
-        self.check_files(request.session_hash, message, webcam, history)
-        turn = user_turn(message, webcam)
-        chat = history + turn
-        conversation = chat_to_conversation(chat, system_prompt.strip())
-        options = GenerationOptions(
-            voice=voice, speech=bool(speech), temperature=float(temperature), top_p=float(top_p),
-            max_new_tokens=int(max_new_tokens), max_audio_tokens=int(float(max_speech_s) * CODES_PER_SECOND),
-            use_audio_in_video=bool(use_audio_in_video), seed=int(seed) or None,
-        )
-        reply = {"role": "assistant", "content": ""}
-        yield None, chat + [reply], None, gr.skip(), "Thinking…"
-        chunks: list[np.ndarray] = []
+        chat, reply = history, {"role": "assistant", "content": ""}
         try:
+            self.uploads.accept_turn(request.session_hash, new_upload_paths(message, webcam), history)
+            chat = history + user_turn(message, webcam)
+            conversation = chat_to_conversation(chat, system_prompt.strip())
+            options = reply_options(voice, speech, temperature, top_p, max_new_tokens, max_speech_s,
+                                    use_audio_in_video, seed)
+            yield Reply(textbox=None, chat=chat + [reply], webcam=None, stats="Thinking…")
+            chunks: list[np.ndarray] = []
             with closing(self.backend.stream(conversation, options)) as events:
                 for event in events:
                     if isinstance(event, TextDelta):
                         reply = {"role": "assistant", "content": reply["content"] + event.text}
-                        yield gr.skip(), chat + [reply], gr.skip(), gr.skip(), gr.skip()
+                        yield Reply(chat=chat + [reply])
                     elif isinstance(event, AudioChunk):
                         chunks.append(event.samples)
                         spoken = (event.start_sample + len(event.samples)) / SAMPLE_RATE
-                        yield gr.skip(), gr.skip(), gr.skip(), (SAMPLE_RATE, event.pcm16()), f"Speaking… {spoken:.1f} s"
+                        yield Reply(audio=(SAMPLE_RATE, event.pcm16()), stats=f"Speaking… {spoken:.1f} s")
                         time.sleep(FLUSH_DELAY_S)
-                        yield gr.skip(), gr.skip(), gr.skip(), (SAMPLE_RATE, EMPTY_PCM), gr.skip()
+                        yield Reply(audio=(SAMPLE_RATE, EMPTY_PCM))
                     elif isinstance(event, ContextTrimmed):
                         gr.Warning(f"The conversation is longer than the model's window ({event.limit_tokens} tokens): "
                                    f"its oldest {event.dropped_turns} turn(s) were left out of this reply.")
@@ -245,15 +126,15 @@ class ChatHandler:
                         final = chat + [reply]
                         if chunks:
                             final.append({"role": "assistant", "content": {"path": save_reply_audio(chunks)}})
-                        yield gr.skip(), final, gr.skip(), gr.skip(), format_stats(event, conversation)
+                        yield Reply(chat=final, stats=format_stats(event, conversation))
         except InputError as exc:
             # Nothing is lost: the chat goes back to before this turn and the message to the textbox.
-            yield message, history, webcam, gr.skip(), ""
+            yield Reply(textbox=message, chat=history, webcam=webcam, stats="")
             raise gr.Error(str(exc)) from exc
         except Exception as exc:
             log.exception("reply failed")
             failed = chat + [reply, {"role": "assistant", "content": f"⚠️ This reply failed: {exc}"}]
-            yield gr.skip(), failed, gr.skip(), gr.skip(), ""
+            yield Reply(chat=failed, stats="")
             raise gr.Error(f"The reply failed ({type(exc).__name__}: {exc}). The chat is kept; try again.") from exc
 
 
@@ -262,7 +143,7 @@ def system_prompt_notice(system_prompt: str, speech: bool):
 
 
 def clear_chat():
-    return None, [], None, None, ""
+    return Reply(textbox=None, chat=[], webcam=None, audio=None, stats="")
 
 
 EXAMPLES = [

@@ -52,10 +52,9 @@ def engine(loaded):
 
 
 def text_messages(text: str = "Hello there, tell me a story", system: str = "You are Qwen, a virtual human"):
-    return [
-        {"role": "system", "content": [{"type": "text", "text": system}]},
-        {"role": "user", "content": [{"type": "text", "text": text}]},
-    ]
+    from omni_demo.inputs import system_message
+
+    return [system_message(system), {"role": "user", "content": [{"type": "text", "text": text}]}]
 
 
 def run(engine, messages, options, cancel=None):

@@ -10,6 +10,7 @@ from .apphelpers import AppServer
 from .browser import CHROMIUM, chromium_page
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
+SEED = 11  # fixed: an unseeded random reply can be too short to be seen growing
 ARTIFACTS = Path(os.environ.get("OMNI_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "out"))
 
 
@@ -34,6 +35,7 @@ def test_page_streams_text_and_speech(server):
         page.goto(server.url, wait_until="networkidle")
         assert "random" in page.locator("#random-banner").inner_text().lower()
         page.get_by_label("Max speech (seconds)").first.fill("10")
+        page.get_by_label("Seed", exact=False).first.fill(str(SEED))  # a reply long enough to watch it grow
         page.locator("#textbox textarea").fill("Tell me a story about a singing robot")
         page.locator("#textbox textarea").press("Enter")
 
@@ -48,6 +50,7 @@ def test_page_streams_text_and_speech(server):
         assert finished_at, "the reply did not finish"
         page.screenshot(path=str(ARTIFACTS / "browser-reply.png"), full_page=True)
 
+    assert len(observations[-1]) >= 40, f"seed {SEED} gives too short a reply to watch it grow: {observations[-1]!r}"
     distinct = [t for i, t in enumerate(observations) if t and (i == 0 or t != observations[i - 1])]
     assert len(distinct) >= 3, f"chat text should grow over several observations: {distinct[:5]}"
     playlists = [t for t, url in stream_requests if "playlist" in url and t < finished_at]

@@ -13,7 +13,7 @@ from omni_demo.reference import reference_generate
 
 from .conftest import ASSETS, run, text_messages
 
-SYSTEM = {"role": "system", "content": [{"type": "text", "text": "You are Qwen, a virtual human"}]}
+SYSTEM = text_messages()[0]
 CASES = {
     "text": (text_messages(), False),
     "image+audio": (

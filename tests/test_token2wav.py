@@ -21,10 +21,10 @@ def codes_of(n, seed=0):
     return torch.randint(0, 8192, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def stream(decoder, codes, step=7):
+def stream(streaming, codes, step=7):
     """Push codes a few at a time, as the talker would; returns every piece emitted, flush last."""
-    pieces = [decoder.push(codes[i : i + step]) for i in range(0, len(codes), step)]
-    return pieces + [decoder.flush()]
+    pieces = [streaming.push(codes[i : i + step]) for i in range(0, len(codes), step)]
+    return pieces + [streaming.flush()]
 
 
 def test_velocity_and_sampler_are_bit_identical_to_upstream(parts):
@@ -46,11 +46,11 @@ def test_velocity_and_sampler_are_bit_identical_to_upstream(parts):
 def test_chunked_dit_with_whole_context_equals_one_shot_exactly(parts):
     t2w, speaker, cond, ref = parts
     codes = codes_of(130)
-    decoder = StreamingToken2Wav(t2w, speaker, WHOLE_CONTEXT, max_codes=200, seed=5)
-    stream(decoder, codes)
-    assert decoder.chunks >= 4
-    one_shot = dit_sample(t2w.code2wav_dit_model, torch.tensor([codes]), cond, ref, decoder.noise[:, :260])
-    assert torch.equal(decoder.mel, one_shot)
+    streaming = StreamingToken2Wav(t2w, speaker, WHOLE_CONTEXT, max_codes=200, seed=5)
+    stream(streaming, codes)
+    assert streaming.chunks >= 4
+    one_shot = dit_sample(t2w.code2wav_dit_model, torch.tensor([codes]), cond, ref, streaming.noise[:, :260])
+    assert torch.equal(streaming.mel, one_shot)
 
 
 def receptive_field_frames(bigvgan, frames=201) -> int:
@@ -66,10 +66,10 @@ def test_chunked_vocoder_equals_one_shot_bigvgan(parts):
     t2w, speaker, _, _ = parts
     config = StreamingConfig()
     assert receptive_field_frames(t2w.code2wav_bigvgan_model) < config.vocoder_context_frames
-    decoder = StreamingToken2Wav(t2w, speaker, config, max_codes=300, seed=1)
-    pieces = stream(decoder, codes_of(250))
+    streaming = StreamingToken2Wav(t2w, speaker, config, max_codes=300, seed=1)
+    pieces = stream(streaming, codes_of(250))
     streamed = np.concatenate(pieces)
-    one_shot = vocode(t2w.code2wav_bigvgan_model, decoder.mel).numpy()
+    one_shot = vocode(t2w.code2wav_bigvgan_model, streaming.mel).numpy()
     assert streamed.shape == one_shot.shape
     # float32 convolutions block differently for different lengths: ~5e-5 apart on a +-1 waveform,
     # anywhere in a chunk, not just at seams.
@@ -80,11 +80,11 @@ def test_production_context_error_is_measured(parts, record_property):
     """With the production context, chunked DiT approximates the one-shot decode; report how well."""
     t2w, speaker, cond, ref = parts
     codes = codes_of(300)
-    decoder = StreamingToken2Wav(t2w, speaker, StreamingConfig(), max_codes=300, seed=2)
-    wave = np.concatenate(stream(decoder, codes))
-    one_shot_mel = dit_sample(t2w.code2wav_dit_model, torch.tensor([codes]), cond, ref, decoder.noise)
+    streaming = StreamingToken2Wav(t2w, speaker, StreamingConfig(), max_codes=300, seed=2)
+    wave = np.concatenate(stream(streaming, codes))
+    one_shot_mel = dit_sample(t2w.code2wav_dit_model, torch.tensor([codes]), cond, ref, streaming.noise)
     one_shot_wave = vocode(t2w.code2wav_bigvgan_model, one_shot_mel).numpy()
-    mel_error = ((decoder.mel - one_shot_mel).norm() / one_shot_mel.norm()).item()
+    mel_error = ((streaming.mel - one_shot_mel).norm() / one_shot_mel.norm()).item()
     snr_db = 10 * np.log10(np.sum(one_shot_wave**2) / np.sum((wave - one_shot_wave) ** 2))
     record_property("mel_relative_error", mel_error)
     record_property("waveform_snr_db", snr_db)
@@ -95,22 +95,22 @@ def test_production_context_error_is_measured(parts, record_property):
 @pytest.mark.parametrize("n", [1, 5, 23, 24, 25, 100, 501])
 def test_every_code_yields_exactly_480_samples(parts, n):
     t2w, speaker, _, _ = parts
-    decoder = StreamingToken2Wav(t2w, speaker, StreamingConfig(), max_codes=n, seed=0)
-    pieces = stream(decoder, codes_of(n, seed=n))
+    streaming = StreamingToken2Wav(t2w, speaker, StreamingConfig(), max_codes=n, seed=0)
+    pieces = stream(streaming, codes_of(n, seed=n))
     assert sum(len(p) for p in pieces) == 480 * n
-    assert decoder.mel.shape[2] * HOP == 480 * n
+    assert streaming.mel.shape[2] * HOP == 480 * n
     assert all(np.isfinite(p).all() and np.abs(p).max(initial=0) <= 1 for p in pieces)
 
 
 def test_first_audio_once_24_codes_exist_then_chunks_of_half_to_one_second(parts):
     t2w, speaker, _, _ = parts
     config = StreamingConfig()
-    decoder = StreamingToken2Wav(t2w, speaker, config, max_codes=400, seed=0)
+    streaming = StreamingToken2Wav(t2w, speaker, config, max_codes=400, seed=0)
     codes = codes_of(400)
-    assert len(decoder.push(codes[:23])) == 0
-    first = decoder.push(codes[23:24])
+    assert len(streaming.push(codes[:23])) == 0
+    first = streaming.push(codes[23:24])
     assert len(first) > 0, "the first chunk must come out at 24 codes"
-    sizes = [len(decoder.push([code])) for code in codes[24:]]
+    sizes = [len(streaming.push([code])) for code in codes[24:]]
     later = [size / 24000 for size in sizes if size]
     assert len(later) >= 5
     assert all(0.5 <= seconds <= 1.0 for seconds in later), later
@@ -118,13 +118,13 @@ def test_first_audio_once_24_codes_exist_then_chunks_of_half_to_one_second(parts
 
 def test_short_replies_still_get_audio(parts):
     t2w, speaker, _, _ = parts
-    decoder = StreamingToken2Wav(t2w, speaker, StreamingConfig(), max_codes=10, seed=0)
-    assert len(decoder.push([5, 6, 7])) == 0
-    assert len(decoder.flush()) == 3 * 480
+    streaming = StreamingToken2Wav(t2w, speaker, StreamingConfig(), max_codes=10, seed=0)
+    assert len(streaming.push([5, 6, 7])) == 0
+    assert len(streaming.flush()) == 3 * 480
 
 
 def test_too_many_codes_is_an_error(parts):
     t2w, speaker, _, _ = parts
-    decoder = StreamingToken2Wav(t2w, speaker, StreamingConfig(), max_codes=4, seed=0)
+    streaming = StreamingToken2Wav(t2w, speaker, StreamingConfig(), max_codes=4, seed=0)
     with pytest.raises(ValueError, match="max_codes=4"):
-        decoder.push([1, 2, 3, 4, 5])
+        streaming.push([1, 2, 3, 4, 5])
