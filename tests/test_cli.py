@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import soundfile as sf
 
 from .conftest import ASSETS
@@ -68,3 +69,14 @@ def test_bench_prints_table_and_json(tiny_dir):
     for path in ("generate", "plain", "lean"):
         assert steps[path]["thinker_step_ms"] > 0 and steps[path]["talker_step_ms"] > 0
     assert "ms per decode step" in result.stdout and summary["setup"]["lean"] is True
+
+
+def test_bench_on_a_machine_without_cuda_says_so_in_one_line(tiny_dir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = omni("omni_demo.bench", "--random-full-size", "--device", "cuda", timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: device 'cuda' was requested but CUDA is not available here; use --device cpu"]
