@@ -1,9 +1,11 @@
-"""Load the Qwen2.5-Omni processor and model from a hub id, a local directory, or "tiny"."""
+"""Load the Qwen2.5-Omni processor and model from a hub id, a local directory, "tiny", or
+"tiny-7b" / "tiny-3b" (the real widths with 2 layers per stack; "tiny-7b-l4" for 4)."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype  # thinker and talker; token2wav always runs in float32
     attn: str
-    is_random: bool  # the tiny checkpoint: random weights, nonsense replies
+    is_random: bool  # a tiny or real-shape random checkpoint: nonsense replies
 
     @property
     def voices(self) -> list[str]:
@@ -78,12 +80,23 @@ def check_model_dir(path: Path) -> None:
         )
 
 
+# "tiny-7b", "tiny-3b-l4": a random checkpoint at the real model's widths, built offline.
+_REAL_SHAPE_MODEL = re.compile(rf"{TINY_MODEL}-(7b|3b)(?:-l(\d+))?")
+
+
 def resolve_model_path(name: str) -> tuple[str, bool]:
-    """Return (what to pass to from_pretrained, whether it is the random tiny checkpoint)."""
+    """Return (what to pass to from_pretrained, whether it is a random-weight checkpoint)."""
     if name == TINY_MODEL:
         from .tiny import ensure_tiny_checkpoint
 
         return str(ensure_tiny_checkpoint()), True
+    if match := _REAL_SHAPE_MODEL.fullmatch(name):
+        from .tiny import DEFAULT_LAYERS, ensure_checkpoint
+
+        layers = int(match.group(2) or DEFAULT_LAYERS)
+        if layers < 2:
+            raise ModelLoadError(f"{name!r}: a real-shape random checkpoint needs at least 2 layers")
+        return str(ensure_checkpoint(match.group(1), layers)), True
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
