@@ -17,6 +17,8 @@ import argparse
 import copy
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -397,8 +399,11 @@ def build_checkpoint(out_dir: str | os.PathLike, shape: str = "tiny", layers: in
         speaker_bos = {name: after_tts + index for index, name in enumerate(SPEAKER_BOS)}
         ref_frames = 300
         marker = {"version": SHAPES_VERSION, "seed": TINY_SEED, "shape": shape, "layers": layers}
-        # Built and saved in bfloat16: half the memory and disk; loads in any dtype.
+        # Built and saved in bfloat16: half the memory and disk; loads in any dtype. Token2wav too
+        # (transformers keeps it float32): a float32 load then copies every tensor and unmaps the
+        # file, instead of keeping its 2.9 GB of bfloat16 pages resident for a few float32 views.
         model = Qwen2_5OmniForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+        model.to(torch.bfloat16)
         _silence_uncoded_ids(model)
     model.eval()
     # Random weights never reach a stop token on their own; callers bound every length.
@@ -439,7 +444,11 @@ def ensure_checkpoint(shape: str = "tiny", layers: int = DEFAULT_LAYERS) -> Path
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{shape}-", dir=target.parent))
-    build_checkpoint(staging, shape, layers)
+    if shape == "tiny":
+        build_checkpoint(staging, shape, layers)
+    else:  # in a child process: the caller keeps none of the build's ~4 GB of freed heap
+        command = [sys.executable, "-m", "omni_demo.tiny", str(staging), "--shape", shape, "--layers", str(layers)]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=Path(__file__).resolve().parent.parent)
     try:
         staging.rename(target)
     except OSError:  # another process won the race; use its copy
