@@ -158,7 +158,10 @@ def _processor(tokenizer):
 
 
 def tiny_config():
-    """A Qwen2_5OmniConfig at toy sizes; constraints are listed in shared NOTES.md."""
+    """A Qwen2_5OmniConfig at toy widths, consistent where the model code requires it (mRoPE
+    sections summing to head_dim / 2). What toy widths hide (heads x head_dim == hidden, one
+    head_dim everywhere, a DiT codebook as large as the talker's vocabulary) the real-shape
+    checkpoints of `shape_config` do not."""
     from transformers import Qwen2_5OmniConfig
 
     std = 0.1  # at 0.02 every prompt got the same reply
