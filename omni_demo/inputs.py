@@ -1,19 +1,22 @@
 """Turn a conversation (Qwen message format) into thinker inputs, with clear errors.
 
-Media is read with qwen-omni-utils one part at a time, so an unreadable file is named in the
-error, then everything goes through the Qwen processor in one call.
+Media is read with qwen-omni-utils and processed one part at a time, so an unreadable file is
+named in the error and a file seen before is not processed again (omni_demo.prompt).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .config import Limits
 from .errors import InputError, first_line
+
+if TYPE_CHECKING:  # omni_demo.prompt imports torch; this module must not (the UI imports it)
+    from .prompt import MediaCache, MediaItem, MediaSpan
 
 MEDIA_TYPES = ("image", "audio", "video")
 ROLES = ("system", "user", "assistant")
@@ -24,6 +27,7 @@ class PreparedInputs:
     tensors: dict  # processor output (input_ids [B, L], attention_mask, pixel_values, ...) on the model device
     messages: list[dict]  # the conversation exactly as given to the processor
     use_audio_in_video: bool  # after checking that every video has a sound track
+    media: list[MediaSpan] = field(default_factory=list)  # each media item and its tokens in input_ids
 
     @property
     def input_ids(self):
@@ -128,42 +132,27 @@ def _has_sound(path: str) -> bool:
         return any(stream.type == "audio" for stream in container.streams)
 
 
-def load_media(messages: list[dict], use_audio_in_video: bool) -> dict:
-    """Read every media part in message order. Returns the processor's media arguments."""
+def read_media(part: dict, with_audio: bool) -> dict:
+    """Read one media part. -> its processor arguments (images=[...], audio=[...], videos=[...];
+    a video `with_audio` also gets its sound track as its own audio)."""
     from qwen_omni_utils import fetch_image, fetch_video
 
-    images, videos, audios, audio_from_video = [], [], [], []
-    for message in messages:
-        for part in message["content"]:
-            kind = part["type"]
-            if kind == "text":
-                continue
-            source = part[kind]
-            try:
-                if kind == "image":
-                    images.append(fetch_image(part))
-                elif kind == "audio":
-                    audios.append(_read_audio(part, from_video=False))
-                    audio_from_video.append(None)
-                else:
-                    videos.append(fetch_video(part))
-                    if use_audio_in_video:
-                        if not _has_sound(source):
-                            raise InputError(
-                                f"video {_describe(source)} has no sound track; switch off 'use audio in video'"
-                            )
-                        audios.append(_read_audio(part, from_video=True))
-                        audio_from_video.append(len(videos) - 1)
-            except InputError:
-                raise
-            except Exception as exc:  # PIL, av, librosa and torchcodec each raise their own types
-                raise InputError(f"could not read {kind} {_describe(source)}: {first_line(exc)}") from exc
-    return {
-        "images": images or None,
-        "videos": videos or None,
-        "audio": audios or None,
-        "audio_from_video_indices": audio_from_video if use_audio_in_video and videos else None,
-    }
+    kind, source = part["type"], part[part["type"]]
+    try:
+        if kind == "image":
+            return {"images": [fetch_image(part)]}
+        if kind == "audio":
+            return {"audio": [_read_audio(part, from_video=False)]}
+        if not with_audio:
+            return {"videos": [fetch_video(part)]}
+        if not _has_sound(source):
+            raise InputError(f"video {_describe(source)} has no sound track; switch off 'use audio in video'")
+        return {"videos": [fetch_video(part)], "audio": [_read_audio(part, from_video=True)],
+                "audio_from_video_indices": [0], "load_audio_from_video": True}
+    except InputError:
+        raise
+    except Exception as exc:  # PIL, av, librosa and torchcodec each raise their own types
+        raise InputError(f"could not read {kind} {_describe(source)}: {first_line(exc)}") from exc
 
 
 def _read_audio(part: dict, *, from_video: bool) -> np.ndarray:
@@ -176,23 +165,49 @@ def _read_audio(part: dict, *, from_video: bool) -> np.ndarray:
     return samples
 
 
+def media_items(processor, messages: list[dict], use_audio_in_video: bool,
+                cache: MediaCache | None = None) -> list[MediaItem]:
+    """Every media part of the conversation through the processor, in message order; an item
+    already in `cache` (same bytes, same reading options) is neither read nor processed again."""
+    from .prompt import media_key, process_media
+
+    items = []
+    for message in messages:
+        for part in message["content"]:
+            if part["type"] == "text":
+                continue
+            with_audio = use_audio_in_video and part["type"] == "video"
+            key = media_key(part, with_audio)
+            item = cache.get(key) if cache is not None else None
+            if item is None:
+                try:
+                    item = process_media(processor, part["type"], key, read_media(part, with_audio))
+                except InputError:
+                    raise
+                except Exception as exc:
+                    raise InputError(f"the processor rejected {part['type']} {_describe(part[part['type']])}: "
+                                     f"{first_line(exc)}") from exc
+                if cache is not None:
+                    cache.put(item)
+            items.append(item)
+    return items
+
+
 def prepare_inputs(processor, messages: Any, *, use_audio_in_video: bool, device=None, limits: Limits = Limits(),
-                   padding_rows: tuple[list[dict], ...] = ()) -> PreparedInputs:
-    """Validate, read media, apply the chat template and run the processor. The batch is this
-    conversation alone, or with text-only `padding_rows` after it (transformers' reference on its
-    intended, left-padded path: omni_demo.reference)."""
+                   padding_rows: tuple[list[dict], ...] = (), media_cache: MediaCache | None = None) -> PreparedInputs:
+    """Validate, read and process the media, tokenize the chat template (omni_demo.prompt). The
+    batch is this conversation alone, or with text-only `padding_rows` after it (transformers'
+    reference on its intended, padded path: omni_demo.reference)."""
+    from .prompt import build_prompt, join_tensors, pad_rows
+
     messages = check_limits(normalize_conversation(messages), limits)
-    media = load_media(messages, use_audio_in_video)
-    use_audio_in_video = use_audio_in_video and media["videos"] is not None
-    texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
-             for m in (messages, *padding_rows)]
-    kwargs = {"load_audio_from_video": True} if use_audio_in_video else {}
-    if not use_audio_in_video:
-        media.pop("audio_from_video_indices")
-    try:
-        tensors = processor(text=texts, return_tensors="pt", padding=True, **media, **kwargs)
-    except Exception as exc:
-        raise InputError(f"the processor rejected this input: {first_line(exc)}") from exc
+    items = media_items(processor, messages, use_audio_in_video, media_cache)
+    ids, spans = build_prompt(processor, messages, items)
+    rows = [ids] + [build_prompt(processor, normalize_conversation(row), [])[0] for row in padding_rows]
+    tokenizer = processor.tokenizer
+    input_ids, attention_mask = pad_rows(rows, tokenizer.pad_token_id, tokenizer.padding_side)
+    tensors = {"input_ids": input_ids, "attention_mask": attention_mask, **join_tensors(items)}
     if device is not None:
-        tensors = tensors.to(device)
-    return PreparedInputs(dict(tensors), messages, use_audio_in_video)
+        tensors = {name: value.to(device) for name, value in tensors.items()}
+    has_video = any(part["type"] == "video" for message in messages for part in message["content"])
+    return PreparedInputs(tensors, messages, use_audio_in_video and has_video, spans)
