@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_app(args):
     """Load the model and return the configured Blocks (not launched)."""
     from omni_demo.cli import quiet_libraries
+    from omni_demo.config import CacheConfig
     from omni_demo.engine import OmniEngine
     from omni_demo.loading import load_model
     from omni_demo.ui import build_demo
@@ -50,8 +51,10 @@ def build_app(args):
 
     quiet_libraries()
     loaded = load_model(model_config(args))
-    engine = OmniEngine(loaded, lean=args.lean)
-    backend = ZeroGPUBackend(engine) if on_zerogpu() else engine
+    zerogpu = on_zerogpu()
+    # ZeroGPU lends the GPU per reply: state kept on it between replies would not be there next time.
+    engine = OmniEngine(loaded, lean=args.lean, cache=CacheConfig(enabled=not zerogpu))
+    backend = ZeroGPUBackend(engine) if zerogpu else engine
     demo = build_demo(backend)
     if args.concurrency > 1:
         logging.getLogger("app").warning("one engine serves one reply at a time; extra concurrent replies will be "

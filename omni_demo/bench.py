@@ -3,9 +3,16 @@ same process, several repeats.
 
     python -m omni_demo.bench --model tiny --text-tokens 64 --audio-tokens 500
     python -m omni_demo.bench --random-full-size --device cuda     # 7B architecture, random weights
+    python -m omni_demo.bench --model tiny --conversation --text-tokens 32 --audio-tokens 100
 
 Random weights never stop on their own, so both lengths are forced (min = max). Prints a table
 and, last, one JSON line with `stream`, `reference` and `ratio` (stream / reference) objects.
+Every run computes its prompt from scratch, as the reference does (the conversation cache is off).
+
+`--conversation` instead plays a six-turn conversation (text, image, audio clip, video with its
+sound, text, text), each reply going into the history, once with the conversation cache off and
+once with it on, and prints each turn's time to first text and first audio (media reading and
+processing included) and how many prompt tokens the cache served.
 """
 
 from __future__ import annotations
@@ -18,18 +25,30 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import replace
 
 import psutil
 import torch
 
 from .cli import add_model_arguments, model_config, quiet_libraries
-from .config import DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, GenerationOptions, TINY_MODEL
+from .config import DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, TINY_MODEL, CacheConfig, GenerationOptions
+from .conversation import ASSETS
 from .errors import ModelLoadError
 from .events import Finished
 from .inputs import PreparedInputs, system_message
 
 METRICS = ("time_to_first_text_s", "time_to_first_audio_s", "total_s", "rtf", "peak_rss_mb", "peak_rss_growth_mb")
 PROMPT = "Tell me a long story about a robot who learns to sing, with many details."
+CONVERSATION = (  # (what the turn holds, its user content)
+    ("text", [{"type": "text", "text": "Hello! Who are you?"}]),
+    ("image", [{"type": "image", "image": str(ASSETS / "shapes.png")},
+               {"type": "text", "text": "What is in this picture?"}]),
+    ("audio", [{"type": "audio", "audio": str(ASSETS / "question.wav")}]),
+    ("video+sound", [{"type": "video", "video": str(ASSETS / "talking_shapes.mp4")},
+                     {"type": "text", "text": "And what happens in this video?"}]),
+    ("text", [{"type": "text", "text": "Which of them did you like best?"}]),
+    ("text", [{"type": "text", "text": "Tell me more about it."}]),
+)
 
 
 class PeakMemory:
@@ -225,6 +244,56 @@ def print_table(summary: dict, file=sys.stdout) -> None:
             print(f"{part.removesuffix('_step_ms'):<24}{cells}{extra}", file=file)
 
 
+def play_conversation(engine, options: GenerationOptions) -> list[dict]:
+    """The CONVERSATION turn by turn, each reply's text going into the history. -> per-turn stats."""
+    conversation, turns = [system_message(DEFAULT_SYSTEM_PROMPT)], []
+    for kind, content in CONVERSATION:
+        conversation = conversation + [{"role": "user", "content": content}]
+        finished = [e for e in engine.stream(conversation, options) if isinstance(e, Finished)][0]
+        stats = finished.stats
+        turns.append({"kind": kind, "prompt_tokens": stats.prompt_tokens, "reused_tokens": stats.reused_prompt_tokens,
+                      "time_to_first_text_s": stats.time_to_first_text_s,
+                      "time_to_first_audio_s": stats.time_to_first_audio_s, "text_tokens": stats.text_tokens})
+        conversation = conversation + [{"role": "assistant", "content": [{"type": "text", "text": finished.text}]}]
+    return turns
+
+
+def conversation_bench(loaded, args, options: GenerationOptions) -> dict:
+    """The conversation with the cache off, then on (a fresh engine each; a short cache-off pass
+    first warms up every media reader and encoder)."""
+    from .engine import OmniEngine
+
+    short = GenerationOptions(voice=args.voice, greedy=True, max_new_tokens=4, max_audio_tokens=30,
+                              use_audio_in_video=True)
+    play_conversation(OmniEngine(loaded, lean=args.lean, cache=CacheConfig(enabled=False)), short)
+    passes = {}
+    for name, cache in (("off", CacheConfig(enabled=False)), ("on", CacheConfig())):
+        engine = OmniEngine(loaded, lean=args.lean, cache=cache)
+        passes[name] = play_conversation(engine, options)
+        del engine
+        gc.collect()
+    first_audio = {name: [t["time_to_first_audio_s"] for t in turns] for name, turns in passes.items()}
+    return {
+        "turns": [{"kind": off["kind"], "prompt_tokens": off["prompt_tokens"], "reused_tokens": on["reused_tokens"],
+                   **{f"{key}_{name}": turn[key] for name, turn in (("off", off), ("on", on))
+                      for key in ("time_to_first_text_s", "time_to_first_audio_s")}}
+                  for off, on in zip(passes["off"], passes["on"])],
+        "last_vs_first_turn_first_audio": {name: times[-1] / times[0] for name, times in first_audio.items()},
+    }
+
+
+def print_conversation(result: dict, file=sys.stdout) -> None:
+    print(f"{'turn':<5}{'holds':<13}{'prompt':>7}{'cached':>8}{'first text off':>16}{'on':>8}"
+          f"{'first audio off':>17}{'on':>8}", file=file)
+    for index, turn in enumerate(result["turns"], 1):
+        times = [turn[f"time_to_first_{what}_s_{name}"] for what in ("text", "audio") for name in ("off", "on")]
+        cells = [f"{t:.3f}" if t is not None else "-" for t in times]
+        print(f"{index:<5}{turn['kind']:<13}{turn['prompt_tokens']:>7}{turn['reused_tokens']:>8}"
+              f"{cells[0]:>16}{cells[1]:>8}{cells[2]:>17}{cells[3]:>8}", file=file)
+    ratios = result["last_vs_first_turn_first_audio"]
+    print(f"first audio, last turn / first turn: cache off {ratios['off']:.2f}x, on {ratios['on']:.2f}x", file=file)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m omni_demo.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -238,6 +307,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--voice", default="Chelsie")
     parser.add_argument("--step-tokens", type=int, default=200, help="decode steps timed per step measurement")
+    parser.add_argument("--conversation", action="store_true",
+                        help="play a six-turn media conversation with the conversation cache off and on")
     return parser.parse_args(argv)
 
 
@@ -261,18 +332,26 @@ def main(argv=None) -> int:
     from .engine import OmniEngine
 
     args = parse_args(argv)
+    if args.conversation and args.random_full_size:
+        print("error: --conversation needs a model with its processor, not --random-full-size", file=sys.stderr)
+        return 2
     quiet_libraries()
     try:
         loaded, inputs = load_for_bench(args)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    engine = OmniEngine(loaded, lean=args.lean)
     options = GenerationOptions(
         voice=args.voice, greedy=True, seed=0,
         max_new_tokens=args.text_tokens, min_new_tokens=args.text_tokens,
         max_audio_tokens=args.audio_tokens, min_audio_tokens=args.audio_tokens,
     )
+    if args.conversation:
+        result = conversation_bench(loaded, args, replace(options, use_audio_in_video=True))
+        print_conversation(result)
+        print(json.dumps(result))
+        return 0
+    engine = OmniEngine(loaded, lean=args.lean, cache=CacheConfig(enabled=False))
     if inputs is None:
         messages = [system_message(DEFAULT_SYSTEM_PROMPT), {"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
         inputs = engine.prepare(messages, options)

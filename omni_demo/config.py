@@ -107,6 +107,20 @@ class GenerationOptions:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    """What the engine keeps between turns (omni_demo.prefix_cache, omni_demo.prompt.MediaCache)."""
+
+    enabled: bool = True  # False: every turn is computed from scratch
+    max_prefixes: int = 8  # conversation prefixes kept, each with its thinker and talker KV caches
+    max_prefix_mb: float = 4096.0  # all kept prefixes together (7B, bf16: ~0.11 MB per token)
+    max_media_mb: float = 1024.0  # processed media files and their encoder outputs
+
+    def __post_init__(self):
+        if self.max_prefixes < 1 or min(self.max_prefix_mb, self.max_media_mb) <= 0:
+            raise ValueError("cache sizes must be positive")
+
+
+@dataclass(frozen=True)
 class Limits:
     """What one request may ask of the server; over a limit the user is told which one and by how much."""
 

@@ -36,6 +36,10 @@ class PlainStep:
         """Continue from a prefill's DynamicCache; later positions are cache length + `rope_offset`."""
         self.cache, self.rope_offset = cache, rope_offset
 
+    def snapshot(self):
+        """The KV cache so far, as a DynamicCache of its own (this step's: it is not reused)."""
+        return self.cache
+
     @torch.inference_mode()
     def step(self, embeds: torch.Tensor) -> torch.Tensor:
         """embeds [1, 1, D] of the next token -> its last hidden state [1, 1, D] (final norm)."""
@@ -81,6 +85,11 @@ class LeanStep:
             self.keys[index, :, :, :length] = layer.keys
             self.values[index, :, :, :length] = layer.values
         self.length = cache.get_seq_length()
+
+    def snapshot(self):
+        """The KV cache so far, copied into a DynamicCache (the static one serves the next reply)."""
+        return kv_cache([(k[:, :, : self.length], v[:, :, : self.length]) for k, v in zip(self.keys, self.values)],
+                        self.stack.config)
 
     @torch.inference_mode()
     def step(self, embeds: torch.Tensor) -> torch.Tensor:
@@ -213,6 +222,16 @@ class _GraphStep:
         self.index.fill_(index)
         self.graph.replay()
         return self.output.clone()
+
+
+def kv_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config):
+    """A DynamicCache holding copies of (keys, values) per layer, each [1, kv_heads, T, head_dim]."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys.clone(), values.clone(), index)
+    return cache
 
 
 def graph_buckets(max_len: int, smallest: int = 512) -> list[int]:

@@ -13,6 +13,8 @@ from transformers import DynamicCache
 
 from .decode_step import LeanStep, PlainStep
 from .inputs import PreparedInputs
+from .prefix_cache import Prefix, PrefixCache, crop
+from .prompt import MediaItem, MediaSpan
 
 DecodeStep = PlainStep | LeanStep
 
@@ -33,6 +35,40 @@ def rope_index(model, input_ids: torch.Tensor, inputs: PreparedInputs) -> tuple[
     return positions, int(delta)
 
 
+def item_features(model, item: MediaItem) -> dict[int, torch.Tensor]:
+    """A media item's encoder outputs by placeholder token id, each [n, D]: computed once per item
+    (the item keeps them; see prompt.MediaCache). `model` is the thinker's multimodal model."""
+    if not item.features:
+        device = model.get_input_embeddings().weight.device
+        t = {name: value.to(device) for name, value in item.tensors.items()}
+        config = model.config
+        if "pixel_values" in t:
+            item.features[config.image_token_id] = model.get_image_features(
+                t["pixel_values"], t["image_grid_thw"]).pooler_output[0]
+        if "pixel_values_videos" in t:
+            item.features[config.video_token_id] = model.get_video_features(
+                t["pixel_values_videos"], t["video_grid_thw"]).pooler_output[0]
+        if "input_features" in t:
+            item.features[config.audio_token_id] = model.get_audio_features(
+                t["input_features"], feature_attention_mask=t["feature_attention_mask"]).last_hidden_state
+    return item.features
+
+
+def media_embeds(model, input_ids: torch.Tensor, start: int, media: list[MediaSpan]) -> torch.Tensor:
+    """Input embeddings of input_ids[:, start:] with each media item's encoder outputs in its
+    placeholders ([1, L - start, D]); items wholly before `start` are not encoded at all."""
+    ids = input_ids[0]
+    embeds = model.get_input_embeddings()(input_ids[:, start:])
+    for span in media:
+        if span.end <= start:
+            continue
+        for token_id, features in item_features(model, span.item).items():
+            where = (ids[span.start : span.end] == token_id).nonzero()[:, 0] + span.start
+            keep = where >= start
+            embeds[0, where[keep] - start] = features[keep].to(embeds.dtype)
+    return embeds
+
+
 class ThinkerDecoder:
     """Prompt (text and media) -> text tokens, one at a time."""
 
@@ -40,25 +76,32 @@ class ThinkerDecoder:
         self.thinker = thinker
         self.decode_step = decode_step
         self.embed = thinker.get_input_embeddings()
-        self.prompt_embeds = None  # [1, L, D] input embeddings after the multimodal merge
-        self.prompt_hidden = None  # [1, L, D] last-layer hidden states (after the final norm)
+        self.media_ids = [thinker.config.audio_token_index, thinker.config.image_token_index,
+                          thinker.config.video_token_index]
+        self.positions = None  # [3, L] the prompt's mRoPE positions
+        self.rope_delta = 0  # decode position minus cache length
+        self.prompt_states = None  # [1, L, D] what the talker's prefill reads: last hidden + input embedding
+        self.reused = 0  # prompt tokens whose state came from the conversation cache
+        self.prefix: Prefix | None = None  # the kept prefix they came from
 
     @torch.inference_mode()
-    def prefill(self, inputs: PreparedInputs) -> torch.Tensor:
-        """The whole prompt, media encoders included. -> logits of the first reply token [1, V]."""
-        t = inputs.tensors
-        positions, rope_delta = rope_index(self.thinker, t["input_ids"], inputs)
-        cache = DynamicCache(config=self.thinker.config.text_config)
-        out = self.thinker.model(
-            **{k: v for k, v in t.items() if k != "attention_mask"},
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            use_audio_in_video=inputs.use_audio_in_video,
-            output_hidden_states=True,
-        )
-        self.prompt_embeds, self.prompt_hidden = out.hidden_states[0], out.last_hidden_state
-        self.decode_step.load(cache, rope_delta)
+    def prefill(self, inputs: PreparedInputs, cache: PrefixCache | None = None) -> torch.Tensor:
+        """The prompt, media encoders included, from the longest prefix `cache` holds.
+        -> logits of the first reply token [1, V]."""
+        ids = inputs.input_ids
+        positions, self.rope_delta = rope_index(self.thinker, ids, inputs)
+        self.positions = positions[:, 0]
+        if cache is not None:
+            self.prefix, self.reused = cache.longest(ids[0].tolist(), self.positions, inputs.media)
+        reused, config = self.reused, self.thinker.config.text_config
+        kv = crop(self.prefix.thinker_kv, reused, config) if reused else DynamicCache(config=config)
+        embeds = media_embeds(self.thinker.model, ids, reused, inputs.media)
+        out = self.thinker.model.language_model(inputs_embeds=embeds, position_ids=positions[:, :, reused:],
+                                                past_key_values=kv, use_cache=True)
+        is_media = torch.isin(ids[:, reused:], torch.tensor(self.media_ids, device=ids.device)).unsqueeze(-1)
+        states = out.last_hidden_state + embeds.masked_fill(is_media, 0.0)  # media carry no text embedding
+        self.prompt_states = torch.cat([self.prefix.states[:, :reused], states], 1) if reused else states
+        self.decode_step.load(kv, self.rope_delta)
         return self.thinker.lm_head(out.last_hidden_state[:, -1])
 
     @torch.inference_mode()
@@ -82,6 +125,8 @@ class TalkerDecoder:
         self.text_start_token = model.config.talker_config.tts_text_start_token_id
         self.text_embed = model.thinker.get_input_embeddings()
         self.codec_embed = self.talker.get_input_embeddings()
+        self.positions = None  # [3, L] the talker's mRoPE positions over the prompt
+        self.cache = None  # the prefill's DynamicCache (the conversation cache keeps its prompt part)
 
     def prompt_codes(self, prompt_len: int) -> list[int]:
         """The codec ids `generate` puts under the prompt: what its repetition penalty sees."""
@@ -95,23 +140,31 @@ class TalkerDecoder:
     @torch.inference_mode()
     def prefill(self, inputs: PreparedInputs, thinker: ThinkerDecoder, speaker_bos: int, first_token: int,
                 first_reply_part: torch.Tensor) -> torch.Tensor:
-        """Prompt states, the speaker's bos and reply part 0 ([1, L + 2, D]). -> first codec logits [1, V]."""
+        """Prompt states, the speaker's bos and reply part 0 ([1, L + 2, D]), from the prompt
+        positions the thinker's reused prefix also covers for the talker. -> first codec logits [1, V]."""
         input_ids = inputs.input_ids
-        config = self.thinker_config
-        # Media placeholders carry no text embedding for the talker (upstream zeroes them too).
-        media_ids = [config.audio_token_index, config.image_token_index, config.video_token_index]
-        is_media = torch.isin(input_ids, torch.tensor(media_ids, device=input_ids.device))
-        prompt = thinker.prompt_hidden + thinker.prompt_embeds.masked_fill(is_media.unsqueeze(-1), 0.0)
-        embeds = torch.cat([prompt, self.text_embedding(speaker_bos), first_reply_part], dim=1)
+        embeds = torch.cat([thinker.prompt_states, self.text_embedding(speaker_bos), first_reply_part], dim=1)
         embeds[:, -1] += self.codec_embed.weight[self.talker.codec_bos_token]
         embeds[:, -2] += self.codec_embed.weight[self.talker.codec_pad_token]
         talker_ids = torch.cat([input_ids, input_ids.new_tensor([[speaker_bos, self._position_safe(first_token)]])], 1)
         positions, rope_delta = rope_index(self.talker, talker_ids, inputs)
-        cache = DynamicCache(config=self.talker.config)
-        out = self.talker.model(inputs_embeds=self.talker.thinker_to_talker_proj(embeds), position_ids=positions,
-                                past_key_values=cache, use_cache=True)
-        self.decode_step.load(cache, rope_delta)
+        self.positions = positions[:, 0, : input_ids.shape[1]]  # [3, L] over the prompt
+        reused = self._reusable(thinker)
+        config = self.talker.config
+        self.cache = crop(thinker.prefix.talker_kv, reused, config) if reused else DynamicCache(config=config)
+        out = self.talker.model(inputs_embeds=self.talker.thinker_to_talker_proj(embeds[:, reused:]),
+                                position_ids=positions[:, :, reused:], past_key_values=self.cache, use_cache=True)
+        self.decode_step.load(self.cache, rope_delta)
         return self.talker.codec_head(out.last_hidden_state[:, -1]).float()
+
+    def _reusable(self, thinker: ThinkerDecoder) -> int:
+        """Prompt positions whose talker KV the thinker's prefix holds: states and positions equal."""
+        prefix = thinker.prefix
+        if prefix is None or prefix.talker_kv is None:  # that turn never reached the talker
+            return 0
+        length = min(thinker.reused, prefix.talker_len)
+        differs = (prefix.talker_positions[:, :length] != self.positions[:, :length]).any(0).nonzero()
+        return int(differs[0]) if len(differs) else length
 
     def _position_safe(self, token: int) -> int:
         """A random thinker can open its reply with <|vision_bos|> or <|audio_bos|>; the position

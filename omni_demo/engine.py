@@ -17,13 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import SAMPLE_RATE, SAMPLES_PER_CODE, GenerationOptions, Limits, StreamingConfig
+from .config import SAMPLE_RATE, SAMPLES_PER_CODE, CacheConfig, GenerationOptions, Limits, StreamingConfig
 from .decode_step import LeanStep, PlainStep, graph_buckets
 from .decoders import DecodeStep, TalkerDecoder, ThinkerDecoder
 from .errors import EngineError, InputError
 from .events import ContextTrimmed, Event, Finished, Stats, TextDelta
 from .inputs import PreparedInputs, prepare_inputs
 from .loading import LoadedModel
+from .prefix_cache import Prefix, PrefixCache, crop
+from .prompt import MediaCache
 from .sampling import Sampler, token_id_list
 from .streams import SpeechStream, TextDetokenizer, TextStream
 from .token2wav import StreamingToken2Wav
@@ -62,7 +64,7 @@ class OmniEngine:
     """Owns the loaded model; `stream` serves one request at a time."""
 
     def __init__(self, loaded: LoadedModel, streaming: StreamingConfig | None = None, limits: Limits | None = None,
-                 lean: bool = True):
+                 lean: bool = True, cache: CacheConfig | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
@@ -73,6 +75,11 @@ class OmniEngine:
         if loaded.has_talker:
             self.stacks["talker"] = self.model.talker.model
         self.lean_steps: dict[str, LeanStep] = self._make_lean_steps() if lean else {}
+        cache = cache or CacheConfig()
+        self.prefix_cache = self.media_cache = None  # the conversation cache: what later turns reuse
+        if cache.enabled:
+            self.prefix_cache = PrefixCache(cache.max_prefixes, int(cache.max_prefix_mb * 2**20))
+            self.media_cache = MediaCache(int(cache.max_media_mb * 2**20))
         self.thinker_eos = token_id_list(self.model.thinker.generation_config.eos_token_id)
         if loaded.has_talker:
             talker = self.model.talker
@@ -165,7 +172,7 @@ class OmniEngine:
     def prepare(self, messages, options: GenerationOptions) -> PreparedInputs:
         self._check(options)
         return prepare_inputs(self.processor, messages, use_audio_in_video=options.use_audio_in_video,
-                              device=self.loaded.device, limits=self.limits)
+                              device=self.loaded.device, limits=self.limits, media_cache=self.media_cache)
 
     def prompt_limit(self, options: GenerationOptions) -> int:
         """Longest prompt that leaves room for the reply in the thinker's (and talker's) window."""
@@ -256,13 +263,16 @@ class OmniEngine:
             if speech is not None and speech.ready and (chunk := speech.step()):
                 clock.mark("audio")
                 yield chunk
+        if self.prefix_cache is not None:
+            self._remember(inputs, text, speech)
         yield self._finished(inputs, text, speech, "cancelled" if cancelled else text.stop_reason, clock)
 
     def _text_stream(self, inputs: PreparedInputs, options: GenerationOptions) -> TextStream:
         decoder = ThinkerDecoder(self.model.thinker, self.decode_step("thinker"))
         return TextStream(decoder, self._thinker_sampler(options, inputs.prompt_len),
                           TextDetokenizer(self.processor.tokenizer), inputs,
-                          max_new_tokens=options.max_new_tokens, eos=self.thinker_eos, speech=options.speech)
+                          max_new_tokens=options.max_new_tokens, eos=self.thinker_eos, speech=options.speech,
+                          prefix_cache=self.prefix_cache)
 
     def _speech_stream(self, inputs: PreparedInputs, options: GenerationOptions, text: TextStream) -> SpeechStream:
         speaker = self.model.speaker_map[options.voice]
@@ -274,6 +284,32 @@ class OmniEngine:
             inputs=inputs, text=text, speaker_bos=speaker["bos_token"], eos=self.talker_eos,
             max_codes=options.max_audio_tokens,
         )
+
+    def _remember(self, inputs: PreparedInputs, text: TextStream, speech: SpeechStream | None) -> None:
+        """Keep this turn's prompt and fed reply tokens in the conversation cache."""
+        thinker, fed = text.decoder, len(text.reply_parts)
+        prompt_len, device = inputs.prompt_len, thinker.positions.device
+        decode_positions = (torch.arange(prompt_len, prompt_len + fed, device=device) + thinker.rope_delta).expand(3, -1)
+        prefix, talker_config = thinker.prefix, self.model.config.talker_config
+        if speech is not None and speech.talker.cache is not None:
+            talker_kv, talker_positions = crop(speech.talker.cache, prompt_len, talker_config), speech.talker.positions
+        elif prefix is not None and 0 < prefix.talker_len <= thinker.reused:  # still true of this prompt
+            talker_kv, talker_positions = prefix.talker_kv, prefix.talker_positions
+        else:
+            talker_kv = talker_positions = None
+        self.prefix_cache.add(
+            Prefix(
+                token_ids=inputs.input_ids[0].tolist() + text.token_ids[:fed],
+                positions=torch.cat([thinker.positions, decode_positions], 1),
+                media={span.start: span.item.key for span in inputs.media},
+                thinker_kv=thinker.decode_step.snapshot(),
+                states=torch.cat([thinker.prompt_states, *text.reply_parts], 1),
+                talker_kv=talker_kv,
+                talker_positions=talker_positions,
+            ),
+            replaces=prefix if prefix is not None and thinker.reused == len(prefix.token_ids) else None,
+        )
+        self.media_cache.trim()  # the turn may have added encoder outputs to its items
 
     def _finished(self, inputs: PreparedInputs, text: TextStream, speech: SpeechStream | None, stop_reason: str,
                   clock: _Clock) -> Finished:
@@ -288,6 +324,7 @@ class OmniEngine:
             audio_s=audio_s,
             rtf=total / audio_s if audio_s else None,
             prompt_tokens=inputs.prompt_len,
+            reused_prompt_tokens=text.decoder.reused,
             text_tokens=len(token_ids),
             audio_tokens=len(codes),
         )

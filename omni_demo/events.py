@@ -35,6 +35,7 @@ class Stats:
     audio_s: float  # seconds of speech produced
     rtf: float | None  # total_s / audio_s (below 1: faster than real time)
     prompt_tokens: int
+    reused_prompt_tokens: int  # of them, served from the conversation cache (not prefilled again)
     text_tokens: int
     audio_tokens: int
 

@@ -17,6 +17,7 @@ import torch
 from .decoders import TalkerDecoder, ThinkerDecoder
 from .events import AudioChunk
 from .inputs import PreparedInputs
+from .prefix_cache import PrefixCache
 from .sampling import Sampler
 from .token2wav import StreamingToken2Wav
 
@@ -64,13 +65,15 @@ class TextStream:
     forward pass), so the token's text can be shown before the forward pass runs."""
 
     def __init__(self, decoder: ThinkerDecoder, sampler: Sampler, detokenizer: TextDetokenizer,
-                 inputs: PreparedInputs, *, max_new_tokens: int, eos: list[int], speech: bool):
+                 inputs: PreparedInputs, *, max_new_tokens: int, eos: list[int], speech: bool,
+                 prefix_cache: PrefixCache | None = None):
         self.decoder, self.sampler, self.detokenizer = decoder, sampler, detokenizer
         self.prompt_len, self.max_new_tokens, self.eos = inputs.prompt_len, max_new_tokens, eos
         self.speech = speech  # the talker needs at least one reply part, even from a one-token reply
         self.tokens = TokenBuffer(inputs.input_ids, self.prompt_len + max_new_tokens)  # prompt + reply
-        self.logits = decoder.prefill(inputs)  # [1, V]: the next token's
+        self.logits = decoder.prefill(inputs, prefix_cache)  # [1, V]: the next token's
         self.token: torch.Tensor | None = None  # [1] on the device: sampled, not yet fed
+        self.reply_parts: list[torch.Tensor] = []  # [1, 1, D] of each token fed, in order
         self.done = False
         self.stop_reason: str | None = None  # "eos" or "length", once done
 
@@ -102,6 +105,7 @@ class TextStream:
         if self.done and not lone_token:
             return None
         self.logits, reply_part = self.decoder.step(self.token)
+        self.reply_parts.append(reply_part)
         return reply_part
 
 

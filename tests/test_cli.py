@@ -80,3 +80,23 @@ def test_bench_on_a_machine_without_cuda_says_so_in_one_line(tiny_dir):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: device 'cuda' was requested but CUDA is not available here; use --device cpu"]
+
+
+def test_bench_conversation_mode_reuses_earlier_turns(tiny_dir):
+    result = omni("omni_demo.bench", "--model", "tiny", "--conversation", "--text-tokens", "6",
+                  "--audio-tokens", "30", timeout=600)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    turns = summary["turns"]
+    assert [t["kind"] for t in turns] == ["text", "image", "audio", "video+sound", "text", "text"]
+    assert turns[0]["reused_tokens"] == 0
+    for previous, turn in zip(turns, turns[1:]):
+        assert turn["prompt_tokens"] > previous["prompt_tokens"]
+        assert turn["reused_tokens"] >= previous["prompt_tokens"]  # the whole previous prompt, at least
+        for key in ("time_to_first_text_s_off", "time_to_first_audio_s_off", "time_to_first_text_s_on",
+                    "time_to_first_audio_s_on"):
+            assert turn[key] > 0
+    assert set(summary["last_vs_first_turn_first_audio"]) == {"off", "on"}
+    assert "first audio, last turn / first turn" in result.stdout
+    result = omni("omni_demo.bench", "--conversation", "--random-full-size", timeout=120)
+    assert result.returncode == 2 and "--conversation needs a model with its processor" in result.stderr
