@@ -11,8 +11,8 @@ Every run computes its prompt from scratch, as the reference does (the conversat
 
 `--conversation` instead plays a six-turn conversation (text, image, audio clip, video with its
 sound, text, text), each reply going into the history, once with the conversation cache off and
-once with it on, and prints each turn's time to first text and first audio (media reading and
-processing included) and how many prompt tokens the cache served.
+once with it on (`--repeats` times each, medians), and prints each turn's time to first text and
+first audio (media reading and processing included) and how many prompt tokens the cache served.
 """
 
 from __future__ import annotations
@@ -259,26 +259,35 @@ def play_conversation(engine, options: GenerationOptions) -> list[dict]:
 
 
 def conversation_bench(loaded, args, options: GenerationOptions) -> dict:
-    """The conversation with the cache off, then on (a fresh engine each; a short cache-off pass
-    first warms up every media reader and encoder)."""
+    """The conversation with the cache off, then on, `args.repeats` times each, a fresh engine
+    each time; per-turn medians. A short cache-off pass first warms up every media reader and encoder."""
     from .engine import OmniEngine
 
     short = GenerationOptions(voice=args.voice, greedy=True, max_new_tokens=4, max_audio_tokens=30,
                               use_audio_in_video=True)
     play_conversation(OmniEngine(loaded, lean=args.lean, cache=CacheConfig(enabled=False)), short)
-    passes = {}
-    for name, cache in (("off", CacheConfig(enabled=False)), ("on", CacheConfig())):
-        engine = OmniEngine(loaded, lean=args.lean, cache=cache)
-        passes[name] = play_conversation(engine, options)
-        del engine
-        gc.collect()
-    first_audio = {name: [t["time_to_first_audio_s"] for t in turns] for name, turns in passes.items()}
+    passes = {"off": [], "on": []}
+    for repeat in range(args.repeats):
+        for name, cache in (("off", CacheConfig(enabled=False)), ("on", CacheConfig())):
+            engine = OmniEngine(loaded, lean=args.lean, cache=cache)
+            passes[name].append(play_conversation(engine, options))
+            del engine
+            gc.collect()
+        print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
+    turns = []
+    for index, (kind, _) in enumerate(CONVERSATION):
+        plays = {name: [turns_[index] for turns_ in runs] for name, runs in passes.items()}
+        turn = {"kind": kind, "prompt_tokens": plays["off"][0]["prompt_tokens"],
+                "reused_tokens": plays["on"][0]["reused_tokens"]}
+        for name in ("off", "on"):
+            for key in ("time_to_first_text_s", "time_to_first_audio_s"):
+                turn[f"{key}_{name}"] = median(plays[name], key)
+        turns.append(turn)
     return {
-        "turns": [{"kind": off["kind"], "prompt_tokens": off["prompt_tokens"], "reused_tokens": on["reused_tokens"],
-                   **{f"{key}_{name}": turn[key] for name, turn in (("off", off), ("on", on))
-                      for key in ("time_to_first_text_s", "time_to_first_audio_s")}}
-                  for off, on in zip(passes["off"], passes["on"])],
-        "last_vs_first_turn_first_audio": {name: times[-1] / times[0] for name, times in first_audio.items()},
+        "turns": turns,
+        "last_vs_first_turn_first_audio": {name: turns[-1][f"time_to_first_audio_s_{name}"]
+                                           / turns[0][f"time_to_first_audio_s_{name}"] for name in ("off", "on")},
+        "repeats": args.repeats,
     }
 
 
