@@ -83,8 +83,8 @@ def test_bench_on_a_machine_without_cuda_says_so_in_one_line(tiny_dir):
 
 
 def test_bench_conversation_mode_reuses_earlier_turns(tiny_dir):
-    result = omni("omni_demo.bench", "--model", "tiny", "--conversation", "--text-tokens", "6",
-                  "--audio-tokens", "30", timeout=600)
+    result = omni("omni_demo.bench", "--model", "tiny", "--conversation", "--repeats", "1",
+                  "--text-tokens", "6", "--audio-tokens", "30", timeout=600)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     turns = summary["turns"]
