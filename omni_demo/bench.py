@@ -12,7 +12,9 @@ Every run computes its prompt from scratch, as the reference does (the conversat
 `--conversation` instead plays a six-turn conversation (text, image, audio clip, video with its
 sound, text, text), each reply going into the history, once with the conversation cache off and
 once with it on (`--repeats` times each, medians), and prints each turn's time to first text and
-first audio (media reading and processing included) and how many prompt tokens the cache served.
+first audio (media reading and processing included) and how many prompt tokens the cache served;
+then a `--utterance-s` spoken turn fed in real time, from the end of speech to the first text and
+audio, with the clip processed whole at the end or heard while it is spoken (omni_demo.listening).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from .cli import add_model_arguments, model_config, quiet_libraries
 from .config import DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, TINY_MODEL, CacheConfig, GenerationOptions
 from .conversation import ASSETS
 from .errors import ModelLoadError
-from .events import Finished
+from .events import AudioChunk, Finished, TextDelta
 from .inputs import PreparedInputs, system_message
 
 METRICS = ("time_to_first_text_s", "time_to_first_audio_s", "total_s", "rtf", "peak_rss_mb", "peak_rss_growth_mb")
@@ -244,6 +246,17 @@ def print_table(summary: dict, file=sys.stdout) -> None:
             print(f"{part.removesuffix('_step_ms'):<24}{cells}{extra}", file=file)
 
 
+def utterance(seconds: float, noise: float = 3e-3, seed: int = 0):
+    """assets/question.wav repeated to `seconds` at 16 kHz, over a microphone-like noise floor
+    (seeded): what a spoken turn sounds like to the engine."""
+    import librosa
+    import numpy as np
+
+    speech, _ = librosa.load(ASSETS / "question.wav", sr=16_000)
+    clip = np.resize(speech, int(seconds * 16_000))
+    return (clip + np.random.default_rng(seed).normal(0.0, noise, len(clip))).astype(np.float32)
+
+
 def play_conversation(engine, options: GenerationOptions) -> list[dict]:
     """The CONVERSATION turn by turn, each reply's text going into the history. -> per-turn stats."""
     conversation, turns = [system_message(DEFAULT_SYSTEM_PROMPT)], []
@@ -291,6 +304,52 @@ def conversation_bench(loaded, args, options: GenerationOptions) -> dict:
     }
 
 
+def spoken_turn(engine, options: GenerationOptions, seconds: float, listen: bool) -> dict:
+    """A text turn, then a `seconds` long spoken turn fed in 0.1 s chunks in real time, heard as
+    it arrives or processed whole at its end. -> times from the end of speech."""
+    history = [system_message(DEFAULT_SYSTEM_PROMPT), {"role": "user", "content": "Hi"}]
+    reply = [e for e in engine.stream(history, options) if isinstance(e, Finished)][0]
+    history.append({"role": "assistant", "content": reply.text})
+    clip, chunk = utterance(seconds), 1600
+    listener = engine.listen(history) if listen else None
+    start = time.perf_counter()
+    for index in range(0, len(clip), chunk):
+        time.sleep(max(0.0, start + index / 16_000 - time.perf_counter()))  # the microphone's pace
+        if listener is not None:
+            listener.feed_audio(clip[index : index + chunk])
+    time.sleep(max(0.0, start + len(clip) / 16_000 - time.perf_counter()))
+    end_of_speech = time.perf_counter()
+    if listener is not None:
+        messages = listener.end_turn()
+    else:
+        messages = history + [{"role": "user", "content": [{"type": "audio", "audio": clip}]}]
+    first_text = first_audio = None
+    for event in engine.stream(messages, options):
+        if first_text is None and isinstance(event, TextDelta):
+            first_text = time.perf_counter() - end_of_speech
+        if isinstance(event, AudioChunk):
+            first_audio = time.perf_counter() - end_of_speech
+            break
+    return {"first_text_s": first_text, "first_audio_s": first_audio,
+            "windows_kept": listener.windows_kept if listener is not None else 0}
+
+
+def listening_bench(loaded, args, options: GenerationOptions) -> dict:
+    """End of speech -> first text and audio of a spoken turn, listening off and on; medians."""
+    from .engine import OmniEngine
+
+    runs = {"off": [], "on": []}
+    for _ in range(args.repeats):
+        for name in runs:
+            runs[name].append(spoken_turn(OmniEngine(loaded, lean=args.lean), options, args.utterance_s, name == "on"))
+            gc.collect()
+    result = {name: {key: median(turns, key) for key in ("first_text_s", "first_audio_s")} for name, turns in runs.items()}
+    result["on"]["windows_kept"] = min(turn["windows_kept"] for turn in runs["on"])
+    result["utterance_s"] = args.utterance_s
+    result["speed_up_first_audio"] = result["off"]["first_audio_s"] / result["on"]["first_audio_s"]
+    return result
+
+
 def print_conversation(result: dict, file=sys.stdout) -> None:
     print(f"{'turn':<5}{'holds':<13}{'prompt':>7}{'cached':>8}{'first text off':>16}{'on':>8}"
           f"{'first audio off':>17}{'on':>8}", file=file)
@@ -301,6 +360,12 @@ def print_conversation(result: dict, file=sys.stdout) -> None:
               f"{cells[0]:>16}{cells[1]:>8}{cells[2]:>17}{cells[3]:>8}", file=file)
     ratios = result["last_vs_first_turn_first_audio"]
     print(f"first audio, last turn / first turn: cache off {ratios['off']:.2f}x, on {ratios['on']:.2f}x", file=file)
+    spoken = result["spoken"]
+    print(f"\na {spoken['utterance_s']:.0f} s spoken turn fed in real time, from the end of speech:", file=file)
+    for name, label in (("off", "processed whole at the end"), ("on", "heard while spoken")):
+        print(f"  {label:<28} first text {spoken[name]['first_text_s']:.3f} s, "
+              f"first audio {spoken[name]['first_audio_s']:.3f} s", file=file)
+    print(f"  listening: first audio {spoken['speed_up_first_audio']:.1f}x sooner", file=file)
 
 
 def parse_args(argv=None):
@@ -317,7 +382,9 @@ def parse_args(argv=None):
     parser.add_argument("--voice", default="Chelsie")
     parser.add_argument("--step-tokens", type=int, default=200, help="decode steps timed per step measurement")
     parser.add_argument("--conversation", action="store_true",
-                        help="play a six-turn media conversation with the conversation cache off and on")
+                        help="play a six-turn media conversation with the conversation cache off and on, "
+                             "then a spoken turn fed in real time, listening off and on")
+    parser.add_argument("--utterance-s", type=float, default=10.0, help="the spoken turn's length (--conversation)")
     return parser.parse_args(argv)
 
 
@@ -357,6 +424,7 @@ def main(argv=None) -> int:
     )
     if args.conversation:
         result = conversation_bench(loaded, args, replace(options, use_audio_in_video=True))
+        result["spoken"] = listening_bench(loaded, args, options)
         print_conversation(result)
         print(json.dumps(result))
         return 0

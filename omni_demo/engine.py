@@ -174,6 +174,13 @@ class OmniEngine:
         return prepare_inputs(self.processor, messages, use_audio_in_video=options.use_audio_in_video,
                               device=self.loaded.device, limits=self.limits, media_cache=self.media_cache)
 
+    def listen(self, history: list[dict], use_audio_in_video: bool = False):
+        """A Listener for the next user turn, spoken: it encodes and prefills the audio while it
+        arrives (omni_demo.listening). `history` is the conversation before this turn."""
+        from .listening import Listener
+
+        return Listener(self, history, use_audio_in_video)
+
     def prompt_limit(self, options: GenerationOptions) -> int:
         """Longest prompt that leaves room for the reply in the thinker's (and talker's) window."""
         config = self.model.config
@@ -301,7 +308,7 @@ class OmniEngine:
             Prefix(
                 token_ids=inputs.input_ids[0].tolist() + text.token_ids[:fed],
                 positions=torch.cat([thinker.positions, decode_positions], 1),
-                media={span.start: span.item.key for span in inputs.media},
+                media={span.start: span.item.segments for span in inputs.media},
                 thinker_kv=thinker.decode_step.snapshot(),
                 states=torch.cat([thinker.prompt_states, *text.reply_parts], 1),
                 talker_kv=talker_kv,

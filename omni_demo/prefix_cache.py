@@ -20,14 +20,14 @@ from dataclasses import dataclass
 import torch
 
 from .decode_step import kv_cache
-from .prompt import MediaSpan
+from .prompt import MediaSpan, agreeing_tokens
 
 
 @dataclass
 class Prefix:
     token_ids: list[int]  # T: the prompt, then the reply tokens fed to the thinker
     positions: torch.Tensor  # [3, T] mRoPE positions
-    media: dict[int, str]  # first token of each media item -> its content key
+    media: dict[int, list[tuple[str, int]]]  # first token of each media item -> its segments
     thinker_kv: object  # DynamicCache over T positions
     states: torch.Tensor  # [1, T, D] talker prefill input per position
     talker_kv: object | None  # DynamicCache over the first `talker_len` positions (None: no talker ran)
@@ -51,8 +51,10 @@ class Prefix:
                 break
             length += 1
         for span in media:  # equal placeholder ids say nothing about equal pictures
-            if span.start < length and self.media.get(span.start) != span.item.key:
-                length = span.start
+            if span.start < length:
+                agreeing = agreeing_tokens(self.media.get(span.start, []), span.item.segments)
+                if agreeing is not None:
+                    length = min(length, span.start + agreeing)
         differs = (self.positions[:, :length] != positions[:, :length]).any(0).nonzero()
         return int(differs[0]) if len(differs) else length
 

@@ -32,7 +32,15 @@ class MediaItem:
     key: str  # content digest of the file and how it was read (see media_key)
     token_ids: list[int]  # its placeholder as the processor expands it
     tensors: dict[str, torch.Tensor]  # its processor output (pixel_values, input_features, ...), on the CPU
-    features: dict[str, torch.Tensor] = field(default_factory=dict)  # encoder outputs by modality, [n, D]
+    features: dict[int, torch.Tensor] = field(default_factory=dict)  # encoder outputs by placeholder id, [n, D]
+    # What its tokens were computed from, as (digest, tokens) runs covering token_ids: one run for
+    # a file processed whole; one per audio-encoder window for a clip heard while it was spoken
+    # (omni_demo.listening). Two items agree on their leading tokens as far as their runs agree.
+    segments: list[tuple[str, int]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.segments:
+            self.segments = [(self.key, len(self.token_ids))]
 
     @property
     def nbytes(self) -> int:
@@ -45,6 +53,18 @@ class MediaSpan:
     item: MediaItem
     start: int  # its first token in input_ids
     end: int  # one past its last token
+
+
+def agreeing_tokens(ours: list[tuple[str, int]], theirs: list[tuple[str, int]]) -> int | None:
+    """Leading tokens two items' segments computed identically; None when they agree throughout."""
+    if ours == theirs:
+        return None
+    tokens = 0
+    for mine, other in zip(ours, theirs):
+        if mine != other:
+            break
+        tokens += mine[1]
+    return tokens
 
 
 class MediaCache:

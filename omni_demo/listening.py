@@ -1,0 +1,207 @@
+"""Listening while the user speaks: a spoken turn's audio encoded and prefilled as it arrives.
+
+Qwen2.5-Omni's audio encoder cuts its log-mel input into windows of `2 * n_window` frames (2 s)
+and attends within each window only, so a window's encoder output depends on that window's
+frames alone. A `Listener` therefore encodes each window as soon as its last frame can no longer
+change, and prefills the thinker over the conversation so far plus the audio tokens of every
+finished window, keeping the result in the engine's conversation cache. When the turn ends only
+the last window and the assistant prefix remain; the reply then starts from the cache:
+
+    listener = engine.listen(history)           # history: the conversation before this turn
+    for pcm in microphone:                      # float32 mono at 16 kHz, any chunk size
+        listener.feed_audio(pcm)
+    messages = listener.end_turn()              # history + the user turn, its audio an array
+    for event in engine.stream(messages, options): ...
+
+Whisper-style log-mel features are clamped at the clip's maximum minus 8 (log10 units), and a
+window encoded early knows only the maximum so far: when a later part of the clip is louder
+than everything before it, the quietest frames of earlier windows change (digital silence does;
+a microphone's noise floor, far above the clamp, does not). `end_turn` therefore compares every
+window heard with the whole clip's features and keeps only the leading windows that are
+identical; from the first that is not, the clip is encoded and prefilled again.
+
+A window encoded alone equals its part of the whole-clip encoding up to float rounding (matmul
+blocking depends on the shapes; the difference is around 1e-6 of the values), so a reply after
+listening is the reply to the clip processed whole wherever greedy decoding is not balanced on
+a knife's edge: in tests/test_listening.py it is the same token for token and code for code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .decoders import ThinkerDecoder
+from .errors import InputError
+from .inputs import PreparedInputs, media_items, normalize_conversation
+from .prefix_cache import Prefix
+from .prompt import MediaItem, build_prompt, join_tensors, media_key
+
+SAMPLE_RATE = 16_000  # what the feature extractor reads
+BUSY_WAIT_S = 30.0  # end_turn waits this long for another reply to let go of the model
+
+
+@dataclass
+class Window:
+    """One audio-encoder window, encoded while the clip was still arriving."""
+
+    digest: str  # of every sample heard when it was computed
+    frames: torch.Tensor  # [128, 200] its log-mel features then
+    output: torch.Tensor  # [50, D] its encoder output
+
+
+class Listener:
+    """One spoken user turn, heard as it arrives. Made by `OmniEngine.listen`."""
+
+    def __init__(self, engine, history: list[dict], use_audio_in_video: bool = False):
+        if engine.prefix_cache is None:
+            raise ValueError("listening needs the engine's conversation cache (CacheConfig(enabled=True))")
+        self.engine = engine
+        self.processor = engine.processor
+        placeholder_turn = {"role": "user", "content": "…"}  # the spoken turn to come
+        self.history = normalize_conversation([*history, placeholder_turn])[:-1]
+        self.use_audio_in_video = use_audio_in_video
+        audio = engine.model.config.thinker_config.audio_config
+        self.extractor = self.processor.feature_extractor
+        self.hop = self.extractor.hop_length  # 160 samples: one log-mel frame
+        self.window_frames = 2 * audio.n_window  # 200 frames: 2 s, one encoder window
+        self.audio_token = engine.model.config.thinker_config.audio_token_index
+        self.samples = np.zeros(0, np.float32)
+        self.windows: list[Window] = []  # the windows finished and encoded so far
+        self.history_items: list[MediaItem] | None = None
+        self.windows_kept = 0  # after end_turn: leading windows whose features the whole clip confirmed
+        self.history_has_video = any(part["type"] == "video" for message in self.history for part in message["content"])
+
+    @property
+    def heard_s(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
+
+    def feed_audio(self, pcm: np.ndarray) -> None:
+        """Append float32 mono 16 kHz samples; encode and prefill every window they finish. When
+        another reply holds the model, the work waits for the next call (or `end_turn`)."""
+        pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        limit = self.engine.limits.max_audio_s
+        if (len(self.samples) + len(pcm)) / SAMPLE_RATE > limit:
+            raise InputError(f"this turn's audio is over {limit:.0f} s long; the limit is {limit:.0f} s")
+        self.samples = np.concatenate([self.samples, pcm])
+        if self._finished_windows() > len(self.windows) and self.engine._busy.acquire(blocking=False):
+            try:
+                self._catch_up()
+            finally:
+                self.engine._busy.release()
+
+    def end_turn(self) -> list[dict]:
+        """The turn is over: the conversation to reply to, its last user turn this clip (an array
+        part whose processed item, made of the windows heard, is in the engine's media cache)."""
+        if not len(self.samples):
+            raise InputError("no audio was heard in this turn")
+        part = {"type": "audio", "audio": self.samples}
+        if self.windows and self.engine._busy.acquire(timeout=BUSY_WAIT_S):  # else: processed whole, as ever
+            try:
+                self.engine.media_cache.put(self._whole_item(part))
+            finally:
+                self.engine._busy.release()
+        return self.history + [{"role": "user", "content": [part]}]
+
+    # -- windows ----------------------------------------------------------------------------
+
+    def _finished_windows(self) -> int:
+        """Windows whose frames are final: every sample a frame's STFT reads (n_fft / 2 on each
+        side of its centre) has arrived. The last window is left for end_turn."""
+        reach = self.extractor.n_fft // 2
+        final_frames = max(0, (len(self.samples) - reach) // self.hop)
+        return final_frames // self.window_frames
+
+    def _log_mel(self, samples: np.ndarray) -> torch.Tensor:
+        """[128, frames] normalized log-mel features, as the processor computes them."""
+        padded = np.concatenate([samples, np.zeros(self.extractor.n_fft, np.float32)])  # zeros, as past a clip's end
+        out = self.extractor(padded, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="longest")
+        return out["input_features"][0]
+
+    def _encode(self, features: torch.Tensor) -> torch.Tensor:
+        """[128, frames] (one window or less) -> audio encoder output [tokens, D]."""
+        thinker = self.engine.model.thinker.model
+        device = thinker.get_input_embeddings().weight.device
+        mask = torch.ones(1, features.shape[1], dtype=torch.long, device=device)
+        with torch.inference_mode():
+            return thinker.get_audio_features(features[None].to(device), feature_attention_mask=mask).last_hidden_state
+
+    def _catch_up(self) -> None:
+        """Encode the newly finished windows, then prefill the thinker through their tokens."""
+        finished = self._finished_windows()
+        features = self._log_mel(self.samples)
+        digest = hashlib.sha256(self.samples.tobytes()).hexdigest()
+        for index in range(len(self.windows), finished):
+            frames = features[:, index * self.window_frames : (index + 1) * self.window_frames]
+            self.windows.append(Window(f"heard:{digest}:{index}", frames, self._encode(frames)))
+        self._prefill(self._partial_item())
+
+    def _partial_item(self) -> MediaItem:
+        """The finished windows as one audio item (its tensors carry only what positions need)."""
+        features = torch.cat([window.output for window in self.windows])
+        frames = len(self.windows) * self.window_frames
+        return MediaItem(
+            key=self.windows[-1].digest,
+            token_ids=[self.audio_token] * len(features),
+            tensors={"feature_attention_mask": torch.ones(1, frames, dtype=torch.long)},
+            features={self.audio_token: features},
+            segments=[(window.digest, len(window.output)) for window in self.windows],
+        )
+
+    def _whole_item(self, part: dict) -> MediaItem:
+        """The clip as the processor would read it, its encoder output taken from the windows
+        heard as long as their features equal the whole clip's, and computed for the rest. (The
+        processor itself would pad the clip to 300 s first; the valid frames are the same.)"""
+        key = media_key(part, with_audio=False)
+        frames = -(-len(self.samples) // self.hop)  # the processor's feature_attention_mask counts these
+        features = self._log_mel(self.samples)[:, :frames]
+        kept = []
+        for index, window in enumerate(self.windows):
+            if not torch.equal(window.frames, features[:, index * self.window_frames : (index + 1) * self.window_frames]):
+                break
+            kept.append(window)
+        self.windows_kept = len(kept)
+        outputs, segments = [w.output for w in kept], [(w.digest, len(w.output)) for w in kept]
+        done = len(kept) * self.window_frames
+        if done < frames:
+            rest = self._encode(features[:, done:])
+            outputs.append(rest)
+            segments.append((f"{key}:from-frame-{done}", len(rest)))
+        encoded = torch.cat(outputs)
+        mask = torch.zeros(1, self.extractor.nb_max_frames, dtype=torch.long)
+        mask[0, :frames] = 1
+        # Without input_features: the encoder outputs are here, and nothing else reads them.
+        return MediaItem(key, [self.audio_token] * len(encoded), {"feature_attention_mask": mask},
+                         {self.audio_token: encoded}, segments)
+
+    # -- prefill ----------------------------------------------------------------------------
+
+    def _prefill(self, item: MediaItem) -> None:
+        """Prefill the history and the item's tokens through the cache; keep the result there."""
+        engine = self.engine
+        if self.history_items is None:
+            self.history_items = media_items(self.processor, self.history, self.use_audio_in_video,
+                                             engine.media_cache)
+        messages = self.history + [{"role": "user", "content": [{"type": "audio", "audio": "heard so far"}]}]
+        ids, spans = build_prompt(self.processor, messages, [*self.history_items, item])
+        ids = ids[: spans[-1].end]  # up to the last audio token heard
+        items = [span.item for span in spans]
+        input_ids = torch.tensor([ids], device=engine.loaded.device)
+        tensors = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                   **{name: value.to(engine.loaded.device) for name, value in join_tensors(items).items()}}
+        inputs = PreparedInputs(tensors, messages, self.use_audio_in_video and self.history_has_video, spans)
+        thinker = ThinkerDecoder(engine.model.thinker, engine.decode_step("thinker", lean=False))
+        thinker.prefill(inputs, engine.prefix_cache)
+        previous = thinker.prefix
+        talker_kv = talker_positions = None  # the talker's KV over the history, when the reused prefix had it
+        if previous is not None and 0 < previous.talker_len <= thinker.reused:
+            talker_kv, talker_positions = previous.talker_kv, previous.talker_positions
+        engine.prefix_cache.add(
+            Prefix(token_ids=ids, positions=thinker.positions, media={s.start: s.item.segments for s in spans},
+                   thinker_kv=thinker.decode_step.snapshot(), states=thinker.prompt_states,
+                   talker_kv=talker_kv, talker_positions=talker_positions),
+            replaces=previous if previous is not None and thinker.reused == len(previous.token_ids) else None,
+        )

@@ -1,0 +1,125 @@
+"""Listening while the user speaks: a spoken turn's audio is encoded and prefilled window by
+window as it arrives, and the greedy reply is token for token and code for code the reply to the
+same clip processed whole, whatever the clip's loudness does."""
+
+import numpy as np
+import pytest
+
+from omni_demo.bench import utterance
+from omni_demo.config import CacheConfig, GenerationOptions, Limits
+from omni_demo.engine import OmniEngine
+from omni_demo.errors import InputError
+from omni_demo.events import Finished
+from omni_demo.inputs import system_message
+
+OPTIONS = GenerationOptions(greedy=True, max_new_tokens=12, max_audio_tokens=30)
+CHUNK = 1600  # 0.1 s, as a browser microphone sends it
+WINDOW_TOKENS = 50  # 2 s of audio: one encoder window
+
+
+@pytest.fixture(scope="module")
+def engines(loaded):
+    """(listening, processing the clip whole)"""
+    return OmniEngine(loaded), OmniEngine(loaded, cache=CacheConfig(enabled=False))
+
+
+def finished(engine, messages) -> Finished:
+    return [e for e in engine.stream(messages, OPTIONS) if isinstance(e, Finished)][-1]
+
+
+@pytest.fixture(scope="module")
+def history(engines):
+    """One text turn and its reply, already in the listening engine's cache."""
+    listening, _ = engines
+    first = [system_message("You are Qwen"), {"role": "user", "content": "Hi"}]
+    reply = finished(listening, first)
+    return first + [{"role": "assistant", "content": reply.text}], reply
+
+
+def listen(engine, history, clip):
+    listener = engine.listen(history)
+    for start in range(0, len(clip), CHUNK):
+        listener.feed_audio(clip[start : start + CHUNK])
+    return listener, listener.end_turn()
+
+
+def assert_same_reply(engines, history, clip, listener, messages) -> Finished:
+    listening, whole = engines
+    ours = finished(listening, messages)
+    theirs = finished(whole, [*history, {"role": "user", "content": [{"type": "audio", "audio": clip}]}])
+    assert ours.text_token_ids == theirs.text_token_ids
+    assert ours.codec_token_ids == theirs.codec_token_ids and len(ours.codec_token_ids) >= 24
+    return ours
+
+
+def test_windows_heard_serve_the_reply(engines, history):
+    history, first_reply = history
+    clip = utterance(7.0)  # 3 whole windows, then 1 s
+    listener, messages = listen(engines[0], history, clip)
+    assert len(listener.windows) == 3 and listener.windows_kept == 3  # a noise floor: nothing clamped
+    reply = assert_same_reply(engines, history, clip, listener, messages)
+    # the history (its prompt at least) and every window heard came from the cache
+    assert reply.stats.reused_prompt_tokens >= first_reply.stats.prompt_tokens + 3 * WINDOW_TOKENS
+
+
+def test_a_louder_ending_re_encodes_from_the_first_changed_window(engines, history):
+    """Digital silence sits at the clamp floor, which moves when a louder part comes later: the
+    windows heard before it no longer match and are computed again, so the reply stays exact."""
+    history, _ = history
+    clip = np.concatenate([np.zeros(16_000, np.float32), 0.2 * utterance(4.0, noise=0.0), utterance(2.5, noise=0.0)])
+    listener, messages = listen(engines[0], history, clip)
+    assert len(listener.windows) == 3 and listener.windows_kept < 3
+    assert_same_reply(engines, history, clip, listener, messages)
+
+
+def test_while_another_reply_holds_the_model_listening_waits_and_stays_exact(engines, history):
+    history, _ = history
+    listening, _ = engines
+    clip = utterance(5.0, seed=1)
+    listening._busy.acquire()  # another reply is running
+    try:
+        listener = listening.listen(history)
+        for start in range(0, len(clip), CHUNK):
+            listener.feed_audio(clip[start : start + CHUNK])
+        assert listener.windows == []
+    finally:
+        listening._busy.release()
+    assert_same_reply(engines, history, clip, listener, listener.end_turn())
+
+
+def test_a_turn_over_the_audio_limit_or_without_audio_is_refused(loaded):
+    engine = OmniEngine(loaded, limits=Limits(max_audio_s=3.0))
+    listener = engine.listen([system_message("You are Qwen")])
+    with pytest.raises(InputError, match="no audio was heard"):
+        listener.end_turn()
+    listener.feed_audio(np.zeros(2 * 16_000, np.float32))
+    with pytest.raises(InputError, match="limit is 3 s"):
+        listener.feed_audio(np.zeros(2 * 16_000, np.float32))
+    with pytest.raises(ValueError, match="conversation cache"):
+        OmniEngine(loaded, cache=CacheConfig(enabled=False)).listen([])
+
+
+# At 6.0 s the third window is not heard yet: its last frame reads 12.5 ms past the clip's end.
+@pytest.mark.parametrize(("seconds", "windows"), [(2.5, 1), (4.37, 2), (6.0, 2)])
+def test_the_clip_heard_is_the_item_the_processor_makes(engines, seconds, windows):
+    """Token count and feature mask equal the processor's whole-clip item; encoder outputs equal
+    it up to float rounding."""
+    import torch
+
+    from omni_demo.decoders import item_features
+    from omni_demo.prompt import media_key, process_media
+
+    listening, _ = engines
+    clip = utterance(seconds, seed=2)
+    listener, messages = listen(listening, [system_message("You are Qwen")], clip)
+    part = messages[-1]["content"][0]
+    heard = listening.media_cache.get(media_key(part, with_audio=False))
+    whole = process_media(listening.processor, "audio", "whole", {"audio": [clip]})
+    assert heard.token_ids == whole.token_ids
+    assert torch.equal(heard.tensors["feature_attention_mask"], whole.tensors["feature_attention_mask"])
+    thinker, audio_token = listening.model.thinker.model, listener.audio_token
+    # Equal up to float rounding: a window multiplied alone rounds differently than inside the
+    # whole clip's batch (matmul blocking depends on the shapes), by ~1e-7 of the values' scale.
+    ours, theirs = item_features(thinker, heard)[audio_token], item_features(thinker, whole)[audio_token]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert listener.windows_kept == len(listener.windows) == windows
