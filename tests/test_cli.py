@@ -84,7 +84,7 @@ def test_bench_on_a_machine_without_cuda_says_so_in_one_line(tiny_dir):
 
 def test_bench_conversation_mode_reuses_earlier_turns(tiny_dir):
     result = omni("omni_demo.bench", "--model", "tiny", "--conversation", "--repeats", "1",
-                  "--text-tokens", "6", "--audio-tokens", "30", timeout=600)
+                  "--text-tokens", "6", "--audio-tokens", "30", "--utterance-s", "4.5", timeout=600)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     turns = summary["turns"]
@@ -98,5 +98,9 @@ def test_bench_conversation_mode_reuses_earlier_turns(tiny_dir):
             assert turn[key] > 0
     assert set(summary["last_vs_first_turn_first_audio"]) == {"off", "on"}
     assert "first audio, last turn / first turn" in result.stdout
+    spoken = summary["spoken"]
+    assert spoken["utterance_s"] == 4.5 and spoken["on"]["windows_kept"] == 2  # 2 windows heard while spoken
+    assert all(spoken[name][key] > 0 for name in ("off", "on") for key in ("first_text_s", "first_audio_s"))
+    assert "heard while spoken" in result.stdout
     result = omni("omni_demo.bench", "--conversation", "--random-full-size", timeout=120)
     assert result.returncode == 2 and "--conversation needs a model with its processor" in result.stderr
