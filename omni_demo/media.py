@@ -17,6 +17,7 @@ No torch at import time: omni_demo.inputs (imported by the UI) imports this modu
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,13 @@ def describe(source: Any) -> str:
     return Path(source).name if isinstance(source, (str, Path)) else type(source).__name__
 
 
+def unreadable(kind: str, path: str, exc: Exception) -> InputError:
+    """'could not read audio x.flac: unreadable FLAC file (why)', without the server's paths."""
+    fmt = Path(path).suffix.lstrip(".").upper() or kind
+    cause = re.sub(r":?\s*'?/[^\s']*'?", "", first_line(exc, 160)).strip() or type(exc).__name__
+    return InputError(f"could not read {kind} {describe(path)}: unreadable {fmt} file ({cause})")
+
+
 def probe(kind: str, path: str, max_scan_s: float) -> Probe:
     """Header facts of an image, audio or video file; InputError naming the cause when there are none."""
     if kind == "image":
@@ -92,8 +100,7 @@ def probe(kind: str, path: str, max_scan_s: float) -> Probe:
     except InputError:
         raise
     except Exception as exc:  # av raises its own error types for each container problem
-        fmt = Path(path).suffix.lstrip(".").upper() or kind
-        raise InputError(f"{kind} {describe(path)} is not a readable {fmt} file ({first_line(exc, 120)})") from exc
+        raise unreadable(kind, path, exc) from exc
     if kind == "video" and not result.has_video:
         raise InputError(f"video {describe(path)} has no video stream" +
                          (" (it is audio only: attach it as audio)" if result.has_audio else " (it is empty)"))
@@ -109,7 +116,7 @@ def _probe_image(path: str) -> Probe:
         with Image.open(path) as image:  # reads the header only
             return Probe(image.width, image.height, codec=image.format or "image")
     except Exception as exc:
-        raise InputError(f"image {describe(path)} is not a readable image ({first_line(exc, 120)})") from exc
+        raise unreadable("image", path, exc) from exc
 
 
 def _header_seconds(container) -> float | None:
@@ -277,8 +284,7 @@ def read_audio(path: str, name: str, max_s: float, *, what: str = "audio") -> np
     except InputError:
         raise
     except Exception as exc:
-        fmt = Path(path).suffix.lstrip(".").upper() or what
-        raise InputError(f"{what} {name} is not a readable {fmt} file ({first_line(exc, 120)})") from exc
+        raise unreadable(what, path, exc) from exc
     audio = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
     if len(audio) == 0:
         raise InputError(f"{what} {name} contains no sound")
