@@ -101,3 +101,13 @@ def test_bench_conversation_mode_reuses_earlier_turns(tiny_dir):
     assert "first audio, last turn / first turn" in result.stdout
     result = omni("omni_demo.bench", "--conversation", "--random-full-size", timeout=120)
     assert result.returncode == 2 and "--conversation needs a model with its processor" in result.stderr
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--seed", str(2**80)], "seed must be between 0 and 4294967295"),
+    (["--max-new-tokens", "0"], "max_new_tokens and max_audio_tokens must be between 1 and"),
+    (["--max-audio-tokens", str(2**40)], "max_new_tokens and max_audio_tokens must be between 1 and"),
+])
+def test_cli_refuses_out_of_range_numbers_before_loading(flags, says):
+    result = omni("omni_demo", "--model", "tiny", "--prompt", "hi", *flags, timeout=120)
+    assert result.returncode == 2 and f"error: {says}" in result.stderr and "Traceback" not in result.stderr
