@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -72,6 +73,10 @@ def auth_pair(value: str | None):
     return (user, password)
 
 
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     from omni_demo.errors import ModelLoadError
 
@@ -82,6 +87,8 @@ def main(argv=None) -> int:
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # SIGTERM ends the server like Ctrl-C: Gradio closes, then exit handlers remove the app's temp folders.
+    signal.signal(signal.SIGTERM, _interrupt)
     demo.launch(
         server_name=args.host, server_port=args.port, share=args.share, auth=auth_pair(args.auth),
         max_file_size=f"{args.max_upload_mb:g}mb", allowed_paths=[str(ASSETS)], show_error=True,

@@ -75,15 +75,15 @@ def run(args) -> dict:
     from .events import AudioChunk, Finished, TextDelta
     from .loading import load_model
 
-    loaded = load_model(model_config(args))
-    if loaded.is_random:
-        print("note: tiny random-weight checkpoint; its replies are deliberately nonsense", file=sys.stderr)
-    engine = OmniEngine(loaded, lean=args.lean)
-    options = GenerationOptions(
+    options = GenerationOptions(  # checked before the model loads: a bad value fails at once
         voice=args.voice, speech=not args.no_audio, greedy=args.greedy, seed=args.seed,
         max_new_tokens=args.max_new_tokens, max_audio_tokens=args.max_audio_tokens,
         use_audio_in_video=args.use_audio_in_video,
     )
+    loaded = load_model(model_config(args))
+    if loaded.is_random:
+        print("note: tiny random-weight checkpoint; its replies are deliberately nonsense", file=sys.stderr)
+    engine = OmniEngine(loaded, lean=args.lean)
     messages = build_messages(args.prompt, args.system, args.image, args.audio, args.video)
     chunks, finished = [], None
     for event in engine.stream(messages, options):

@@ -6,6 +6,7 @@ Units used throughout the project: one talker codec token = 2 DiT mel frames = 4
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-Omni-7B"
@@ -15,6 +16,8 @@ ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # "auto":
 SAMPLE_RATE = 24_000
 SAMPLES_PER_CODE = 480
 MEL_FRAMES_PER_CODE = 2
+MAX_TOKENS = 1 << 20  # longest reply any request may ask for, in tokens (far beyond any window)
+MAX_SEED = 2**32 - 1  # torch and numpy generators both take it; seed + 1 is used for the talker
 
 # Qwen2.5-Omni only speaks when it is given this exact system prompt (model card).
 DEFAULT_SYSTEM_PROMPT = (
@@ -92,18 +95,38 @@ class GenerationOptions:
     seed: int | None = None  # seeds sampling and the DiT noise
 
     def __post_init__(self):
-        if self.max_new_tokens < 1 or self.max_audio_tokens < 1:
-            raise ValueError("max_new_tokens and max_audio_tokens must be at least 1")
-        if self.min_new_tokens > self.max_new_tokens or self.min_audio_tokens > self.max_audio_tokens:
-            raise ValueError("a minimum length cannot exceed its maximum")
+        for name in ("max_new_tokens", "max_audio_tokens", "min_new_tokens", "min_audio_tokens", "top_k",
+                     "talker_top_k", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be a whole number, not {value!r:.40}")
+        for name in ("temperature", "top_p", "repetition_penalty", "talker_temperature", "talker_top_p",
+                     "talker_repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, not {value!r:.40}")
+        if not 1 <= self.max_new_tokens <= MAX_TOKENS or not 1 <= self.max_audio_tokens <= MAX_TOKENS:
+            raise ValueError(f"max_new_tokens and max_audio_tokens must be between 1 and {MAX_TOKENS}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens or not 0 <= self.min_audio_tokens <= self.max_audio_tokens:
+            raise ValueError("a minimum length must be between 0 and its maximum")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be between 0 and {MAX_SEED}")
         for name in ("temperature", "talker_temperature"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive (use greedy for argmax)")
+            if value is not None and not 0 < value <= 100:
+                raise ValueError(f"{name} must be above 0 and at most 100 (use greedy for argmax)")
         for name in ("top_p", "talker_top_p"):
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
                 raise ValueError(f"{name} must be in (0, 1]")
+        for name in ("top_k", "talker_top_k"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} cannot be negative")
+        for name in ("repetition_penalty", "talker_repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 100:
+                raise ValueError(f"{name} must be above 0 and at most 100")
 
 
 @dataclass(frozen=True)
@@ -122,14 +145,28 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask of the server; over a limit the user is told which one and by how much."""
+    """What one request may ask of the server, decided before any media is decoded (omni_demo.media);
+    over a limit the user is told which one and by how much. The last turn must fit; older turns
+    over a per-conversation budget are left out, oldest first, as for the context window."""
 
     max_audio_s: float = 300.0  # per audio clip (the feature extractor pads to 300 s)
     max_video_s: float = 180.0  # per video
     max_video_frames: int = 256  # frames read per video (qwen-omni-utils samples 2 per second)
     max_images_per_turn: int = 8
+    max_audio_clips_per_turn: int = 4
+    max_videos_per_turn: int = 2
+    max_images_per_conversation: int = 16
+    max_videos_per_conversation: int = 4
+    max_audio_s_per_conversation: float = 900.0  # audio clips and videos' sound tracks together
+    max_image_pixels: int = 50_000_000  # decoded pixels per image (JPEG decodes scaled down first)
+    max_frame_pixels: int = 10_000_000  # decoded pixels per video frame (4K UHD: 8.3 M)
+    max_image_tokens: int = 4096  # per image after resizing (the processor allows 16,384)
+    max_video_tokens: int = 8192  # per video after resizing, its frames together
+    max_messages: int = 8192  # chat messages in one request
+    max_text_chars: int = 1_000_000  # characters of text in one request, history included
     max_context_tokens: int | None = None  # prompt tokens; None: the thinker's and talker's windows decide
 
     def __post_init__(self):
-        if min(self.max_audio_s, self.max_video_s, self.max_video_frames, self.max_images_per_turn) <= 0:
-            raise ValueError("limits must be positive")
+        for name, value in self.__dict__.items():
+            if name != "max_context_tokens" and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number")

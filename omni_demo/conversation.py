@@ -22,20 +22,33 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 class UploadRegistry:
-    """Which uploaded files belong to which browser session (the newest `max_sessions` sessions)."""
+    """Which uploaded files belong to which browser session (the newest `max_sessions` sessions).
+
+    Gradio names an upload by a keyed hash of its bytes, so a path names one content; what a
+    session may claim as new is a file it uploaded, not one another session already sent. A
+    claim records the file's version (inode, change time): a path another session claimed is only
+    accepted as new once the file was written again since, which takes uploading the same bytes.
+    """
 
     def __init__(self, max_sessions: int = 10_000):
         self.sessions: OrderedDict[str, set[str]] = OrderedDict()
+        self.claims: dict[str, dict[str, tuple[int, int]]] = {}  # path -> {session: file version when claimed}
         self.max_sessions = max_sessions
         self.lock = threading.Lock()
 
     def add(self, session: str, paths: list[str]) -> None:
         with self.lock:
             owned = self.sessions.setdefault(session, set())
-            owned.update(str(Path(p).resolve()) for p in paths)
+            for path in map(_resolved, paths):
+                owned.add(path)
+                self.claims.setdefault(path, {})[session] = _version(path)
             self.sessions.move_to_end(session)
             while len(self.sessions) > self.max_sessions:
-                self.sessions.popitem(last=False)
+                gone, paths_gone = self.sessions.popitem(last=False)
+                for path in paths_gone:
+                    self.claims.get(path, {}).pop(gone, None)
+                    if not self.claims.get(path, True):
+                        del self.claims[path]
 
     def check(self, session: str, paths: list[str]) -> None:
         with self.lock:
@@ -45,15 +58,40 @@ class UploadRegistry:
             if str(resolved) not in owned and not resolved.is_relative_to(ASSETS):
                 raise InputError(f"Refused {Path(path).name}: this conversation did not upload it.")
 
-    def accept_turn(self, session: str, new_files: list[str], history: list[dict]) -> None:
-        """New files must be fresh uploads (or assets) and become this session's; files in the
-        history must already be this session's."""
-        for path in new_files:
+    def check_new(self, session: str, paths: list[str]) -> None:
+        """New files must be uploads (or assets) that no other session sent in this version."""
+        for path in paths:
             resolved = Path(path).resolve()
-            if not (resolved.is_relative_to(gradio_upload_dir()) or resolved.is_relative_to(ASSETS)):
+            if resolved.is_relative_to(ASSETS):
+                continue
+            if not resolved.is_relative_to(gradio_upload_dir()):
                 raise InputError(f"Refused {Path(path).name}: not an upload.")
-        self.add(session, new_files)
-        self.check(session, user_file_paths(history))
+            with self.lock:
+                others = {s: v for s, v in self.claims.get(str(resolved), {}).items() if s != session}
+                mine = session in self.claims.get(str(resolved), {})
+            if others and not mine and _version(str(resolved)) in others.values():
+                raise InputError(f"Refused {Path(path).name}: this conversation did not upload it.")
+
+    def accept_turn(self, session: str, new_files: list[str], history: list[dict]) -> None:
+        """New files must be this session's uploads (or assets) and become its own; files in the
+        history must already be this session's."""
+        self.check_new(session, new_files)
+        old_files = user_file_paths(history)
+        self.check(session, old_files)
+        self.add(session, new_files + old_files)  # a client that uploads its history again re-claims it
+
+
+def _resolved(path: str) -> str:
+    return str(Path(path).resolve())
+
+
+def _version(path: str) -> tuple[int, int]:
+    """(inode, change time in ns): Gradio writes each upload as a new file, so both change."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (0, 0)
+    return (stat.st_ino, stat.st_ctime_ns)
 
 
 def gradio_upload_dir() -> Path:

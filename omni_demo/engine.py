@@ -20,12 +20,12 @@ import torch
 from .config import SAMPLE_RATE, SAMPLES_PER_CODE, CacheConfig, GenerationOptions, Limits, StreamingConfig
 from .decode_step import LeanStep, PlainStep, graph_buckets
 from .decoders import DecodeStep, TalkerDecoder, ThinkerDecoder
-from .errors import EngineError, InputError
+from .errors import Cancelled, EngineError, InputError
 from .events import ContextTrimmed, Event, Finished, Stats, TextDelta
-from .inputs import PreparedInputs, prepare_inputs
+from .inputs import PreparedInputs, check_request, image_max_pixels, normalize_conversation, plan_media, prepare_inputs
 from .loading import LoadedModel
 from .prefix_cache import Prefix, PrefixCache, crop
-from .prompt import MediaCache
+from .prompt import MediaCache, count_tokens
 from .sampling import Sampler, token_id_list
 from .streams import SpeechStream, TextDetokenizer, TextStream
 from .token2wav import StreamingToken2Wav
@@ -50,14 +50,44 @@ class _Clock:
         return None if mark is None else mark - self.start
 
 
-def _without_oldest_turn(messages: list[dict]) -> list[dict] | None:
-    """Drop the first user message after the system prompt and everything up to the next user
-    message; None when only the last turn is left."""
-    start = 1 if messages and messages[0]["role"] == "system" else 0
-    users = [i for i, m in enumerate(messages) if m["role"] == "user" and i >= start]
-    if len(users) < 2:
+@dataclass
+class _Budget:
+    """What the kept turns of a conversation take, counted from the newest turn back."""
+
+    limits: Limits
+    tokens: int
+    images: int = 0
+    videos: int = 0
+    audio_s: float = 0.0
+
+    def add(self, tokens: int, plans: list) -> None:
+        self.tokens += tokens
+        self.images += sum(p.kind == "image" for p in plans)
+        self.videos += sum(p.kind == "video" for p in plans)
+        self.audio_s += sum(p.audio_s for p in plans)
+
+    def over(self, token_limit: int) -> str | None:
+        """What is over its budget, in words; None when nothing is."""
+        limits = self.limits
+        if self.tokens > token_limit:
+            return (f"this message is {self.tokens} tokens with its media; the limit is {token_limit} "
+                    f"({self.tokens - token_limit} over). Send less media, a shorter clip, or lower max new tokens.")
+        if self.images > limits.max_images_per_conversation:
+            return f"this turn has {self.images} images; the limit is {limits.max_images_per_conversation}"
+        if self.videos > limits.max_videos_per_conversation:
+            return f"this turn has {self.videos} videos; the limit is {limits.max_videos_per_conversation}"
+        if self.audio_s > limits.max_audio_s_per_conversation:
+            return (f"this turn has {self.audio_s:.1f} s of sound; the limit is "
+                    f"{limits.max_audio_s_per_conversation:g} s per conversation")
         return None
-    return messages[:start] + messages[users[1]:]
+
+
+def turn_starts(messages: list[dict]) -> tuple[int, list[int]]:
+    """(messages kept whatever is trimmed: the system prompt or nothing, index of each turn's first
+    message). A turn is a user message and everything up to the next one."""
+    head = 1 if messages and messages[0]["role"] == "system" else 0
+    users = [i for i, m in enumerate(messages) if m["role"] == "user" and i >= head]
+    return head, [head] + users[1:]
 
 
 class OmniEngine:
@@ -172,7 +202,8 @@ class OmniEngine:
     def prepare(self, messages, options: GenerationOptions) -> PreparedInputs:
         self._check(options)
         return prepare_inputs(self.processor, messages, use_audio_in_video=options.use_audio_in_video,
-                              device=self.loaded.device, limits=self.limits, media_cache=self.media_cache)
+                              device=self.loaded.device, limits=self.limits, media_cache=self.media_cache,
+                              token_budget=self.prompt_limit(options) // 2)
 
     def listen(self, history: list[dict], use_audio_in_video: bool = False):
         """A Listener for the next user turn, spoken: it encodes and prefills the audio while it
@@ -191,20 +222,43 @@ class OmniEngine:
             limit = min(limit, self.limits.max_context_tokens)
         return limit
 
-    def fit_context(self, messages, options: GenerationOptions) -> tuple[PreparedInputs, int]:
-        """Prepare the conversation; while it is over the window, leave out its oldest whole turn
-        (a user message and the replies to it). Returns (inputs, turns left out)."""
-        limit = self.prompt_limit(options)
-        inputs, dropped = self.prepare(messages, options), 0
-        while inputs.prompt_len > limit:
-            shorter = _without_oldest_turn(inputs.messages)
-            if shorter is None:
-                raise InputError(
-                    f"this message is {inputs.prompt_len} tokens with its media; the limit is {limit} "
-                    f"({inputs.prompt_len - limit} over). Send less media, a shorter clip, or lower max new tokens."
-                )
-            inputs, dropped = self.prepare(shorter, options), dropped + 1
-        return inputs, dropped
+    def fit_context(self, messages, options: GenerationOptions,
+                    cancel: threading.Event | None = None) -> tuple[PreparedInputs, int]:
+        """Plan the conversation's media from their headers, count each message's tokens once, leave
+        out its oldest whole turns while it is over the window or a per-conversation media budget,
+        then read and prepare what is left, once: linear in the conversation, and nothing of a
+        left-out turn is decoded. Returns (inputs, turns left out); raises Cancelled once `cancel` is
+        set between two media parts."""
+        self._check(options)
+        limit, limits = self.prompt_limit(options), self.limits
+        messages = normalize_conversation(messages)
+        check_request(messages, limits)
+        plans = plan_media(messages, limits, use_audio_in_video=options.use_audio_in_video, token_budget=limit // 2,
+                           max_image_pixels=image_max_pixels(self.processor))
+        sizes, overhead = count_tokens(self.processor, messages, [plan.tokens for row in plans for plan in row])
+        head, starts = turn_starts(messages)
+        ends = starts[1:] + [len(messages)]
+        turn_tokens = [sum(sizes[starts[t]:ends[t]]) for t in range(len(starts))]
+        budget, first = _Budget(limits, overhead + sum(sizes[:head])), len(starts)
+        for turn in reversed(range(len(starts))):
+            budget.add(turn_tokens[turn], [plan for i in range(starts[turn], ends[turn]) for plan in plans[i]])
+            if (refusal := budget.over(limit)) is not None:
+                if first == len(starts):
+                    raise InputError(refusal)
+                break
+            first = turn
+        while True:
+            kept = [*range(head), *range(starts[first], len(messages))]
+            inputs = prepare_inputs(self.processor, [messages[i] for i in kept], use_audio_in_video=options.use_audio_in_video,
+                                    device=self.loaded.device, media_cache=self.media_cache, plans=[plans[i] for i in kept],
+                                    cancel=cancel)
+            over = inputs.prompt_len - limit
+            if over <= 0:
+                return inputs, first
+            if first == len(starts) - 1:  # the estimate was short and only the last turn is left
+                raise InputError(_Budget(limits, inputs.prompt_len).over(limit))
+            while over > 0 and first < len(starts) - 1:  # estimates were short: leave out what covers it
+                over, first = over - turn_tokens[first], first + 1
 
     def stream(
         self, messages, options: GenerationOptions | None = None, cancel: threading.Event | None = None
@@ -216,7 +270,10 @@ class OmniEngine:
         """
         options = options or GenerationOptions()
         start = time.perf_counter()
-        inputs, dropped = self.fit_context(messages, options)
+        try:
+            inputs, dropped = self.fit_context(messages, options, cancel)
+        except Cancelled:
+            return
         if dropped:
             yield ContextTrimmed(dropped, inputs.prompt_len, self.prompt_limit(options))
         try:

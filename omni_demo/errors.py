@@ -7,6 +7,10 @@ class InputError(ValueError):
     """The request cannot be served as given; the message names the problem."""
 
 
+class Cancelled(Exception):
+    """The request was cancelled while its media were read, before its reply started."""
+
+
 class EngineError(RuntimeError):
     """A request failed inside the engine; the engine itself stays usable."""
 

@@ -1,11 +1,13 @@
 """Turn a conversation (Qwen message format) into thinker inputs, with clear errors.
 
-Media is read with qwen-omni-utils and processed one part at a time, so an unreadable file is
+Every media part is planned from its header first (omni_demo.media: sizes, durations, counts,
+refusals), then read within that plan and processed one part at a time, so an unreadable file is
 named in the error and a file seen before is not processed again (omni_demo.prompt).
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import Limits
-from .errors import InputError, first_line
+from .errors import Cancelled, InputError, first_line
+from .media import PartPlan, describe, plan_part, read_audio, read_image, read_video
 
 if TYPE_CHECKING:  # omni_demo.prompt imports torch; this module must not (the UI imports it)
     from .prompt import MediaCache, MediaItem, MediaSpan
@@ -86,107 +89,106 @@ def _normalize_part(part: Any, index: int) -> dict | None:
     return {**part, kind: str(path)}
 
 
-def check_limits(messages: list[dict], limits: Limits) -> list[dict]:
-    """Refuse media over the limits (before decoding any of it); bound the frames read per video."""
+def check_request(messages: list[dict], limits: Limits) -> None:
+    """Refuse a request over its size limits (messages, characters, media parts per turn) before
+    anything is read. Turns are user messages; a user turn's parts are counted together."""
+    if len(messages) > limits.max_messages:
+        raise InputError(f"this conversation has {len(messages)} messages; the limit is {limits.max_messages}")
+    chars = sum(len(part["text"]) for message in messages for part in message["content"] if part["type"] == "text")
+    if chars > limits.max_text_chars:
+        raise InputError(f"this conversation has {chars} characters of text; the limit is {limits.max_text_chars}")
+    per_turn = {"image": ("images", limits.max_images_per_turn), "audio": ("audio clips", limits.max_audio_clips_per_turn),
+                "video": ("videos", limits.max_videos_per_turn)}
     for message in messages:
-        images = sum(part["type"] == "image" for part in message["content"])
-        if images > limits.max_images_per_turn:
-            raise InputError(f"this turn has {images} images; the limit is {limits.max_images_per_turn} "
-                             f"({images - limits.max_images_per_turn} too many)")
+        for kind, (noun, limit) in per_turn.items():
+            count = sum(part["type"] == kind for part in message["content"])
+            if count > limit:
+                raise InputError(f"this turn has {count} {noun}; the limit is {limit} ({count - limit} too many)")
+
+
+def image_max_pixels(processor) -> int:
+    """The image processor's own max_pixels budget (Qwen2-VL: 12,845,056 px = 16,384 tokens)."""
+    image_processor = processor.image_processor
+    value = getattr(image_processor, "max_pixels", None) or (getattr(image_processor, "size", None) or {}).get("longest_edge")
+    return int(value or 16384 * 28 * 28)
+
+
+def plan_media(messages: list[dict], limits: Limits, *, use_audio_in_video: bool, token_budget: int,
+               max_image_pixels: int) -> list[list[PartPlan]]:
+    """Each message's media parts planned from their headers (omni_demo.media), in order; the
+    reading options go into the parts. Nothing is decoded here."""
+    plans = []
+    for message in messages:
+        row = []
         for part in message["content"]:
-            kind = part["type"]
-            if kind in ("audio", "video") and isinstance(part[kind], str):
-                limit = limits.max_audio_s if kind == "audio" else limits.max_video_s
-                seconds = _duration(part[kind])
-                if seconds is not None and seconds > limit:
-                    raise InputError(f"{kind} {_describe(part[kind])} is {seconds:.1f} s long; the limit is "
-                                     f"{limit:g} s ({seconds - limit:.1f} s over)")
-            if kind == "video":
-                part["max_frames"] = min(int(part.get("max_frames", limits.max_video_frames)), limits.max_video_frames)
-    return messages
+            if part["type"] == "text":
+                continue
+            with_audio = use_audio_in_video and part["type"] == "video"
+            plan = plan_part(part, limits, with_audio=with_audio, token_budget=token_budget,
+                             image_max_pixels=max_image_pixels)
+            part.update(plan.options)
+            if "nframes" in plan.options:
+                part["max_frames"] = plan.options["nframes"]
+            row.append(plan)
+        plans.append(row)
+    return plans
 
 
-def _duration(path: str) -> float | None:
-    """Container duration in seconds, read from the header; None when it cannot be probed (the
-    media reader then reports the file as unreadable)."""
-    import av
-
-    try:
-        with av.open(path) as container:
-            if container.duration is not None:
-                return container.duration / av.time_base
-            streams = [s for s in container.streams if s.duration is not None and s.time_base is not None]
-            return max((float(s.duration * s.time_base) for s in streams), default=None)
-    except Exception:
-        return None
-
-
-def _describe(source: Any) -> str:
-    return Path(source).name if isinstance(source, str) else type(source).__name__
-
-
-def _has_sound(path: str) -> bool:
-    import av
-
-    with av.open(path) as container:
-        return any(stream.type == "audio" for stream in container.streams)
-
-
-def read_media(part: dict, with_audio: bool) -> dict:
-    """Read one media part. -> its processor arguments (images=[...], audio=[...], videos=[...];
-    a video `with_audio` also gets its sound track as its own audio)."""
-    from qwen_omni_utils import fetch_image, fetch_video
-
+def read_media(part: dict, plan: PartPlan, with_audio: bool) -> dict:
+    """Read one media part within its plan. -> its processor arguments (images=[...], audio=[...],
+    videos=[...]; a video `with_audio` also gets its sound track as its own audio)."""
     kind, source = part["type"], part[part["type"]]
     try:
-        if kind == "image":
-            return {"images": [fetch_image(part)]}
-        if kind == "audio":
-            return {"audio": [_read_audio(part, from_video=False)]}
-        if not with_audio:
-            return {"videos": [fetch_video(part)]}
-        if not _has_sound(source):
-            raise InputError(f"video {_describe(source)} has no sound track; switch off 'use audio in video'")
-        return {"videos": [fetch_video(part)], "audio": [_read_audio(part, from_video=True)],
-                "audio_from_video_indices": [0], "load_audio_from_video": True}
+        if isinstance(source, (str, Path)):
+            if kind == "image":
+                return {"images": [read_image(str(source), plan)]}
+            if kind == "audio":
+                return {"audio": [read_audio(str(source), plan.name, max_s=plan.max_s)]}
+            video = read_video(str(source), plan)
+            if not with_audio:
+                return {"videos": [video]}
+            audio = read_audio(str(source), plan.name, max_s=plan.max_s, what="video")
+            return {"videos": [video], "audio": [audio], "audio_from_video_indices": [0], "load_audio_from_video": True}
+        return _read_in_memory(part)
     except InputError:
         raise
-    except Exception as exc:  # PIL, av, librosa and torchcodec each raise their own types
-        raise InputError(f"could not read {kind} {_describe(source)}: {first_line(exc)}") from exc
+    except Exception as exc:  # PIL, av and torchcodec each raise their own types
+        raise InputError(f"could not read {kind} {describe(source)}: {first_line(exc)}") from exc
 
 
-def _read_audio(part: dict, *, from_video: bool) -> np.ndarray:
-    """[n] float32 at 16 kHz, as qwen-omni-utils reads it."""
-    from qwen_omni_utils.v2_5.audio_process import process_audio_info
+def _read_in_memory(part: dict) -> dict:
+    """Arrays and PIL images given directly (CLI, tests): through qwen-omni-utils as they are."""
+    from qwen_omni_utils import fetch_image
 
-    samples = process_audio_info([{"role": "user", "content": [part]}], from_video)[0]
-    if len(samples) == 0:
-        raise InputError(f"{part['type']} {_describe(part[part['type']])} contains no sound")
-    return samples
+    if part["type"] == "image":
+        return {"images": [fetch_image(part)]}
+    if part["type"] == "audio":
+        from qwen_omni_utils.v2_5.audio_process import process_audio_info
+
+        return {"audio": [process_audio_info([{"role": "user", "content": [part]}], False)[0]]}
+    raise InputError(f"a {part['type']} part needs a file")
 
 
-def media_items(processor, messages: list[dict], use_audio_in_video: bool,
-                cache: MediaCache | None = None) -> list[MediaItem]:
+def media_items(processor, messages: list[dict], plans: list[list[PartPlan]], use_audio_in_video: bool,
+                cache: MediaCache | None = None, cancel: threading.Event | None = None) -> list[MediaItem]:
     """Every media part of the conversation through the processor, in message order; an item
     already in `cache` (same bytes, same reading options) is neither read nor processed again."""
     from .prompt import media_key, process_media
 
     items = []
-    for message in messages:
-        for part in message["content"]:
-            if part["type"] == "text":
-                continue
+    for message, row in zip(messages, plans):
+        for part, plan in zip((p for p in message["content"] if p["type"] != "text"), row):
             with_audio = use_audio_in_video and part["type"] == "video"
             key = media_key(part, with_audio)
             item = cache.get(key) if cache is not None else None
             if item is None:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+                media = read_media(part, plan, with_audio)
                 try:
-                    item = process_media(processor, part["type"], key, read_media(part, with_audio))
-                except InputError:
-                    raise
+                    item = process_media(processor, part["type"], key, media)
                 except Exception as exc:
-                    raise InputError(f"the processor rejected {part['type']} {_describe(part[part['type']])}: "
-                                     f"{first_line(exc)}") from exc
+                    raise InputError(f"the processor rejected {part['type']} {plan.name}: {first_line(exc)}") from exc
                 if cache is not None:
                     cache.put(item)
             items.append(item)
@@ -194,14 +196,21 @@ def media_items(processor, messages: list[dict], use_audio_in_video: bool,
 
 
 def prepare_inputs(processor, messages: Any, *, use_audio_in_video: bool, device=None, limits: Limits = Limits(),
-                   padding_rows: tuple[list[dict], ...] = (), media_cache: MediaCache | None = None) -> PreparedInputs:
-    """Validate, read and process the media, tokenize the chat template (omni_demo.prompt). The
-    batch is this conversation alone, or with text-only `padding_rows` after it (transformers'
-    reference on its intended, padded path: omni_demo.reference)."""
+                   padding_rows: tuple[list[dict], ...] = (), media_cache: MediaCache | None = None,
+                   token_budget: int | None = None, plans: list[list[PartPlan]] | None = None,
+                   cancel: threading.Event | None = None) -> PreparedInputs:
+    """Validate, plan and read the media within its budgets, tokenize the chat template
+    (omni_demo.prompt). `messages` with `plans` were checked and planned already (the engine does
+    that once for the whole conversation). The batch is this conversation alone, or with text-only
+    `padding_rows` after it (transformers' reference on its intended, padded path: omni_demo.reference)."""
     from .prompt import build_prompt, join_tensors, pad_rows
 
-    messages = check_limits(normalize_conversation(messages), limits)
-    items = media_items(processor, messages, use_audio_in_video, media_cache)
+    if plans is None:
+        messages = normalize_conversation(messages)
+        check_request(messages, limits)
+        plans = plan_media(messages, limits, use_audio_in_video=use_audio_in_video,
+                           token_budget=token_budget or limits.max_video_tokens, max_image_pixels=image_max_pixels(processor))
+    items = media_items(processor, messages, plans, use_audio_in_video, media_cache, cancel)
     ids, spans = build_prompt(processor, messages, items)
     rows = [ids] + [build_prompt(processor, normalize_conversation(row), [])[0] for row in padding_rows]
     tokenizer = processor.tokenizer

@@ -148,6 +148,36 @@ def build_prompt(processor, messages: list[dict], items: list[MediaItem]) -> tup
     return ids, spans
 
 
+def count_tokens(processor, messages: list[dict], media_tokens: list[int]) -> tuple[list[int], int]:
+    """Prompt tokens of each message, its media parts counted as `media_tokens` (in message order),
+    and of what the template adds around the messages (a default system prompt, the generation
+    prompt). One template render and one batched tokenizer call: linear in the conversation."""
+    pieces, texts = render_pieces(processor, messages)
+    media = iter(media_tokens)
+    chunks: list[tuple[int, str, bool]] = []  # (block, text, typed by a person)
+    extra: list[int] = [0]  # media tokens per block; a block starts at each <|im_start|>
+    for piece in pieces:
+        if piece.startswith("\x00text"):
+            chunks.append((len(extra) - 1, texts[int(piece[5:-1])], True))
+        elif piece in PLACEHOLDERS.values():
+            extra[-1] += next(media)
+        elif piece:
+            for index, chunk in enumerate(piece.split("<|im_start|>")):
+                if index:
+                    extra.append(0)
+                chunks.append((len(extra) - 1, "<|im_start|>" * bool(index) + chunk, False))
+    blocks = list(extra)
+    tokenizer = processor.tokenizer
+    for split in (True, False):
+        group = [(block, text) for block, text, typed in chunks if typed == split and text]
+        if group:
+            encoded = tokenizer([text for _, text in group], add_special_tokens=False, split_special_tokens=split)
+            for (block, _), ids in zip(group, encoded["input_ids"]):
+                blocks[block] += len(ids)
+    per_message = blocks[-1 - len(messages):-1]
+    return per_message, sum(blocks) - sum(per_message)
+
+
 def process_media(processor, kind: str, key: str, media: dict) -> MediaItem:
     """One item through the processor: `media` holds its processor arguments (images=[...], ...)."""
     out = processor(text=[PLACEHOLDERS[kind]], return_tensors="pt", **media)

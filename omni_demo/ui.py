@@ -8,8 +8,12 @@ upload policy live in omni_demo.conversation. The wiring is at the bottom of `bu
 
 from __future__ import annotations
 
+import atexit
 import logging
+import math
+import shutil
 import tempfile
+import threading
 import time
 from contextlib import closing
 from pathlib import Path
@@ -19,9 +23,10 @@ import gradio as gr
 import numpy as np
 import soundfile as sf
 
-from .config import DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, SAMPLES_PER_CODE, GenerationOptions
+from .config import DEFAULT_SYSTEM_PROMPT, MAX_SEED, SAMPLE_RATE, SAMPLES_PER_CODE, GenerationOptions, Limits
 from .conversation import ASSETS, UploadRegistry, chat_to_conversation, media_summary, new_upload_paths, user_turn
-from .errors import InputError
+from .errors import InputError, first_line
+from .inputs import check_request
 from .events import AudioChunk, ContextTrimmed, Finished, TextDelta
 
 log = logging.getLogger(__name__)
@@ -31,7 +36,9 @@ log = logging.getLogger(__name__)
 FLUSH_DELAY_S = 0.05
 EMPTY_PCM = np.zeros(0, dtype=np.int16)
 CODES_PER_SECOND = SAMPLE_RATE // SAMPLES_PER_CODE  # 50 talker codes per second of speech
+MAX_ERROR_CHARS = 500  # an error shown to a user (and logged) is at most this long
 REPLY_DIR = Path(tempfile.mkdtemp(prefix="omni-demo-replies-"))
+atexit.register(shutil.rmtree, REPLY_DIR, ignore_errors=True)
 
 RANDOM_BANNER = (
     "⚠️ **Tiny random-weight model.** This server runs a checkpoint built offline with random "
@@ -75,41 +82,84 @@ def save_reply_audio(chunks: list[np.ndarray], keep: int = 256) -> str:
     return str(path)
 
 
+# The settings a request may send, as (low, high, whole number); the sliders show the same ranges.
+SETTING_RANGES = {"temperature": (0.05, 1.5, False), "top_p": (0.05, 1.0, False), "max_new_tokens": (16, 2048, True),
+                  "max_speech_s": (5, 80, False), "seed": (0, MAX_SEED, True)}
+
+
+def setting(name: str, value) -> int | float:
+    """A numeric setting, checked: a finite number in its range (whole where it must be)."""
+    low, high, whole = SETTING_RANGES[name]
+    label = name.replace("_", " ")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{label} must be a number, not {value!r:.40}")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InputError(f"{label} must be between {low:g} and {high:g}, not {value!r:.40}")
+    if whole and value != int(value):
+        raise InputError(f"{label} must be a whole number, not {value!r:.40}")
+    return int(value) if whole else float(value)
+
+
 def reply_options(voice, speech, temperature, top_p, max_new_tokens, max_speech_s, use_audio_in_video,
                   seed) -> GenerationOptions:
-    """The settings panel's values as a request's options."""
+    """The settings panel's values as a request's options; InputError names a value out of range."""
+    if not isinstance(voice, str):
+        raise InputError(f"voice must be a name, not {voice!r:.40}")
     try:
         return GenerationOptions(
-            voice=voice, speech=bool(speech), temperature=float(temperature), top_p=float(top_p),
-            max_new_tokens=int(max_new_tokens), max_audio_tokens=int(float(max_speech_s) * CODES_PER_SECOND),
-            use_audio_in_video=bool(use_audio_in_video), seed=int(seed) or None,
+            voice=voice, speech=bool(speech), temperature=setting("temperature", temperature),
+            top_p=setting("top_p", top_p), max_new_tokens=setting("max_new_tokens", max_new_tokens),
+            max_audio_tokens=max(1, round(setting("max_speech_s", max_speech_s) * CODES_PER_SECOND)),
+            use_audio_in_video=bool(use_audio_in_video), seed=setting("seed", 0 if seed is None else seed) or None,
         )
-    except (TypeError, ValueError) as exc:
+    except ValueError as exc:
         raise InputError(f"invalid setting: {exc}") from exc
 
 
+def system_text(system_prompt) -> str:
+    """The system prompt as sent (None, from the API: none)."""
+    if system_prompt is None:
+        return ""
+    if not isinstance(system_prompt, str):
+        raise InputError(f"the system prompt must be text, not {type(system_prompt).__name__}")
+    return system_prompt.strip()
+
+
+def refuse(exc: Exception) -> gr.Error:
+    """A refusal: one log line, a short message, no traceback anywhere."""
+    message = first_line(exc, MAX_ERROR_CHARS)
+    log.warning("refused: %s", message)
+    return gr.Error(message, print_exception=False)
+
+
 class ChatHandler:
-    """The reply handler, bound to a backend and the upload registry."""
+    """The reply handler, bound to a backend and the upload registry; `clear` cancels a session's reply."""
 
     def __init__(self, backend, uploads: UploadRegistry | None = None):
         self.backend = backend
         self.uploads = uploads or UploadRegistry()
+        self.running: dict[str, threading.Event] = {}  # session -> its reply's cancel flag
 
     def respond(self, message, history, webcam, voice, speech, system_prompt, temperature, top_p, max_new_tokens,
                 max_speech_s, use_audio_in_video, seed, request: gr.Request):
         """Send one user turn; stream the reply into the chat and the audio player."""
         history = list(history or [])
-        chat, reply = history, {"role": "assistant", "content": ""}
+        chat, reply, shown = history, {"role": "assistant", "content": ""}, False
+        cancel = self.running[request.session_hash] = threading.Event()
         try:
             self.uploads.accept_turn(request.session_hash, new_upload_paths(message, webcam), history)
             chat = history + user_turn(message, webcam)
-            conversation = chat_to_conversation(chat, system_prompt.strip())
+            conversation = chat_to_conversation(chat, system_text(system_prompt))
+            check_request(conversation, getattr(self.backend, "limits", None) or Limits())
             options = reply_options(voice, speech, temperature, top_p, max_new_tokens, max_speech_s,
                                     use_audio_in_video, seed)
             yield Reply(textbox=None, chat=chat + [reply], webcam=None, stats="Thinking…")
+            shown = True
             chunks: list[np.ndarray] = []
-            with closing(self.backend.stream(conversation, options)) as events:
+            with closing(self.backend.stream(conversation, options, cancel)) as events:
                 for event in events:
+                    if cancel.is_set():  # Clear emptied the chat: nothing more goes to it
+                        return
                     if isinstance(event, TextDelta):
                         reply = {"role": "assistant", "content": reply["content"] + event.text}
                         yield Reply(chat=chat + [reply])
@@ -120,22 +170,35 @@ class ChatHandler:
                         time.sleep(FLUSH_DELAY_S)
                         yield Reply(audio=(SAMPLE_RATE, EMPTY_PCM))
                     elif isinstance(event, ContextTrimmed):
-                        gr.Warning(f"The conversation is longer than the model's window ({event.limit_tokens} tokens): "
-                                   f"its oldest {event.dropped_turns} turn(s) were left out of this reply.")
+                        gr.Warning(f"The conversation is over this server's budgets ({event.limit_tokens} tokens, "
+                                   f"media per conversation): its oldest {event.dropped_turns} turn(s) were left out.")
                     elif isinstance(event, Finished):
                         final = chat + [reply]
                         if chunks:
                             final.append({"role": "assistant", "content": {"path": save_reply_audio(chunks)}})
                         yield Reply(chat=final, stats=format_stats(event, conversation))
         except InputError as exc:
-            # Nothing is lost: the chat goes back to before this turn and the message to the textbox.
-            yield Reply(textbox=message, chat=history, webcam=webcam, stats="")
-            raise gr.Error(str(exc)) from exc
+            # Nothing is lost: the chat goes back to before this turn and the message to the textbox
+            # (only once it was changed: a request refused at once is not echoed back).
+            if shown:
+                yield Reply(textbox=message, chat=history, webcam=webcam, stats="")
+            raise refuse(exc) from exc
         except Exception as exc:
             log.exception("reply failed")
-            failed = chat + [reply, {"role": "assistant", "content": f"⚠️ This reply failed: {exc}"}]
+            failed = chat + [reply, {"role": "assistant", "content": f"⚠️ This reply failed: {first_line(exc)}"}]
             yield Reply(chat=failed, stats="")
-            raise gr.Error(f"The reply failed ({type(exc).__name__}: {exc}). The chat is kept; try again.") from exc
+            raise gr.Error(f"The reply failed ({type(exc).__name__}: {first_line(exc)}). The chat is kept; try again.",
+                           print_exception=False) from exc
+        finally:
+            if self.running.get(request.session_hash) is cancel:
+                del self.running[request.session_hash]
+
+    def clear(self, request: gr.Request):
+        """Clear the chat; a reply of this session still running stops within one decode step (the
+        button also cancels the event, which an API call to /clear cannot)."""
+        if (cancel := self.running.get(request.session_hash)) is not None:
+            cancel.set()
+        return clear_chat()
 
 
 def system_prompt_notice(system_prompt: str, speech: bool):
@@ -178,7 +241,9 @@ def build_demo(backend, *, title: str = "Qwen2.5-Omni, streaming") -> gr.Blocks:
                 audio_out = gr.Audio(label="Spoken reply", streaming=True, autoplay=True, interactive=False,
                                      elem_id="reply-audio")
                 webcam = gr.Video(label="Webcam clip (sent with your next message)", sources=["webcam"],
-                                  include_audio=True, elem_id="webcam")
+                                  include_audio=True, elem_id="webcam",
+                                  # Mirroring would run ffmpeg on every clip before any check, outside the queue.
+                                  webcam_options=gr.WebcamOptions(mirror=False))
                 with gr.Accordion("Settings", open=True):
                     voice = gr.Radio(backend.voices, value=backend.voices[0], label="Voice")
                     speech = gr.Checkbox(True, label="Speak the reply (off: text only, faster)")
@@ -187,19 +252,21 @@ def build_demo(backend, *, title: str = "Qwen2.5-Omni, streaming") -> gr.Blocks:
                     top_p = gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="Top-p")
                     max_new_tokens = gr.Slider(16, 2048, value=512, step=16, label="Max new tokens")
                     max_speech_s = gr.Slider(5, 80, value=60, step=5, label="Max speech (seconds)")
-                    seed = gr.Number(0, precision=0, minimum=0, label="Seed (0: random; same seed, same reply)")
+                    seed = gr.Number(0, minimum=0,  # no precision: a float or NaN reaches setting() and is refused there
+                                     label="Seed (0: random; same seed, same reply)")
                     system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=3)
                     notice = gr.Markdown(SYSTEM_PROMPT_WARNING, visible=False, elem_id="system-prompt-warning")
         gr.Examples(EXAMPLES, inputs=[textbox], label="Examples")
 
         settings = [voice, speech, system_prompt, temperature, top_p, max_new_tokens, max_speech_s, use_audio_in_video,
                     seed]
+        handler = ChatHandler(backend)
         reply_event = textbox.submit(
-            ChatHandler(backend).respond, [textbox, chatbot, webcam, *settings],
+            handler.respond, [textbox, chatbot, webcam, *settings],
             [textbox, chatbot, webcam, audio_out, stats], api_name="chat", concurrency_id="gpu",
         )
         stop.click(None, cancels=[reply_event])
-        clear.click(clear_chat, None, [textbox, chatbot, webcam, audio_out, stats], cancels=[reply_event],
+        clear.click(handler.clear, None, [textbox, chatbot, webcam, audio_out, stats], cancels=[reply_event],
                     api_name="clear")
         for control in (system_prompt, speech):
             control.change(system_prompt_notice, [system_prompt, speech], notice, api_name=False)

@@ -28,7 +28,8 @@ def test_cli_streams_text_writes_wav_and_json(tiny_dir, tmp_path):
     for key in ("messages", "text", "text_token_ids", "codec_token_ids", "audio_samples", "sample_rate",
                 "time_to_first_text_s", "time_to_first_audio_s", "total_s", "audio_s", "rtf"):
         assert key in data
-    assert data["messages"][-1]["content"][0] == {"type": "image", "image": str(ASSETS / "shapes.png")}
+    image = data["messages"][-1]["content"][0]  # with the reading options its budget set (omni_demo.media)
+    assert image["type"] == "image" and image["image"] == str(ASSETS / "shapes.png") and image["max_pixels"] > 0
     assert len(data["text_token_ids"]) == 16 and data["audio_samples"] == 480 * len(data["codec_token_ids"]) > 0
     wave, rate = sf.read(out)
     assert rate == 24000 and len(wave) == data["audio_samples"]
@@ -104,3 +105,13 @@ def test_bench_conversation_mode_reuses_earlier_turns(tiny_dir):
     assert "heard while spoken" in result.stdout
     result = omni("omni_demo.bench", "--conversation", "--random-full-size", timeout=120)
     assert result.returncode == 2 and "--conversation needs a model with its processor" in result.stderr
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--seed", str(2**80)], "seed must be between 0 and 4294967295"),
+    (["--max-new-tokens", "0"], "max_new_tokens and max_audio_tokens must be between 1 and"),
+    (["--max-audio-tokens", str(2**40)], "max_new_tokens and max_audio_tokens must be between 1 and"),
+])
+def test_cli_refuses_out_of_range_numbers_before_loading(flags, says):
+    result = omni("omni_demo", "--model", "tiny", "--prompt", "hi", *flags, timeout=120)
+    assert result.returncode == 2 and f"error: {says}" in result.stderr and "Traceback" not in result.stderr

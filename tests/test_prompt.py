@@ -4,7 +4,8 @@ the whole conversation; user text stays text; media processed once."""
 import pytest
 import torch
 
-from omni_demo.inputs import normalize_conversation, prepare_inputs, read_media
+from omni_demo.config import Limits
+from omni_demo.inputs import image_max_pixels, normalize_conversation, plan_media, prepare_inputs, read_media
 from omni_demo.prompt import MediaCache
 
 from .conftest import text_messages
@@ -14,12 +15,12 @@ from .test_fidelity import CASES
 def whole_processor_call(processor, messages, use_audio_in_video):
     """The processor as upstream documents it: the templated text and every media item in one call."""
     messages = normalize_conversation(messages)
+    plans = plan_media(messages, Limits(), use_audio_in_video=use_audio_in_video, token_budget=Limits().max_video_tokens,
+                       max_image_pixels=image_max_pixels(processor))  # the same plans prepare_inputs makes
     media = {"images": [], "videos": [], "audio": [], "audio_from_video_indices": []}
-    for message in messages:
-        for part in message["content"]:
-            if part["type"] == "text":
-                continue
-            read = read_media(part, use_audio_in_video and part["type"] == "video")
+    for message, row in zip(messages, plans):
+        for part, plan in zip([p for p in message["content"] if p["type"] != "text"], row):
+            read = read_media(part, plan, use_audio_in_video and part["type"] == "video")
             for name in ("images", "videos", "audio"):
                 media[name] += read.get(name, [])
             if "audio" in read:
