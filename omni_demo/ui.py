@@ -1,20 +1,27 @@
 """The Gradio web UI. It never imports torch: `build_demo(backend)` takes anything with the
 engine's `stream(messages, options, cancel)`, `voices`, `model_name` and `is_random`.
 
-The reply handler is `ChatHandler.respond` (a method, so that it is bound to the backend and
-still gets Gradio's `gr.Request`); the other handlers are functions. Conversation format and
-upload policy live in omni_demo.conversation. The wiring is at the bottom of `build_demo`.
+A turn from the page is two steps: `ChatHandler.accept` (outside the queue) refuses an empty
+message with a toast and shows the user's turn at once; `ChatHandler.respond_ui` (in the queue)
+streams the reply. `/chat` (`ChatHandler.respond`) is the same reply as one API call. Speech goes
+to a Web Audio player (web/player.js) as 16-bit PCM, one message per chunk; Stop sets the turn's
+cancel event, so the reply ends through the engine and is finalized ("stopped", partial audio
+kept). Errors are toasts or chat messages, never Gradio's red error state. The wiring is at the
+bottom of `build_demo`.
 """
 
 from __future__ import annotations
 
 import atexit
+import base64
 import logging
 import math
+import re
 import shutil
 import tempfile
 import threading
 import time
+import uuid
 from contextlib import closing
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -31,24 +38,26 @@ from .events import AudioChunk, ContextTrimmed, Finished, TextDelta
 
 log = logging.getLogger(__name__)
 
-# Gradio publishes only the audio frames ready within ~5 ms of a yield; an empty chunk ~50 ms
-# later flushes the rest, so speech does not lag one chunk behind (measured on Gradio 6.31).
-FLUSH_DELAY_S = 0.05
-EMPTY_PCM = np.zeros(0, dtype=np.int16)
 CODES_PER_SECOND = SAMPLE_RATE // SAMPLES_PER_CODE  # 50 talker codes per second of speech
-MAX_ERROR_CHARS = 500  # an error shown to a user (and logged) is at most this long
+MAX_ERROR_CHARS = 300  # an error shown to a user (and logged) is at most this long
 REPLY_DIR = Path(tempfile.mkdtemp(prefix="omni-demo-replies-"))
 atexit.register(shutil.rmtree, REPLY_DIR, ignore_errors=True)
+WEB = Path(__file__).resolve().parent / "web"
+STOPPED_MARK = "⏹ *stopped*"
+STOP_GRACE_S = 1.0  # after Stop, how long to wait for the engine's Finished (it comes within one step)
 
 RANDOM_BANNER = (
-    "⚠️ **Tiny random-weight model.** This server runs a checkpoint built offline with random "
-    "weights, so replies (text and speech) are deliberately nonsense. It exercises the whole "
-    "streaming pipeline; start the app with `--model Qwen/Qwen2.5-Omni-7B` on a GPU for real answers."
+    "⚠️ **Tiny random-weight model**: replies are deliberately nonsense (text and speech). "
+    "Start the app with `--model Qwen/Qwen2.5-Omni-7B` on a GPU for real answers."
 )
 SYSTEM_PROMPT_WARNING = (
     "⚠️ Qwen2.5-Omni only speaks reliably with its default system prompt. With another prompt the "
     "spoken reply may be missing or garbled; switch speech off or restore the default."
 )
+# The player's own markup; player.js fills it. The live region is what screen readers announce.
+PLAYER_HTML = ('<div class="player-state" aria-hidden="true"></div>'
+               '<div class="player-live sr-only" role="status" aria-live="polite"></div>')
+STOP_JS = "() => { if (window.omniPlayer) window.omniPlayer.stop(); return []; }"
 
 
 class Reply(NamedTuple):
@@ -57,8 +66,41 @@ class Reply(NamedTuple):
     textbox: Any = gr.skip()
     chat: Any = gr.skip()
     webcam: Any = gr.skip()
-    audio: Any = gr.skip()  # the streaming player: (24000, int16 [n])
+    audio: Any = gr.skip()  # the live player's message: PlayerMessages(...)
     stats: Any = gr.skip()  # the latency readout
+
+
+class PlayerMessages:
+    """The live player's messages for one reply: its state line, and the speech as base64 int16 PCM
+    (mono, little-endian, 24 kHz), one message per engine chunk. `seq` makes every message a new
+    value, so each one reaches the page."""
+
+    def __init__(self, reply_id: str | None = None, seq: int = 0):
+        self.id = reply_id or uuid.uuid4().hex[:12]
+        self.seq = seq
+
+    def __call__(self, state: str, text: str = "", pcm: np.ndarray | None = None) -> dict:
+        self.seq += 1
+        message = {"reply": self.id, "seq": self.seq, "state": state, "text": text}
+        if pcm is not None:  # made_at: the server's clock (Unix s), for first-sound figures in tests
+            message |= {"pcm": base64.b64encode(pcm.astype("<i2").tobytes()).decode(), "rate": SAMPLE_RATE,
+                        "made_at": time.time()}
+        return message
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^\s/\\'\"]+)+[/\\]([^\s/\\'\"]+)")
+
+
+def public_message(exc: BaseException) -> str:
+    """An exception's message for the user: first line, with server paths cut to their file names."""
+    return _PATH.sub(r"\1", first_line(exc, MAX_ERROR_CHARS))
+
+
+def refused(exc: InputError) -> str:
+    """A refusal's message, logged in one line (no traceback: nothing went wrong here)."""
+    message = public_message(exc)
+    log.warning("refused: %s", message)
+    return message
 
 
 def format_stats(finished: Finished, conversation: list[dict]) -> str:
@@ -70,7 +112,7 @@ def format_stats(finished: Finished, conversation: list[dict]) -> str:
     cells += [f"total {s.total_s:.2f} s", f"context {s.prompt_tokens} tokens ({media_summary(conversation)})"]
     if finished.stop_reason == "cancelled":
         cells.append("stopped")
-    return " · ".join(cells)
+    return "Server: " + " · ".join(cells)
 
 
 def save_reply_audio(chunks: list[np.ndarray], keep: int = 256) -> str:
@@ -125,128 +167,237 @@ def system_text(system_prompt) -> str:
     return system_prompt.strip()
 
 
-def refuse(exc: Exception) -> gr.Error:
-    """A refusal: one log line, a short message, no traceback anywhere."""
-    message = first_line(exc, MAX_ERROR_CHARS)
-    log.warning("refused: %s", message)
-    return gr.Error(message, print_exception=False)
+def finalize(chat: list[dict], text: str, chunks: list[np.ndarray], stopped: bool) -> list[dict]:
+    """The finished turn in the chat: the reply text (marked when stopped), then its audio."""
+    if stopped:
+        text = f"{text} {STOPPED_MARK}".strip()
+    final = chat + ([{"role": "assistant", "content": text}] if text else [])
+    if chunks:
+        final.append({"role": "assistant", "content": {"path": save_reply_audio(chunks)}})
+    return final
+
+
+class Turn(threading.Event):
+    """A session's queued or running turn, as its cancel flag (set by Stop and by Clear)."""
+
+    cleared = False  # Clear, not Stop, ended it: the emptied chat gets nothing more
 
 
 class ChatHandler:
-    """The reply handler, bound to a backend and the upload registry; `clear` cancels a session's reply."""
+    """The reply handlers, bound to a backend, the upload registry and each session's running turn."""
 
     def __init__(self, backend, uploads: UploadRegistry | None = None):
         self.backend = backend
         self.uploads = uploads or UploadRegistry()
-        self.running: dict[str, threading.Event] = {}  # session -> its reply's cancel flag
+        self.turns: dict[str, Turn] = {}  # session -> its queued or running turn
+        self.lock = threading.Lock()
 
-    def respond(self, message, history, webcam, voice, speech, system_prompt, temperature, top_p, max_new_tokens,
-                max_speech_s, use_audio_in_video, seed, request: gr.Request):
-        """Send one user turn; stream the reply into the chat and the audio player."""
+    def _begin(self, session: str) -> Turn:
+        with self.lock:
+            return self.turns.setdefault(session, Turn())
+
+    def _end(self, session: str, cancel: Turn) -> None:
+        with self.lock:
+            if self.turns.get(session) is cancel:
+                del self.turns[session]
+
+    def stop(self, request: gr.Request, clear: bool = False):
+        """Stop this session's turn: the reply ends within one decode step and is finalized (or,
+        after Clear, dropped)."""
+        with self.lock:
+            cancel = self.turns.get(request.session_hash)
+        if cancel is not None:
+            cancel.cleared = cancel.cleared or clear
+            cancel.set()
+
+    def stream(self, message, history, webcam, settings: tuple, session: str, cancel: Turn,
+               player: PlayerMessages):
+        """One reply as Reply updates; raises InputError for a message it cannot send (before the
+        first update: every check runs before anything is shown or read)."""
         history = list(history or [])
-        chat, reply, shown = history, {"role": "assistant", "content": ""}, False
-        cancel = self.running[request.session_hash] = threading.Event()
-        try:
-            self.uploads.accept_turn(request.session_hash, new_upload_paths(message, webcam), history)
-            chat = history + user_turn(message, webcam)
-            conversation = chat_to_conversation(chat, system_text(system_prompt))
-            check_request(conversation, getattr(self.backend, "limits", None) or Limits())
-            options = reply_options(voice, speech, temperature, top_p, max_new_tokens, max_speech_s,
-                                    use_audio_in_video, seed)
-            yield Reply(textbox=None, chat=chat + [reply], webcam=None, stats="Thinking…")
-            shown = True
-            chunks: list[np.ndarray] = []
+        self.uploads.accept_turn(session, new_upload_paths(message, webcam), history)
+        chat = history + user_turn(message, webcam)
+        voice, speech, system_prompt, *numbers = settings
+        conversation = chat_to_conversation(chat, system_text(system_prompt))
+        check_request(conversation, getattr(self.backend, "limits", None) or Limits())
+        options = reply_options(voice, speech, *numbers)
+        yield Reply(textbox=None, chat=chat, webcam=None, audio=player("thinking", "Thinking…"), stats="")
+        text, chunks, finished, stop_seen = "", [], None, None
+        if not cancel.is_set():  # Stop may come while the turn still waits in the queue
             with closing(self.backend.stream(conversation, options, cancel)) as events:
                 for event in events:
-                    if cancel.is_set():  # Clear emptied the chat: nothing more goes to it
+                    if cancel.cleared:
                         return
+                    if cancel.is_set() and not isinstance(event, Finished):
+                        if stop_seen is None:
+                            stop_seen = time.monotonic()
+                        if time.monotonic() - stop_seen > STOP_GRACE_S:  # a backend that ignores `cancel`
+                            break  # (ZeroGPU's worker) ends here, without its Finished
+                        continue
                     if isinstance(event, TextDelta):
-                        reply = {"role": "assistant", "content": reply["content"] + event.text}
-                        yield Reply(chat=chat + [reply])
+                        text += event.text
+                        yield Reply(chat=chat + [{"role": "assistant", "content": text}])
                     elif isinstance(event, AudioChunk):
                         chunks.append(event.samples)
-                        spoken = (event.start_sample + len(event.samples)) / SAMPLE_RATE
-                        yield Reply(audio=(SAMPLE_RATE, event.pcm16()), stats=f"Speaking… {spoken:.1f} s")
-                        time.sleep(FLUSH_DELAY_S)
-                        yield Reply(audio=(SAMPLE_RATE, EMPTY_PCM))
+                        yield Reply(audio=player("speaking", "Speaking…", event.pcm16()))
                     elif isinstance(event, ContextTrimmed):
                         gr.Warning(f"The conversation is over this server's budgets ({event.limit_tokens} tokens, "
                                    f"media per conversation): its oldest {event.dropped_turns} turn(s) were left out.")
                     elif isinstance(event, Finished):
-                        final = chat + [reply]
-                        if chunks:
-                            final.append({"role": "assistant", "content": {"path": save_reply_audio(chunks)}})
-                        yield Reply(chat=final, stats=format_stats(event, conversation))
+                        finished = event
+        if cancel.cleared:
+            return
+        stopped = cancel.is_set() or (finished is not None and finished.stop_reason == "cancelled")
+        stats = format_stats(finished, conversation) if finished else "Stopped before the reply started."
+        yield Reply(chat=finalize(chat, text, chunks, stopped), stats=stats,
+                    audio=player("stopped", "Stopped.") if stopped else player("done", "Done."))
+
+    def respond(self, message, history, webcam, voice, speech, system_prompt, temperature, top_p, max_new_tokens,
+                max_speech_s, use_audio_in_video, seed, request: gr.Request):
+        """`/chat`: send one user turn; stream the reply. Errors end the call (API clients see them)."""
+        settings = (voice, speech, system_prompt, temperature, top_p, max_new_tokens, max_speech_s,
+                    use_audio_in_video, seed)
+        cancel = self._begin(request.session_hash)
+        shown = None  # the chat as last shown; None while nothing was
+        try:
+            for update in self.stream(message, history, webcam, settings, request.session_hash, cancel,
+                                      PlayerMessages()):
+                shown = update.chat if isinstance(update.chat, list) else shown
+                yield update
         except InputError as exc:
-            # Nothing is lost: the chat goes back to before this turn and the message to the textbox
-            # (only once it was changed: a request refused at once is not echoed back).
-            if shown:
-                yield Reply(textbox=message, chat=history, webcam=webcam, stats="")
-            raise refuse(exc) from exc
+            if shown is not None:  # nothing is lost: the chat as before, the message back in the box
+                yield Reply(textbox=message, chat=list(history or []), webcam=webcam, stats="")
+            raise gr.Error(refused(exc), print_exception=False) from exc
         except Exception as exc:
             log.exception("reply failed")
-            failed = chat + [reply, {"role": "assistant", "content": f"⚠️ This reply failed: {first_line(exc)}"}]
-            yield Reply(chat=failed, stats="")
-            raise gr.Error(f"The reply failed ({type(exc).__name__}: {first_line(exc)}). The chat is kept; try again.",
-                           print_exception=False) from exc
+            yield Reply(chat=(shown or list(history or [])) + [failure_message(exc)], stats="")
+            raise gr.Error(f"The reply failed ({type(exc).__name__}: {public_message(exc)}). "
+                           "The chat is kept; try again.", print_exception=False) from exc
         finally:
-            if self.running.get(request.session_hash) is cancel:
-                del self.running[request.session_hash]
+            self._end(request.session_hash, cancel)
+
+    def accept(self, message, history, webcam, request: gr.Request):
+        """Outside the queue (a queued step costs ~0.3-0.6 s before the reply's own): refuse gently
+        what cannot be sent, with a notice; else show the user's turn at once and swap Send for
+        Stop. Returns (pending turn or None, *Reply)."""
+        session, history = request.session_hash, list(history or [])
+        with self.lock:
+            busy, ahead = session in self.turns, len(self.turns)  # replies running or waiting before this one
+        if busy:
+            return (None, *Reply(audio=notice("A reply is still running: Stop it (Esc) or wait. Your message is kept.")))
+        try:
+            turn = user_turn(message, webcam)
+        except InputError as exc:
+            return (None, *Reply(audio=notice(public_message(exc))))
+        self._begin(session).clear()
+        player = PlayerMessages()
+        pending = {"message": message, "history": history, "webcam": webcam, "reply": player.id}
+        return (pending, *Reply(textbox=gr.update(value=None, submit_btn=False, stop_btn="Stop"), chat=history + turn,
+                                webcam=None, audio=player("queued", waiting_text(ahead)), stats=""))
+
+    def respond_ui(self, pending, voice, speech, system_prompt, temperature, top_p, max_new_tokens, max_speech_s,
+                   use_audio_in_video, seed, request: gr.Request):
+        """In the queue: stream the accepted turn. Errors become a toast plus the player's error
+        state (bad input: the message goes back to the box) or a message in the chat."""
+        if pending is None:
+            yield Reply()
+            return
+        settings = (voice, speech, system_prompt, temperature, top_p, max_new_tokens, max_speech_s,
+                    use_audio_in_video, seed)
+        session, history = request.session_hash, pending["history"]
+        cancel, player = self._begin(session), PlayerMessages(pending["reply"], seq=1)
+        shown, send_again = history, gr.update(submit_btn="Send", stop_btn=False)
+        try:
+            for update in self.stream(pending["message"], history, pending["webcam"], settings, session, cancel,
+                                      player):
+                shown = update.chat if isinstance(update.chat, list) else shown
+                yield update._replace(textbox=gr.skip(), webcam=gr.skip())  # the user may be typing the next one
+            yield Reply(textbox=send_again)
+        except InputError as exc:
+            message = refused(exc)
+            gr.Warning(message)
+            yield Reply(textbox=gr.update(value=pending["message"], submit_btn="Send", stop_btn=False), chat=history,
+                        webcam=pending["webcam"], audio=player("error", f"Not sent: {message}"))
+        except Exception as exc:
+            log.exception("reply failed")
+            gr.Warning(f"The reply failed: {public_message(exc)}. The chat is kept; try again.")
+            yield Reply(textbox=send_again, chat=shown + [failure_message(exc)],
+                        audio=player("error", "The reply failed."))
+        finally:
+            self._end(session, cancel)
 
     def clear(self, request: gr.Request):
-        """Clear the chat; a reply of this session still running stops within one decode step (the
-        button also cancels the event, which an API call to /clear cannot)."""
-        if (cancel := self.running.get(request.session_hash)) is not None:
-            cancel.set()
-        return clear_chat()
+        self.stop(request, clear=True)
+        return Reply(textbox=gr.update(value=None, submit_btn="Send", stop_btn=False), chat=[], webcam=None,
+                     audio=None, stats="")
+
+
+def notice(text: str) -> dict:
+    """A toast from the player (Gradio's own toasts need the queue, which would delay every Send)."""
+    return {"notice": text, "id": uuid.uuid4().hex[:12]}
+
+
+def waiting_text(ahead: int) -> str:
+    if not ahead:
+        return "Waiting for the model…"
+    return f"In line: {ahead} {'reply' if ahead == 1 else 'replies'} before yours. Your message is kept."
+
+
+def failure_message(exc: BaseException) -> dict:
+    return {"role": "assistant", "content": f"⚠️ This reply failed: {public_message(exc)}"}
 
 
 def system_prompt_notice(system_prompt: str, speech: bool):
     return gr.update(visible=bool(speech) and system_prompt.strip() != DEFAULT_SYSTEM_PROMPT)
 
 
-def clear_chat():
-    return Reply(textbox=None, chat=[], webcam=None, audio=None, stats="")
-
-
+# Example chips: (label, what they put in the box). Chosen, not sent: the user can edit first.
 EXAMPLES = [
-    {"text": "What is in this picture?", "files": [str(ASSETS / "shapes.png")]},
-    {"text": "", "files": [str(ASSETS / "question.wav")]},
-    {"text": "What happens in this video?", "files": [str(ASSETS / "talking_shapes.mp4")]},
-    {"text": "Tell me a short story about a robot who learns to sing.", "files": []},
+    ("What is in this picture?", {"text": "What is in this picture?", "files": [str(ASSETS / "shapes.png")]}),
+    ("Ask by voice (sample)", {"text": "", "files": [str(ASSETS / "question.wav")]}),
+    ("What happens in this video?", {"text": "What happens in this video?",
+                                        "files": [str(ASSETS / "talking_shapes.mp4")]}),
+    ("A story about a robot", {"text": "Tell me a short story about a robot who learns to sing.", "files": []}),
 ]
+PAGE_HEAD = f"<style>{(WEB / 'style.css').read_text()}</style>"
+PAGE_JS = (WEB / "player.js").read_text() + "\n" + (WEB / "voice.js").read_text()
 
 
 def build_demo(backend, *, title: str = "Qwen2.5-Omni, streaming") -> gr.Blocks:
+    handler = ChatHandler(backend)
     # Uploads and replies older than a day leave Gradio's cache (checked hourly).
     with gr.Blocks(title=title, fill_height=True, delete_cache=(3600, 86400)) as demo:
-        gr.Markdown(f"# {title}\nTalk with text, images, audio, video, your microphone or webcam. "
-                    "The reply is written and spoken at the same time.")
+        gr.Markdown(f"# {title}\nTalk with text, images, audio, video, your microphone or webcam; "
+                    "the reply is written and spoken at the same time.", elem_id="title")
         if backend.is_random:
             gr.Markdown(RANDOM_BANNER, elem_id="random-banner")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=520, buttons=["copy"],
-                                     group_consecutive_messages=False)
+                chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", buttons=["copy"],
+                                     group_consecutive_messages=False, autoscroll=True)
+                player = gr.HTML(None, html_template=PLAYER_HTML, js_on_load=PAGE_JS, head=PAGE_HEAD,
+                                 elem_id="player", label="Reply status")
                 textbox = gr.MultimodalTextbox(
-                    placeholder="Type, record with the microphone, or attach images, audio or video…",
+                    placeholder="Type a message, record one with the microphone, or attach media…",
                     sources=["upload", "microphone"], file_types=["image", "audio", "video"],
-                    file_count="multiple", elem_id="textbox", show_label=False,
+                    file_count="multiple", elem_id="textbox", label="Message", show_label=False,
+                    submit_btn="Send", stop_btn=False, autofocus=True,
                 )
-                with gr.Row():
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
-                    clear = gr.Button("Clear", elem_id="clear")
+                with gr.Row(elem_id="chips"):
+                    chips = [(gr.Button(label, size="sm", variant="secondary"), value) for label, value in EXAMPLES]
+                    clear = gr.Button("Clear chat", size="sm", variant="secondary", elem_id="clear")
                 stats = gr.Markdown(elem_id="stats")
             with gr.Column(scale=2):
-                audio_out = gr.Audio(label="Spoken reply", streaming=True, autoplay=True, interactive=False,
-                                     elem_id="reply-audio")
-                webcam = gr.Video(label="Webcam clip (sent with your next message)", sources=["webcam"],
-                                  include_audio=True, elem_id="webcam",
-                                  # Mirroring would run ffmpeg on every clip before any check, outside the queue.
-                                  webcam_options=gr.WebcamOptions(mirror=False))
-                with gr.Accordion("Settings", open=True):
+                with gr.Accordion("Camera: record a clip to send", open=False, elem_id="camera"):
+                    # mirror=False: Gradio otherwise re-encodes every clip with ffmpeg hflip before
+                    # any handler runs (~9.5 s for a short clip), outside the queue's cancellation.
+                    webcam = gr.Video(label="Webcam clip (sent with your next message)", sources=["webcam"],
+                                      include_audio=True, elem_id="webcam",
+                                      webcam_options=gr.WebcamOptions(mirror=False))
+                with gr.Accordion("Settings", open=False, elem_id="settings"):
                     voice = gr.Radio(backend.voices, value=backend.voices[0], label="Voice")
                     speech = gr.Checkbox(True, label="Speak the reply (off: text only, faster)")
+                    gr.Checkbox(True, label="Send voice messages when recording stops", elem_id="autosend")
                     use_audio_in_video = gr.Checkbox(True, label="Use the sound of videos")
                     temperature = gr.Slider(0.05, 1.5, value=0.7, step=0.05, label="Temperature")
                     top_p = gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="Top-p")
@@ -256,18 +407,23 @@ def build_demo(backend, *, title: str = "Qwen2.5-Omni, streaming") -> gr.Blocks:
                                      label="Seed (0: random; same seed, same reply)")
                     system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=3)
                     notice = gr.Markdown(SYSTEM_PROMPT_WARNING, visible=False, elem_id="system-prompt-warning")
-        gr.Examples(EXAMPLES, inputs=[textbox], label="Examples")
+        pending = gr.State(None)
 
         settings = [voice, speech, system_prompt, temperature, top_p, max_new_tokens, max_speech_s, use_audio_in_video,
                     seed]
-        handler = ChatHandler(backend)
-        reply_event = textbox.submit(
-            handler.respond, [textbox, chatbot, webcam, *settings],
-            [textbox, chatbot, webcam, audio_out, stats], api_name="chat", concurrency_id="gpu",
-        )
-        stop.click(None, cancels=[reply_event])
-        clear.click(handler.clear, None, [textbox, chatbot, webcam, audio_out, stats], cancels=[reply_event],
-                    api_name="clear")
+        outputs = [textbox, chatbot, webcam, player, stats]
+        accepted = textbox.submit(handler.accept, [textbox, chatbot, webcam], [pending, *outputs], queue=False,
+                                  show_progress="hidden", trigger_mode="multiple", api_visibility="private")
+        accepted.then(handler.respond_ui, [pending, *settings], outputs, concurrency_id="gpu",
+                      show_progress="minimal", show_progress_on=[player], api_visibility="private")
+        api_only = gr.Button(visible=False)  # /chat: the same reply as one call, for API clients and tests
+        api_reply = api_only.click(handler.respond, [textbox, chatbot, webcam, *settings], outputs, api_name="chat",
+                                   concurrency_id="gpu")
+        textbox.stop(handler.stop, None, None, js=STOP_JS, queue=False, api_visibility="private")
+        clear.click(handler.clear, None, outputs, js=STOP_JS, queue=False, api_name="clear", cancels=[api_reply])
+        chatbot.clear(handler.clear, None, outputs, js=STOP_JS, queue=False, api_visibility="private")
+        for button, value in chips:
+            button.click(lambda v=value: v, None, textbox, queue=False, api_visibility="private")
         for control in (system_prompt, speech):
             control.change(system_prompt_notice, [system_prompt, speech], notice, api_name=False)
     return demo

@@ -17,7 +17,9 @@ def main() -> None:
     try:
         with chromium_page(width=1400, height=1050) as page:
             page.goto(app.url, wait_until="networkidle")
+            page.locator("#settings").get_by_text("Settings").click()  # settings start collapsed
             page.get_by_label("Max speech (seconds)").first.fill("6")
+            page.locator("#settings").get_by_text("Settings").click()
             page.get_by_text("What is in this picture?").first.click()
             time.sleep(1)
             page.locator("#textbox textarea").press("Enter")

@@ -67,6 +67,11 @@ def is_skip(value) -> bool:
     return isinstance(value, dict) and value.get("__type__") == "update"
 
 
+def is_speech(value) -> bool:
+    """A player message that carries audio (others carry only the reply's state)."""
+    return isinstance(value, dict) and bool(value.get("pcm"))
+
+
 @dataclass
 class Reply:
     texts: list[str] = field(default_factory=list)  # assistant text at each chat update
@@ -92,7 +97,7 @@ def collect(job, start: float) -> Reply:
         if not is_skip(chat):
             reply.chat = chat
             reply.texts.append(assistant_text(chat))
-        if not is_skip(audio) and audio:
+        if is_speech(audio):
             reply.audio_updates.append(now)
         if not is_skip(stats):
             reply.stats = stats

@@ -1,8 +1,18 @@
-"""Headless Debian Chromium through Playwright (its own browser download is not used)."""
+"""Headless Debian Chromium through Playwright (its own browser download is not used), and how
+a test drives the app's page."""
 
+import time
 from contextlib import contextmanager
 
 CHROMIUM = "/usr/bin/chromium"
+
+
+def fake_microphone(wav) -> list[str]:
+    """Chromium flags: a microphone that plays `wav`, allowed without a prompt."""
+    return ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}"]
+
+
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run", "--autoplay-policy=no-user-gesture-required",
@@ -10,13 +20,85 @@ CHROMIUM_ARGS = [
 
 
 @contextmanager
-def chromium_page(width=1400, height=1000):
+def chromium_pages(count, width=1400, height=1000, args=()):
+    """`count` pages, each in its own browser context: separate users (Gradio sessions)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[*CHROMIUM_ARGS, *args])
         try:
-            page = browser.new_page(viewport={"width": width, "height": height})
-            yield page
+            yield [browser.new_page(viewport={"width": width, "height": height}) for _ in range(count)]
         finally:
             browser.close()
+
+
+@contextmanager
+def chromium_page(width=1400, height=1000, args=()):
+    with chromium_pages(1, width, height, args) as (page,):
+        yield page
+
+
+# Sampled every 25 ms from page start: the live player's played seconds. The Web Audio player
+# (window.omniPlayer) reports its audio clock; the older HLS <audio> its currentTime, so the same
+# figures can be taken of either. `enter` is when Enter was pressed in the message box.
+PLAYBACK_PROBE = r"""
+window.__probe = {enter: null, samples: []};
+document.addEventListener('keydown', e => {
+  if (e.key === 'Enter' && e.target.closest && e.target.closest('#textbox')) window.__probe.enter = performance.now();
+}, true);
+setInterval(() => {
+  const el = document.querySelector('#reply-audio audio');
+  const pos = window.omniPlayer ? window.omniPlayer.position() : (el ? el.currentTime : null);
+  window.__probe.samples.push([performance.now(), pos]);
+}, 25);
+"""
+STALL_S = 0.2  # a pause in the played position this long (after sound started) counts as a stall
+
+
+def playback_figures(probe: dict) -> dict:
+    """Enter -> first sound, and the stalls after it: pauses of the played position that resume
+    (the wait after the last chunk does not count)."""
+    enter = probe["enter"]
+    samples = [(t / 1000, p) for t, p in probe["samples"] if p is not None and enter is not None and t >= enter]
+    first = next((t for t, p in samples if p > 0), None)
+    stalls, moved_at, position = [], None, 0.0
+    for t, p in samples:
+        if p > position + 1e-4:
+            if moved_at is not None and t - moved_at > STALL_S + 0.025:
+                stalls.append(round(t - moved_at, 2))
+            moved_at, position = t, p
+    return {"first_sound_s": None if first is None else round(first - enter / 1000, 2), "stalls": len(stalls),
+            "stalled_s": round(sum(stalls), 2), "stall_lengths": stalls, "played_s": round(position, 2)}
+
+
+def open_app(page, url, max_speech_s=None, seed=11):
+    """Load the app with the playback probe; set max speech and seed (settings start collapsed)."""
+    page.add_init_script(PLAYBACK_PROBE)
+    page.goto(url, wait_until="load")
+    page.locator("#textbox textarea").wait_for()
+    page.wait_for_function("window.omniPlayer !== undefined")
+    if max_speech_s is not None or seed is not None:
+        page.locator("#settings").get_by_text("Settings").click()
+        if max_speech_s is not None:
+            page.get_by_label("Max speech (seconds)").first.fill(str(max_speech_s))
+        if seed is not None:
+            page.get_by_label("Seed", exact=False).first.fill(str(seed))
+        page.locator("#settings").get_by_text("Settings").click()
+
+
+def send(page, text):
+    page.locator("#textbox textarea").fill(text)
+    page.locator("#textbox textarea").press("Enter")
+
+
+def state(page) -> str:
+    return page.evaluate("document.querySelector('#player [data-state]')?.dataset.state || ''")
+
+
+def wait_state(page, *states, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if state(page) in states:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"state {state(page)!r}, expected one of {states}")

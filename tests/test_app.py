@@ -5,7 +5,7 @@ import time
 import pytest
 from gradio_client import Client, handle_file
 
-from .apphelpers import SETTINGS, AppServer, collect, file_path, send
+from .apphelpers import SETTINGS, AppServer, collect, file_path, is_speech, send
 from .conftest import ASSETS
 
 
@@ -47,7 +47,7 @@ def test_text_only_mode_yields_no_audio(client):
 def test_stop_cancels_and_the_next_message_works(client):
     job, start = send(client, "Talk for a long time", max_new_tokens=2048, max_speech_s=80)
     for _textbox, _chat, _webcam, audio, _stats in job:
-        if audio and not (isinstance(audio, dict) and audio.get("__type__") == "update"):
+        if is_speech(audio):
             break
     job.cancel()
     stopped_at = time.monotonic() - start

@@ -1,5 +1,10 @@
-"""A person's view: the real app in headless Chromium, a message sent, text and speech streaming."""
+"""A person's view: the real app in headless Chromium (desktop 1400x1000 and phone 390x844).
 
+Timing figures (Enter -> first sound, stalls) are printed; run with -s to see them. The machine
+may be a shared 2-core CPU, so bounds are generous where the server's own speed is involved and
+exact where only the page is (error states, silence after Stop, layout)."""
+
+import json
 import os
 import time
 from pathlib import Path
@@ -7,11 +12,16 @@ from pathlib import Path
 import pytest
 
 from .apphelpers import AppServer
-from .browser import CHROMIUM, chromium_page
+from .browser import (CHROMIUM, chromium_page, chromium_pages, fake_microphone, open_app, playback_figures, send,
+                      wait_state)
+from .conftest import ASSETS
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
 SEED = 11  # fixed: an unseeded random reply can be too short to be seen growing
 ARTIFACTS = Path(os.environ.get("OMNI_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "out"))
+DESKTOP, PHONE = (1400, 1000), (390, 844)
+LEAD_S = 0.3  # the player's start-up buffer (omni_demo/web/player.js)
+FIRST_SOUND_GOAL_S = 0.5  # engine's first audio chunk -> sound in the browser
 
 
 @pytest.fixture(scope="module")
@@ -21,39 +31,150 @@ def server(tiny_dir):
     app.stop()
 
 
-def bot_text(page) -> str:
-    bots = page.locator("#chatbot .message.bot, #chatbot [data-testid='bot']")
-    return bots.first.inner_text() if bots.count() else ""
-
-
-def test_page_streams_text_and_speech(server):
+def shot(page, name):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with chromium_page() as page:
-        stream_requests = []
-        page.on("request", lambda r: stream_requests.append((time.monotonic(), r.url))
-                if "/stream/" in r.url else None)
-        page.goto(server.url, wait_until="networkidle")
-        assert "random" in page.locator("#random-banner").inner_text().lower()
-        page.get_by_label("Max speech (seconds)").first.fill("10")
-        page.get_by_label("Seed", exact=False).first.fill(str(SEED))  # a reply long enough to watch it grow
-        page.locator("#textbox textarea").fill("Tell me a story about a singing robot")
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+def error_panels(page) -> int:
+    """Components in Gradio's red error state (the status tracker's 'Error' box)."""
+    return page.locator(".error:visible").count()
+
+
+def bot_messages(page) -> list[str]:
+    return page.locator("#chatbot .message.bot, #chatbot [data-testid='bot']").all_inner_texts()
+
+
+def test_empty_send_and_broken_image_are_toasts_not_red_panels(server, tmp_path):
+    with chromium_page(*DESKTOP) as page:
+        open_app(page, server.url, seed=None)
         page.locator("#textbox textarea").press("Enter")
+        page.get_by_text("Nothing to send").first.wait_for(timeout=10_000)
+        shot(page, "state-empty-send")
+        assert error_panels(page) == 0
+        page.locator("#textbox textarea").fill("still typing")  # nothing blocks the box
+        assert page.locator("#textbox textarea").input_value() == "still typing"
 
-        observations, finished_at = [], None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            observations.append(bot_text(page))
-            if "first audio" in page.locator("#stats").inner_text():
-                finished_at = time.monotonic()
-                break
-            time.sleep(0.1)
-        assert finished_at, "the reply did not finish"
-        page.screenshot(path=str(ARTIFACTS / "browser-reply.png"), full_page=True)
+        broken = tmp_path / "broken.png"
+        broken.write_bytes(b"not a png" * 50)
+        page.locator("#textbox input[type=file]").set_input_files(str(broken))
+        page.locator("#textbox textarea").fill("look")
+        page.locator("#textbox textarea").press("Enter")
+        page.get_by_text("could not read image").first.wait_for(timeout=60_000)
+        wait_state(page, "error")
+        shot(page, "state-error")
+        assert error_panels(page) == 0
+        assert "/tmp" not in page.locator("body").inner_text() and "gradio/" not in page.locator("body").inner_text()
+        assert page.locator("#textbox textarea").input_value() == "look"  # the message comes back to the box
 
-    assert len(observations[-1]) >= 40, f"seed {SEED} gives too short a reply to watch it grow: {observations[-1]!r}"
-    distinct = [t for i, t in enumerate(observations) if t and (i == 0 or t != observations[i - 1])]
-    assert len(distinct) >= 3, f"chat text should grow over several observations: {distinct[:5]}"
-    playlists = [t for t, url in stream_requests if "playlist" in url and t < finished_at]
-    segments = [t for t, url in stream_requests if "playlist" not in url and t < finished_at]
-    assert playlists and segments, f"no HLS traffic before the reply ended: {stream_requests[:5]}"
-    assert min(segments) < finished_at - 0.5, "speech should be fetched while the reply is still running"
+
+def test_speech_starts_fast_and_plays_without_stalls(server):
+    with chromium_page(*DESKTOP) as page:
+        open_app(page, server.url, max_speech_s=10)
+        send(page, "Tell me a story about a singing robot")
+        wait_state(page, "thinking", "speaking")
+        wait_state(page, "speaking")
+        shot(page, "state-speaking")
+        wait_state(page, "done")
+        generated = page.evaluate("omniPlayer.reply.generated")
+        page.wait_for_function("omniPlayer.position() >= omniPlayer.reply.generated - 0.01", timeout=60_000)
+        time.sleep(0.3)
+        shot(page, "state-done")
+        probe, readout = page.evaluate("window.__probe"), page.locator("#stats").inner_text()
+        arrivals = page.evaluate("omniPlayer.arrivals.filter(a => a[3] > 0)")  # [ms, seq, state, s, transit ms]
+
+    figures = playback_figures(probe)
+    server_first_audio = float(readout.split("first audio")[1].split("s")[0])
+    first_chunk_s = (arrivals[0][0] - probe["enter"]) / 1000
+    made_s = first_chunk_s - arrivals[0][4] / 1000  # when the engine's first chunk was made (same machine clock)
+    # The server was ahead of real time when every chunk arrived before the audio before it ran out.
+    late = [round((t - arrivals[0][0]) / 1000 - LEAD_S - sum(a[3] for a in arrivals[:i]), 2)
+            for i, (t, *_rest) in enumerate(arrivals) if i]
+    behind = [x for x in late if x > 0]
+    print(json.dumps({**figures, "server_first_audio_s": server_first_audio, "first_chunk_in_browser_s": first_chunk_s,
+                      "engine_first_chunk_s": round(made_s, 2),
+                      "sound_after_engine_first_chunk_s": round(figures["first_sound_s"] - made_s, 2),
+                      "chunks_behind_real_time": behind, "readout": readout}))
+    assert figures["played_s"] >= generated - 0.05 >= 5
+    assert "first sound heard" in readout and "first audio" in readout
+    # The goal is 0.5 s; on an overloaded machine (tests in parallel on 2 cores) the page's own timers
+    # and audio thread lag too, so the bound widens there, and says so.
+    bound = FIRST_SOUND_GOAL_S if os.getloadavg()[0] / os.cpu_count() < 1.5 else 2.0
+    print(f"first sound {figures['first_sound_s'] - made_s:.2f} s after the engine's first chunk (bound {bound} s, "
+          f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    assert figures["first_sound_s"] - made_s <= bound, "sound should start within 0.5 s of the engine's first chunk"
+    assert figures["stalls"] <= len(behind), f"a stall while the server was ahead of real time: {figures}, {late}"
+
+
+def test_stop_silences_at_once_and_keeps_the_partial_reply_and_queue_shows_the_message(server):
+    with chromium_pages(2, *DESKTOP) as (first, second):
+        open_app(first, server.url, max_speech_s=60)
+        open_app(second, server.url, max_speech_s=5)
+        send(first, "Talk for a long time")
+        wait_state(first, "speaking")
+        send(second, "Are you there?")  # waits for the first reply: its message shows meanwhile
+        wait_state(second, "queued")
+        assert "Are you there?" in second.locator("#chatbot").inner_text()
+        assert "1 reply before yours" in second.locator("#player").inner_text()
+        shot(second, "state-queued")
+        first.wait_for_function("omniPlayer.position() > 0.5", timeout=60_000)
+        assert first.get_by_role("button", name="Stop").count() >= 1  # Send became Stop
+        stop_at = first.evaluate("omniPlayer.position()")
+        first.keyboard.press("Escape")
+        t0 = time.monotonic()
+        first.wait_for_function("omniPlayer.reply.stoppedAt !== undefined", timeout=5_000)
+        time.sleep(0.3)
+        after = first.evaluate("omniPlayer.ctx.currentTime")
+        played_then, silent_at = first.evaluate("[omniPlayer.position(), omniPlayer.reply.stoppedAt]")
+        active = first.evaluate("omniPlayer.reply.sources.length")
+        wait_state(first, "stopped", timeout=30)
+        first.get_by_text("stopped").first.wait_for(timeout=30_000)
+        first.locator("#chatbot audio").first.wait_for(state="attached", timeout=30_000)  # the partial audio is kept
+        first.locator("#stats").get_by_text("first audio").wait_for(timeout=30_000)
+        shot(first, "state-stopped")
+        assert first.get_by_role("button", name="Send").count() >= 1
+        print(json.dumps({"stopped_after_s": round(time.monotonic() - t0, 2), "played_at_stop": stop_at,
+                          "played_after": played_then}))
+        assert played_then - stop_at <= 0.3 and silent_at <= after and active == 0
+        wait_state(second, "thinking", "speaking", "done", timeout=120)  # the queued turn runs next
+        wait_state(second, "done", timeout=120)
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_chat_and_input_above_the_fold_with_big_named_targets(server, viewport):
+    width, height = viewport
+    with chromium_page(width, height) as page:
+        open_app(page, server.url, seed=None)
+        shot(page, f"layout-{'phone' if width < 600 else 'desktop'}")
+        box = page.locator("#textbox textarea").bounding_box()
+        chat = page.locator("#chatbot").bounding_box()
+        assert box["y"] + box["height"] <= height and chat["y"] < height / 2, (box, chat)
+        assert page.get_by_role("textbox", name="Message").count() == 1
+        assert not page.get_by_label("Voice").first.is_visible()  # settings start collapsed
+        assert not page.locator("#webcam").is_visible()  # the webcam waits behind the camera control
+        chips = page.locator("#chips button")
+        assert chips.count() >= 4 and chips.first.bounding_box()["y"] < height
+        for target in [*page.locator("#textbox button:visible").all(), *chips.all()]:
+            size = target.bounding_box()
+            assert size["height"] >= 44 and size["width"] >= 44, (target.inner_html()[:80], size)
+        page.get_by_role("button", name="What is in this picture?").click()  # fills the box, sends nothing
+        page.wait_for_function("document.querySelector('#textbox textarea').value === 'What is in this picture?'",
+                               timeout=10_000)
+        assert page.locator("#textbox [aria-label='Remove file']").count() == 1  # the picture came with it
+
+
+def test_voice_message_is_one_tap_to_record_one_to_send(server):
+    with chromium_page(*PHONE, args=fake_microphone(ASSETS / "question.wav")) as page:
+        open_app(page, server.url, max_speech_s=5)
+        page.get_by_role("button", name="Record audio").click()  # tap 1: recording starts at once
+        stop = page.get_by_role("button", name="Stop recording")
+        stop.wait_for(timeout=10_000)
+        time.sleep(1.5)
+        shot(page, "state-recording")
+        assert "Recording" in page.evaluate(
+            "getComputedStyle(document.querySelector('#textbox'), '::after').content")
+        stop.click()  # tap 2: attached and sent
+        page.locator("#chatbot audio").first.wait_for(state="attached", timeout=30_000)
+        wait_state(page, "queued", "thinking", "speaking", "done")
+        wait_state(page, "done")
+        assert page.locator("#textbox textarea").input_value() == ""

@@ -1,0 +1,179 @@
+// The live speech player: 16-bit PCM chunks from the reply handler, scheduled gap-free on a Web
+// Audio clock, plus the reply's state line (the one live region screen readers announce).
+//
+// Runs as the `js_on_load` of a gr.HTML whose value is one message per server yield:
+//   {reply, seq, state, text, pcm?: base64 int16 little-endian mono 24 kHz, rate}
+// Gradio 6's own streaming gr.Audio re-encodes PCM to AAC/HLS and starts playing with 0.04-0.2 s
+// buffered, so it runs dry at the start of most replies (bufferStalledError). Here the first
+// chunk is held for LEAD_S and every later chunk starts exactly where the previous one ends.
+const SAMPLE_RATE = 24000;  // the engine's output rate
+const LEAD_S = 0.3;  // start-up buffer, seconds: covers network and yield jitter, not a slow server
+const MAX_LEAD_S = 2;  // longest re-buffer after a stall, seconds
+const omni = window.omniPlayer = {
+  ctx: null, gain: null, reply: null, stopped: new Set(), sentAt: null, history: [], arrivals: [],
+};
+const view = element.querySelector('.player-state');
+const live = element.querySelector('.player-live');
+
+function context(rate) {
+  if (!omni.ctx) {
+    omni.ctx = new AudioContext({sampleRate: rate});
+    omni.gain = omni.ctx.createGain();
+    omni.gain.connect(omni.ctx.destination);
+  }
+  if (omni.ctx.state === 'suspended') omni.ctx.resume();
+  return omni.ctx;
+}
+
+function pcmToFloat(b64) {
+  const bytes = atob(b64);
+  const out = new Float32Array(bytes.length >> 1);
+  for (let i = 0; i < out.length; i++) {
+    const v = bytes.charCodeAt(2 * i) | (bytes.charCodeAt(2 * i + 1) << 8);
+    out[i] = (v >= 32768 ? v - 65536 : v) / 32768;
+  }
+  return out;
+}
+
+function newReply(id) {
+  silenceOthers();
+  omni.reply = {id, segments: [], sources: [], end: null, generated: 0, stalls: [], state: null,
+                sentAt: omni.sentAt, heardAt: null, text: ''};
+  omni.history.push(omni.reply);
+  return omni.reply;
+}
+
+function schedule(reply, samples, rate) {
+  const ctx = context(rate);
+  const buffer = ctx.createBuffer(1, samples.length, rate);
+  buffer.copyToChannel(samples, 0);
+  const source = ctx.createBufferSource();
+  source.buffer = buffer;
+  source.connect(omni.gain);
+  const now = ctx.currentTime;
+  let start = reply.end;
+  if (start === null) {
+    start = now + LEAD_S;
+  } else if (start < now + 0.01) {  // ran dry (the server fell behind real time): buffer again, as
+    reply.stalls.push(now - start);  // much more as the gap just suffered, so it does not repeat
+    start = now + Math.min(LEAD_S + now - start, MAX_LEAD_S);
+  }
+  source.start(start);
+  if (reply.heardAt === null) reply.heardAt = performance.now() + (start - now + (ctx.outputLatency || 0)) * 1000;
+  reply.segments.push([start, buffer.duration]);
+  reply.sources.push(source);
+  reply.end = start + buffer.duration;
+  reply.generated += buffer.duration;
+}
+
+// Seconds of the reply that have actually been played (the audio clock, not the schedule).
+omni.position = function () {
+  const reply = omni.reply;
+  if (!reply || !omni.ctx) return 0;
+  const now = reply.stoppedAt ?? omni.ctx.currentTime;
+  return reply.segments.reduce((s, [start, d]) => s + Math.min(Math.max(now - start, 0), d), 0);
+};
+
+omni.stop = function () {
+  const reply = omni.reply;
+  if (!reply) return;
+  omni.stopped.add(reply.id);
+  if (omni.ctx) reply.stoppedAt = omni.ctx.currentTime;
+  reply.sources.forEach(s => { try { s.stop(); } catch (e) { /* not started */ } });
+  reply.sources = [];
+  if (!['done', 'stopped', 'error'].includes(reply.state)) setState(reply, 'stopped', 'Stopped.');
+};
+
+// A reply replayed from the chat never plays over the live one, and the other way round.
+function silenceOthers() {
+  document.querySelectorAll('audio, video').forEach(m => { if (!m.paused) m.pause(); });
+}
+document.addEventListener('play', e => {
+  const reply = omni.reply;
+  if (reply && reply.end !== null && omni.ctx && reply.end > omni.ctx.currentTime && !reply.stoppedAt) {
+    omni.stop();
+  }
+}, true);
+
+function heardText(reply) {
+  if (reply.heardAt === null || reply.sentAt === null) return '';
+  return `first sound heard ${((reply.heardAt - reply.sentAt) / 1000).toFixed(2)} s after Send`;
+}
+
+function setState(reply, state, text) {
+  if (state !== reply.state) live.textContent = text;  // announced once per state, never per token
+  reply.state = state;
+  reply.text = text;
+  render();
+}
+
+function render() {
+  const reply = omni.reply;
+  if (!reply) return;
+  let line = reply.text;
+  if (reply.generated > 0 && ['speaking', 'done', 'stopped'].includes(reply.state)) {
+    const played = omni.position();
+    line = `${reply.state === 'speaking' || played < reply.generated - 0.05 && !reply.stoppedAt
+      ? 'Speaking' : reply.text.replace(/\.$/, '')} · ${played.toFixed(1)} s played of ${reply.generated.toFixed(1)} s`;
+  }
+  view.textContent = line;
+  element.dataset.state = reply.state || '';
+  const heard = document.querySelector('#stats .heard');
+  const stats = document.querySelector('#stats');
+  if (stats && heardText(reply) && ['done', 'stopped'].includes(reply.state) && !heard && stats.textContent.trim()) {
+    const span = document.createElement('span');
+    span.className = 'heard';
+    span.textContent = ` · ${heardText(reply)}`;
+    (stats.querySelector('p') || stats).appendChild(span);
+  }
+}
+setInterval(render, 100);
+
+// A notice: a toast that leaves by itself, announced once; the reply's own state is untouched.
+function toast(text) {
+  let box = document.querySelector('#omni-toasts');
+  if (!box) {
+    box = document.createElement('div');
+    box.id = 'omni-toasts';
+    box.setAttribute('role', 'alert');
+    document.body.appendChild(box);
+  }
+  const item = document.createElement('div');
+  item.className = 'omni-toast';
+  item.textContent = text;
+  box.appendChild(item);
+  setTimeout(() => item.remove(), 6000);
+}
+
+function receive(message) {
+  if (message && message.notice) return toast(message.notice);
+  if (!message || !message.reply) return;
+  // [page ms, seq, state, seconds of audio, ms from the server making it to its arrival here]
+  omni.arrivals.push([performance.now(), message.seq, message.state,
+                      message.pcm ? message.pcm.length * 3 / 8 / message.rate : 0,
+                      message.made_at ? Date.now() - message.made_at * 1000 : null]);
+  if (omni.stopped.has(message.reply)) return;  // Stop was pressed: what is still in flight stays silent
+  const reply = omni.reply && omni.reply.id === message.reply ? omni.reply : newReply(message.reply);
+  if (message.pcm) schedule(reply, pcmToFloat(message.pcm), message.rate);
+  if (message.state) setState(reply, message.state, message.text || '');
+}
+
+// Enter / Send starts the "first sound heard" clock; Esc stops the reply.
+document.addEventListener('keydown', e => {
+  if (e.key === 'Enter' && !e.shiftKey && e.target.closest && e.target.closest('#textbox')) {
+    omni.sentAt = performance.now();
+    context(SAMPLE_RATE);  // created inside the user's gesture, so autoplay rules let it sound
+  } else if (e.key === 'Escape') {
+    const stop = document.querySelector('#textbox .stop-button, #textbox button[aria-label="Stop"]');
+    if (stop) { e.preventDefault(); stop.click(); } else omni.stop();
+  }
+}, true);
+document.addEventListener('click', e => {
+  const button = e.target.closest && e.target.closest('#textbox button');
+  if (button && /submit|send/i.test(button.className + ' ' + (button.getAttribute('aria-label') || ''))) {
+    omni.sentAt = performance.now();
+    context(SAMPLE_RATE);
+  }
+}, true);
+
+watch('value', () => receive(props.value));
