@@ -1,0 +1,157 @@
+"""One engine, one reply at a time, for an asyncio server.
+
+The engine is a blocking generator, so one worker thread runs the replies in turn: it iterates
+`engine.stream` and hands each event to the request's asyncio queue. A request that is cancelled
+(client gone) sets its `cancel` Event: a running reply stops within one decode step or audio
+chunk, a waiting one is skipped. The thread lives as long as the server and is joined by `stop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import threading
+from collections import deque
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import GenerationOptions
+
+log = logging.getLogger(__name__)
+_END = object()  # a reply's last queue item after its events
+
+
+class QueueFull(Exception):
+    """Too many replies are waiting; the message says how many."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One reply: its request, and the queue its events arrive on (filled from the worker thread)."""
+
+    messages: list[dict]
+    options: GenerationOptions
+    media_dir: Path | None  # removed by the worker once the reply is over
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the server's event loop is closed: nobody is listening
+            self.cancel.set()
+
+    async def next(self):
+        """The next event; raises the reply's exception, or StopAsyncIteration after the last event."""
+        item = await self.events.get()
+        if item is _END:
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self.next()
+
+
+class ReplyWorker:
+    """Runs replies on `engine` one at a time, in one thread; refuses requests past `max_waiting`."""
+
+    def __init__(self, engine, max_waiting: int = 16):
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._jobs: deque[Job] = deque()
+        self._changed = threading.Condition()
+        self._running: Job | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="reply-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Cancel every reply, running or waiting, and join the thread."""
+        with self._changed:
+            self._closing = True
+            for job in [*self._jobs, *([self._running] if self._running else [])]:
+                job.cancel.set()
+            self._changed.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def running(self) -> int:
+        return int(self._running is not None)
+
+    @property
+    def waiting(self) -> int:
+        with self._changed:
+            return sum(not job.cancel.is_set() for job in self._jobs)
+
+    def submit(self, messages: list[dict], options: GenerationOptions, media_dir: Path | None = None) -> Job:
+        """Queue a reply (call from the event loop); raises QueueFull when `max_waiting` are waiting."""
+        job = Job(messages, options, media_dir, asyncio.get_running_loop())
+        with self._changed:
+            self._drop_cancelled()
+            if self._closing or len(self._jobs) >= self.max_waiting:
+                raise QueueFull(f"the server is busy: {len(self._jobs)} replies are already waiting; "
+                                "try again shortly")
+            self._jobs.append(job)
+            self._changed.notify()
+        return job
+
+    def _loop(self) -> None:
+        while (job := self._next()) is not None:
+            try:
+                self._run(job)
+            finally:
+                self._cleanup(job)
+                with self._changed:
+                    self._running = None
+
+    def _next(self) -> Job | None:
+        with self._changed:
+            while not self._jobs and not self._closing:
+                self._changed.wait()
+            if self._closing:
+                for job in self._jobs:
+                    self._cleanup(job)
+                return None
+            self._running = self._jobs.popleft()
+            return self._running
+
+    def _run(self, job: Job) -> None:
+        if job.cancel.is_set():  # the client left while it waited
+            return
+        try:
+            with closing(self.engine.stream(job.messages, job.options, job.cancel)) as events:
+                for event in events:
+                    job.put(event)
+                    if job.cancel.is_set():  # the engine notices within a step; this also ends a prefill
+                        break
+            job.put(_END)
+        except Exception as exc:  # handed to the request, which turns it into an HTTP error
+            if not isinstance(exc, ValueError):
+                log.exception("reply failed")
+            job.put(exc)
+
+    def _drop_cancelled(self) -> None:
+        """Forget waiting replies whose clients left (called with the lock held)."""
+        for job in [job for job in self._jobs if job.cancel.is_set()]:
+            self._jobs.remove(job)
+            self._cleanup(job)
+
+    @staticmethod
+    def _cleanup(job: Job) -> None:
+        if job.media_dir is not None:
+            shutil.rmtree(job.media_dir, ignore_errors=True)
