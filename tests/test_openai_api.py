@@ -1,5 +1,5 @@
 """The OpenAI mapping as pure functions (no model, no server): request fields to GenerationOptions
-by name, OpenAI messages to Qwen messages, response chunks."""
+by name, OpenAI messages to Qwen messages, response chunks, and the UI's client side of it."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from omni_demo.config import DEFAULT_SYSTEM_PROMPT, GenerationOptions
-from omni_demo.events import Finished, Stats, pcm16
+from omni_demo.events import AudioChunk, Finished, Stats, TextDelta, pcm16
 from omni_demo.openai_api import ApiError, ApiLimits, Media, ReplyFormat, parse_chat_request, write_media
+from omni_demo.remote import ReplyDecoder, request_body
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 VOICES = ["Chelsie", "Ethan"]
@@ -100,3 +101,36 @@ def test_chunks_carry_text_audio_and_usage():
     whole = ReplyFormat("tiny", "wav").completion(finished(), samples)["choices"][0]["message"]
     with wave.open(io.BytesIO(base64.b64decode(whole["audio"]["data"]))) as wav:
         assert wav.getframerate() == 24000 and wav.getnframes() == 960
+
+
+def test_the_ui_client_sends_what_the_server_parses_back(tmp_path):
+    options = GenerationOptions(voice="Ethan", greedy=True, seed=5, max_new_tokens=40, min_new_tokens=8,
+                                max_audio_tokens=200, top_k=10, use_audio_in_video=True)
+    messages = [{"role": "system", "content": [{"type": "text", "text": "sys"}]},
+                {"role": "user", "content": [{"type": "image", "image": str(ASSETS / "shapes.png")},
+                                             {"type": "audio", "audio": str(ASSETS / "question.wav")},
+                                             {"type": "video", "video": str(ASSETS / "talking_shapes.mp4")},
+                                             {"type": "text", "text": "hi"}]}]
+    chat = parse_chat_request(request_body("tiny", messages, options), VOICES)
+    assert chat.options == options and chat.stream and chat.audio_format == "pcm16"
+    for sent, received in zip(messages[1]["content"], write_media(chat.messages, tmp_path)[1]["content"]):
+        kind = sent["type"]
+        assert kind == received["type"]
+        if kind != "text":
+            assert Path(received[kind]).read_bytes() == Path(sent[kind]).read_bytes()
+
+
+def test_the_ui_client_decodes_chunks_into_engine_events():
+    fmt, samples = ReplyFormat("tiny", "pcm16"), np.sin(np.arange(1440, dtype=np.float32) / 10)
+    decoder = ReplyDecoder([], start=0.0)
+    events = [event for chunk in (fmt.first_chunk(), fmt.text_chunk("Hi "), fmt.audio_chunk(samples[:480]),
+                                  fmt.text_chunk("there"), fmt.audio_chunk(samples[480:]), fmt.last_chunk(finished()))
+              for event in decoder.feed(chunk)]
+    assert [type(e) for e in events] == [TextDelta, AudioChunk, TextDelta, AudioChunk]
+    assert events[3].start_sample == 480
+    decoded = np.concatenate([e.samples for e in events if isinstance(e, AudioChunk)])
+    assert np.array_equal(pcm16(decoded), pcm16(samples)), "pcm16 survives the round trip exactly"
+    done = decoder.finished()
+    assert (done.text, done.audio_samples, done.stop_reason) == ("Hi there", 1440, "length")
+    stats = done.stats
+    assert (stats.prompt_tokens, stats.reused_prompt_tokens, stats.text_tokens, stats.audio_tokens) == (40, 30, 4, 3)
