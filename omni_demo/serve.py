@@ -2,9 +2,10 @@
 
     python -m omni_demo.serve --model tiny                   # http://127.0.0.1:8000/v1
     python -m omni_demo.serve --api-key secret --host 0.0.0.0
+    python -m omni_demo.serve --ray --replicas 2             # Ray Serve, one GPU per replica
 
-`create_app(engine, config)` is the ASGI app, run here under uvicorn. One reply runs on the
-engine at a time; others wait (bounded).
+`create_app(engine, config)` is the ASGI app; the same app runs under uvicorn here and in each
+Ray Serve replica (`ray_serve.py`). One reply runs on the engine at a time; others wait (bounded).
 """
 
 from __future__ import annotations
@@ -298,6 +299,17 @@ def load_engine(args):
     return OmniEngine(load_model(model_config(args)), lean=args.lean)
 
 
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("Ray Serve (--ray)")
+    group.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve (pip install 'ray[serve]')")
+    group.add_argument("--replicas", type=int, default=1, help="replicas (autoscaling: the minimum)")
+    group.add_argument("--max-replicas", type=int, help="autoscale up to this many replicas")
+    group.add_argument("--gpus-per-replica", type=float, help="default: 1, or 0 with --device cpu")
+    group.add_argument("--max-ongoing-requests", type=int, default=1,
+                       help="requests Ray sends one replica at once (default 1: Ray holds the rest, so each "
+                            "goes to the first idle replica)")
+
+
 def replica_parser() -> argparse.ArgumentParser:
     """The flags of one server: the model's and the HTTP server's."""
     from .cli import add_model_arguments
@@ -310,7 +322,9 @@ def replica_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return replica_parser().parse_args(argv)
+    parser = replica_parser()
+    add_ray_arguments(parser)
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
@@ -318,6 +332,10 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.ray:
+        from .ray_serve import run_on_ray
+
+        return run_on_ray(args)
     try:
         engine = load_engine(args)
     except ModelLoadError as exc:

@@ -18,13 +18,15 @@ API_KEY = "test-key"
 
 class ApiServer:
     def __init__(self, *args: str, env: dict | None = None):
+        """`env` is added to this process's environment; a None value removes that variable."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.log = open(ROOT / f".serve-{self.port}.log", "w+")  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", "omni_demo.serve", "--model", "tiny", "--device", "cpu",
              "--port", str(self.port), *args],
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+            env={key: value for key, value in {**os.environ, **(env or {})}.items() if value is not None},
         )
 
     def health(self, timeout: float = 5) -> dict:
