@@ -29,8 +29,10 @@ from .events import Finished, pcm16
 
 MB = 1 << 20
 AUDIO_FORMATS = ("pcm16", "wav")
-INPUT_AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "m4a", "webm")  # OpenAI: wav, mp3; ffmpeg reads the rest
-MEDIA_PARTS = {"image_url": "image", "input_audio": "audio", "audio_url": "audio", "video_url": "video"}
+OPENAI_INPUT_AUDIO_FORMATS = ("wav", "mp3")
+INPUT_AUDIO_FORMATS = (*OPENAI_INPUT_AUDIO_FORMATS, "flac", "ogg", "m4a", "webm")  # ffmpeg reads them all
+URL_PARTS = {"image": "image_url", "audio": "audio_url", "video": "video_url"}  # Qwen kind -> part with a data URL
+MEDIA_PARTS = {**{part: kind for kind, part in URL_PARTS.items()}, "input_audio": "audio"}  # part -> Qwen kind
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls")
 # Accepted only at their no-op value, so a client relying on them hears that they are not supported.
 NEUTRAL_FIELDS = {"n": (1,), "frequency_penalty": (0,), "presence_penalty": (0,), "logprobs": (False,),
@@ -69,9 +71,11 @@ class ApiLimits:
     max_media_bytes: int = 64 * MB  # one decoded image, audio or video part (413)
     max_tokens: int = 4096  # ceiling of max_tokens / max_completion_tokens (thinker tokens)
     max_audio_tokens: int = 4096  # ceiling of max_audio_tokens (talker codes, 50 per second of speech)
+    upload_timeout_s: float = 120.0  # the whole body must arrive within this (408)
 
     def __post_init__(self):
-        if min(self.max_request_bytes, self.max_media_bytes, self.max_tokens, self.max_audio_tokens) < 1:
+        if min(self.max_request_bytes, self.max_media_bytes, self.max_tokens, self.max_audio_tokens,
+               self.upload_timeout_s) <= 0:
             raise ValueError("API limits must be positive")
 
 

@@ -6,8 +6,10 @@ replicas and replaces dead ones; none of that is ours.
     RAY_ADDRESS=auto python -m omni_demo.serve --ray --replicas 8     # a running Ray cluster
     serve run serve_config.yaml                                       # Ray's own config file
 
-Replica options are the server's own flags (`--model`, `--api-key`, `--max-queue`, ...), passed
-as a dict (`model: tiny` in serve_config.yaml).
+Replica options are the server's model and API flags (`--model`, `--api-key`, `--max-media-mb`,
+...), passed as a dict (`model: tiny` in serve_config.yaml). Where to listen and how many requests
+may wait are Ray's deployment options: with max_ongoing_requests 1, each replica gets one request
+at a time and Ray holds the others (up to max_queued_requests) for the first idle replica.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 
 from ray import serve
 
-from .serve import create_app, load_engine, replica_parser, server_config
+from .serve import ServerConfig, create_app, load_engine, replica_parser, server_config
 
 log = logging.getLogger(__name__)
 APP_NAME = "omni"
@@ -37,6 +39,7 @@ def replica_args(options: dict) -> argparse.Namespace:
 
 @serve.deployment(
     max_ongoing_requests=1,  # the replica's real concurrency: Ray holds the rest and routes each to an idle replica
+    max_queued_requests=ServerConfig.max_waiting,  # per proxy; past it Ray answers 503
     health_check_period_s=10,
     health_check_timeout_s=30,
     graceful_shutdown_timeout_s=20,
@@ -50,7 +53,8 @@ class OmniServer:
         args = replica_args(options)
         self.engine = load_engine(args)
         replica = serve.get_replica_context().replica_id.unique_id
-        self.config = server_config(args, server_id=f"{replica}@{os.getpid()}")
+        # No queue bound in the replica: Ray sends it at most max_ongoing_requests at once.
+        self.config = server_config(args, max_waiting=None, server_id=f"{replica}@{os.getpid()}")
         self.asgi = None
 
     def __serve_build_asgi_app__(self):
@@ -94,10 +98,8 @@ def run_on_ray(args) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     defaults = vars(replica_parser().parse_args([]))
     options = {key: value for key, value in vars(args).items() if key in defaults}
-    # Ray bounds the queue in front of the replicas; a replica never refuses what Ray sends it.
-    options["max_queue"] = args.max_ongoing_requests
     app = OmniServer.options(**deployment_options(args)).bind(options)
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
+    ray.init(include_dashboard=False)  # joins the cluster at RAY_ADDRESS, if set
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)

@@ -4,6 +4,10 @@ The engine is a blocking generator, so one worker thread runs the replies in tur
 `engine.stream` and hands each event to the request's asyncio queue. A request that is cancelled
 (client gone) sets its `cancel` Event: a running reply stops within one decode step or audio
 chunk, a waiting one is skipped. The thread lives as long as the server and is joined by `stop`.
+
+A request takes its place (`admit`) before its body is read, so that the requests held in
+memory (being read, waiting or running) stay bounded; its place is free again once its reply has
+been generated, not once the client has read it, so a slow reader holds no place.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import GenerationOptions
+from .errors import EngineError
 
 log = logging.getLogger(__name__)
 _END = object()  # a reply's last queue item after its events
@@ -61,11 +66,13 @@ class Job:
 
 
 class ReplyWorker:
-    """Runs replies on `engine` one at a time, in one thread; refuses requests past `max_waiting`."""
+    """Runs replies on `engine` one at a time, in one thread; admits one running and `max_waiting`
+    more (None: no bound here, where something in front bounds them, as Ray Serve does)."""
 
-    def __init__(self, engine, max_waiting: int = 16):
+    def __init__(self, engine, max_waiting: int | None = 16):
         self.engine = engine
         self.max_waiting = max_waiting
+        self._admitted = 0  # requests between `admit` and the end of their reply (or `withdraw`)
         self._jobs: deque[Job] = deque()
         self._changed = threading.Condition()
         self._running: Job | None = None
@@ -76,7 +83,7 @@ class ReplyWorker:
         self._thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Cancel every reply, running or waiting, and join the thread."""
+        """Cancel every reply, running or waiting (those get an EngineError), and join the thread."""
         with self._changed:
             self._closing = True
             for job in [*self._jobs, *([self._running] if self._running else [])]:
@@ -98,14 +105,28 @@ class ReplyWorker:
         with self._changed:
             return sum(not job.cancel.is_set() for job in self._jobs)
 
-    def submit(self, messages: list[dict], options: GenerationOptions, media_dir: Path | None = None) -> Job:
-        """Queue a reply (call from the event loop); raises QueueFull when `max_waiting` are waiting."""
-        job = Job(messages, options, media_dir, asyncio.get_running_loop())
+    def admit(self) -> None:
+        """Take a place for one request before it is read; raises QueueFull when none is free.
+        `submit` hands the place to the reply; `withdraw` gives it back if the request fails first."""
         with self._changed:
             self._drop_cancelled()
-            if self._closing or len(self._jobs) >= self.max_waiting:
-                raise QueueFull(f"the server is busy: {len(self._jobs)} replies are already waiting; "
-                                "try again shortly")
+            if self._closing:
+                raise QueueFull("the server is shutting down")
+            if self.max_waiting is not None and self._admitted > self.max_waiting:
+                raise QueueFull(f"the server is busy: one reply is running and {self.max_waiting} more are "
+                                "waiting or being sent; try again shortly")
+            self._admitted += 1
+
+    def withdraw(self) -> None:
+        with self._changed:
+            self._admitted -= 1
+
+    def submit(self, messages: list[dict], options: GenerationOptions, media_dir: Path | None = None) -> Job:
+        """Queue the reply of an admitted request (call from the event loop)."""
+        job = Job(messages, options, media_dir, asyncio.get_running_loop())
+        with self._changed:
+            if self._closing:
+                raise QueueFull("the server is shutting down")
             self._jobs.append(job)
             self._changed.notify()
         return job
@@ -115,7 +136,7 @@ class ReplyWorker:
             try:
                 self._run(job)
             finally:
-                self._cleanup(job)
+                self._finish(job)
                 with self._changed:
                     self._running = None
 
@@ -125,7 +146,8 @@ class ReplyWorker:
                 self._changed.wait()
             if self._closing:
                 for job in self._jobs:
-                    self._cleanup(job)
+                    job.put(EngineError("the server is shutting down"))
+                    self._finish(job)
                 return None
             self._running = self._jobs.popleft()
             return self._running
@@ -149,9 +171,11 @@ class ReplyWorker:
         """Forget waiting replies whose clients left (called with the lock held)."""
         for job in [job for job in self._jobs if job.cancel.is_set()]:
             self._jobs.remove(job)
-            self._cleanup(job)
+            self._finish(job)
 
-    @staticmethod
-    def _cleanup(job: Job) -> None:
+    def _finish(self, job: Job) -> None:
+        """The reply is over: free its place and its media files."""
+        with self._changed:  # re-entrant: also called with the lock held
+            self._admitted -= 1
         if job.media_dir is not None:
             shutil.rmtree(job.media_dir, ignore_errors=True)

@@ -31,10 +31,19 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .errors import EngineError, ModelLoadError
+from .errors import EngineError, InputError, ModelLoadError
 from .events import AudioChunk, ContextTrimmed, Finished, TextDelta
-from .openai_api import MB, ApiError, ApiLimits, ChatRequest, ReplyFormat, parse_body, parse_chat_request, sse, \
-    write_media
+from .openai_api import (
+    MB,
+    ApiError,
+    ApiLimits,
+    ChatRequest,
+    ReplyFormat,
+    parse_body,
+    parse_chat_request,
+    sse,
+    write_media,
+)
 from .reply_worker import Job, QueueFull, ReplyWorker
 
 log = logging.getLogger(__name__)
@@ -44,13 +53,14 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 @dataclass(frozen=True)
 class ServerConfig:
     api_key: str | None = None  # required as "Authorization: Bearer <key>" on /v1/*; None: open
-    max_waiting: int = 16  # replies queued behind the running one; past it: 503
+    max_waiting: int | None = 16  # requests admitted besides the running reply; past it: 503. None: no
+    # bound here (Ray Serve bounds what reaches a replica with max_ongoing_requests)
     limits: ApiLimits = ApiLimits()
     model_name: str | None = None  # the id clients send as "model"; None: the loaded model's name
     server_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")  # x-omni-server
 
     def __post_init__(self):
-        if self.max_waiting < 0:
+        if self.max_waiting is not None and self.max_waiting < 0:
             raise ValueError("max_waiting cannot be negative")
 
 
@@ -62,7 +72,7 @@ def api_error(exc: BaseException) -> ApiError:
     """Our exceptions as HTTP errors: bad input 400, busy 503, anything unexpected 500."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, ValueError):  # InputError, and GenerationOptions' checks
+    if isinstance(exc, InputError):
         return ApiError(400, str(exc))
     if isinstance(exc, QueueFull):
         return ApiError(503, str(exc), code="queue_full")
@@ -84,14 +94,28 @@ def error_response(request: Request, exc: Exception) -> Response:
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, or 413 past `limit` bytes. An oversized body is still read (up to twice the limit)
-    so that the client gets the 413 instead of a reset connection."""
-    declared = request.headers.get("content-length", "")
+async def read_body(request: Request, limits: ApiLimits) -> bytes:
+    """The body; 413 past `limits.max_request_bytes`, 408 when it takes over `limits.upload_timeout_s`
+    (a request holds its place in the queue while it is read)."""
+    limit = limits.max_request_bytes
     too_large = ApiError(413, f"the request body is over the {limit / MB:g} MB limit; send smaller media",
                          code="request_too_large")
+    declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > 2 * limit + MB:
         raise too_large
+    try:
+        body, size = await asyncio.wait_for(_read_upto(request, limit), limits.upload_timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body took over {limits.upload_timeout_s:g} s to arrive",
+                       code="request_timeout") from None
+    if size > limit:
+        raise too_large
+    return body
+
+
+async def _read_upto(request: Request, limit: int) -> tuple[bytes, int]:
+    """(the body's first `limit` bytes, its size). An oversized body is still read, up to twice
+    the limit, so that the client gets the 413 instead of a reset connection."""
     body, size = bytearray(), 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -99,9 +123,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             body += chunk
         elif size > 2 * limit + MB:
             break
-    if size > limit:
-        raise too_large
-    return bytes(body)
+    return bytes(body), size
 
 
 async def until_disconnected(request: Request, coro):
@@ -160,8 +182,6 @@ async def sse_events(job: Job, event, fmt: ReplyFormat, include_usage: bool):
             yield sse(fmt.usage_chunk(event))
     except Exception as exc:
         yield sse(api_error(exc).body())
-    finally:
-        job.cancel.set()
     yield sse("[DONE]")
 
 
@@ -227,8 +247,14 @@ class ChatServer:
 
     async def chat_completions(self, request: Request) -> Response:
         self.authorize(request)
-        chat = await asyncio.to_thread(self.parse, await read_body(request, self.config.limits.max_request_bytes))
-        job = await self.submit(chat)
+        self.worker.admit()  # 503 before the body is read when the queue is full
+        try:
+            body = await read_body(request, self.config.limits)
+            chat = await asyncio.to_thread(self.parse, body)
+            job = await self.submit(chat)
+        except BaseException:
+            self.worker.withdraw()
+            raise
         try:
             event, trimmed = await until_disconnected(request, first_event(job))
         except BaseException:
@@ -262,41 +288,40 @@ def create_app(engine, config: ServerConfig = ServerConfig()) -> Starlette:
         Route("/v1/models", server.models),
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
     ]
-    kinds = (ApiError, ValueError, QueueFull, EngineError, HTTPException, ClientGone, ClientDisconnect, Exception)
+    # Exception alone would do, but Starlette re-raises what reaches its handler for Exception (a
+    # traceback in the log): the errors we expect are listed so that only bugs get one.
+    kinds = (ApiError, InputError, QueueFull, EngineError, HTTPException, ClientGone, ClientDisconnect, Exception)
     handlers = {kind: error_response for kind in kinds}
     app = Starlette(routes=routes, lifespan=server.lifespan, exception_handlers=handlers)
     app.state.server = server
     return app
 
 
-def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+def add_http_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the server listens and how many replies may wait: the whole server's flags (Ray Serve's
+    proxy and queue with --ray)."""
     env = os.environ.get
     parser.add_argument("--host", default=env("OMNI_SERVE_HOST", "127.0.0.1"), help="0.0.0.0 to serve the network")
     parser.add_argument("--port", type=int, default=int(env("OMNI_SERVE_PORT", 8000)))
-    parser.add_argument("--api-key", default=env("OMNI_API_KEY"), help="require 'Authorization: Bearer KEY'")
+    parser.add_argument("--max-queue", type=int, default=ServerConfig.max_waiting,
+                        help="replies that may wait for the model (with --ray: for a replica); past it: 503")
+
+
+def add_api_arguments(parser: argparse.ArgumentParser) -> None:
+    """What each server (each Ray Serve replica) accepts."""
+    limits = ApiLimits()
+    parser.add_argument("--api-key", default=os.environ.get("OMNI_API_KEY"),
+                        help="require 'Authorization: Bearer KEY'")
     parser.add_argument("--served-model-name", help="the model id clients send (default: --model)")
-    parser.add_argument("--max-queue", type=int, default=16, help="replies waiting per replica; past it: 503")
-    parser.add_argument("--max-request-mb", type=float, default=100, help="largest request body (413 past it)")
-    parser.add_argument("--max-media-mb", type=float, default=64, help="largest decoded media part (413 past it)")
-    parser.add_argument("--max-tokens", type=int, default=4096, help="ceiling of max_tokens")
-    parser.add_argument("--max-audio-tokens", type=int, default=4096, help="ceiling of max_audio_tokens (50/s)")
-
-
-def server_config(args, server_id: str | None = None) -> ServerConfig:
-    limits = ApiLimits(max_request_bytes=int(args.max_request_mb * MB), max_media_bytes=int(args.max_media_mb * MB),
-                       max_tokens=args.max_tokens, max_audio_tokens=args.max_audio_tokens)
-    extra = {"server_id": server_id} if server_id else {}
-    return ServerConfig(api_key=args.api_key or None, max_waiting=args.max_queue, limits=limits,
-                        model_name=args.served_model_name, **extra)
-
-
-def load_engine(args):
-    from .cli import model_config, quiet_libraries
-    from .engine import OmniEngine
-    from .loading import load_model
-
-    quiet_libraries()
-    return OmniEngine(load_model(model_config(args)), lean=args.lean)
+    parser.add_argument("--max-request-mb", type=float, default=limits.max_request_bytes / MB,
+                        help="largest request body (413 past it)")
+    parser.add_argument("--max-media-mb", type=float, default=limits.max_media_bytes / MB,
+                        help="largest decoded media part (413 past it)")
+    parser.add_argument("--upload-timeout-s", type=float, default=limits.upload_timeout_s,
+                        help="time a request body may take to arrive (408 past it)")
+    parser.add_argument("--max-tokens", type=int, default=limits.max_tokens, help="ceiling of max_tokens")
+    parser.add_argument("--max-audio-tokens", type=int, default=limits.max_audio_tokens,
+                        help="ceiling of max_audio_tokens (50 per second of speech)")
 
 
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
@@ -311,20 +336,39 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def replica_parser() -> argparse.ArgumentParser:
-    """The flags of one server: the model's and the HTTP server's."""
+    """The flags of one replica: the model's and the API's (`ray_serve` takes them as options)."""
     from .cli import add_model_arguments
 
     parser = argparse.ArgumentParser(prog="python -m omni_demo.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    add_server_arguments(parser)
+    add_api_arguments(parser)
     return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = replica_parser()
+    add_http_arguments(parser)
     add_ray_arguments(parser)
     return parser.parse_args(argv)
+
+
+def server_config(args, max_waiting: int | None, server_id: str | None = None) -> ServerConfig:
+    limits = ApiLimits(max_request_bytes=int(args.max_request_mb * MB), max_media_bytes=int(args.max_media_mb * MB),
+                       upload_timeout_s=args.upload_timeout_s, max_tokens=args.max_tokens,
+                       max_audio_tokens=args.max_audio_tokens)
+    extra = {"server_id": server_id} if server_id else {}
+    return ServerConfig(api_key=args.api_key or None, max_waiting=max_waiting, limits=limits,
+                        model_name=args.served_model_name, **extra)
+
+
+def load_engine(args):
+    from .cli import model_config, quiet_libraries
+    from .engine import OmniEngine
+    from .loading import load_model
+
+    quiet_libraries()
+    return OmniEngine(load_model(model_config(args)), lean=args.lean)
 
 
 def main(argv=None) -> int:
@@ -341,7 +385,7 @@ def main(argv=None) -> int:
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(create_app(engine, server_config(args)), host=args.host, port=args.port,
+    uvicorn.run(create_app(engine, server_config(args, args.max_queue)), host=args.host, port=args.port,
                 timeout_graceful_shutdown=10)
     return 0
 

@@ -32,7 +32,8 @@ def test_fields_map_to_generation_options_by_name():
         voice="Ethan", speech=True, temperature=0.7, top_p=0.9, max_new_tokens=50, seed=3, top_k=20,
         repetition_penalty=1.1, min_new_tokens=5, max_audio_tokens=300, min_audio_tokens=10, use_audio_in_video=True)
     assert chat.audio_format == "wav" and not chat.stream
-    assert parse(temperature=0).options.greedy and parse(stream=True, modalities=["text", "audio"]).audio_format == "pcm16"
+    assert parse(temperature=0).options.greedy
+    assert parse(stream=True, modalities=["text", "audio"]).audio_format == "pcm16"
     text_only = parse()
     assert not text_only.options.speech and text_only.audio_format is None
     assert text_only.options.max_new_tokens == 1024 and text_only.options.temperature is None
