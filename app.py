@@ -83,15 +83,14 @@ def auth_pair(value: str | None):
 
 
 def main(argv=None) -> int:
+    from omni_demo.errors import ModelLoadError
+    from omni_demo.remote import RemoteError
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    if args.backend:
-        from omni_demo.remote import RemoteError as StartError
-    else:
-        from omni_demo.errors import ModelLoadError as StartError
     try:
         demo = build_app(args)
-    except StartError as exc:
+    except (ModelLoadError, RemoteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     demo.launch(

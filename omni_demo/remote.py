@@ -23,9 +23,10 @@ import httpx
 import numpy as np
 
 from .config import SAMPLE_RATE, GenerationOptions
-from .events import AudioChunk, ContextTrimmed, Event, Finished, Stats, TextDelta
 from .errors import InputError
+from .events import AudioChunk, ContextTrimmed, Event, Finished, Stats, TextDelta
 from .inputs import MEDIA_TYPES
+from .openai_api import OPENAI_INPUT_AUDIO_FORMATS, URL_PARTS
 
 log = logging.getLogger(__name__)
 CLIENT_ERRORS = (400, 404, 413, 422)  # the request was wrong: shown like local input errors
@@ -42,10 +43,10 @@ def media_part(kind: str, path: str) -> dict:
     except OSError as exc:
         raise InputError(f"cannot read {kind} file {Path(path).name}: {exc.strerror}") from exc
     suffix = Path(path).suffix.lower().lstrip(".")
-    if kind == "audio" and suffix in ("wav", "mp3"):
+    if kind == "audio" and suffix in OPENAI_INPUT_AUDIO_FORMATS:
         return {"type": "input_audio", "input_audio": {"data": data, "format": suffix}}
     mime = mimetypes.guess_type(path)[0] or f"{kind}/{suffix or 'octet-stream'}"
-    name = {"image": "image_url", "audio": "audio_url", "video": "video_url"}[kind]
+    name = URL_PARTS[kind]
     return {"type": name, name: {"url": f"data:{mime};base64,{data}"}}
 
 
