@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import GenerationOptions
-from .errors import EngineError
+from .errors import EngineError, InputError
 
 log = logging.getLogger(__name__)
-_END = object()  # a reply's last queue item after its events
 
 
 class QueueFull(Exception):
@@ -50,19 +49,11 @@ class Job:
             self.cancel.set()
 
     async def next(self):
-        """The next event; raises the reply's exception, or StopAsyncIteration after the last event."""
+        """The next event (the last is Finished); raises the reply's exception."""
         item = await self.events.get()
-        if item is _END:
-            raise StopAsyncIteration
         if isinstance(item, BaseException):
             raise item
         return item
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        return await self.next()
 
 
 class ReplyWorker:
@@ -153,19 +144,19 @@ class ReplyWorker:
             return self._running
 
     def _run(self, job: Job) -> None:
-        if job.cancel.is_set():  # the client left while it waited
-            return
         try:
-            with closing(self.engine.stream(job.messages, job.options, job.cancel)) as events:
-                for event in events:
-                    job.put(event)
-                    if job.cancel.is_set():  # the engine notices within a step; this also ends a prefill
-                        break
-            job.put(_END)
+            if not job.cancel.is_set():  # else its client left while it waited
+                with closing(self.engine.stream(job.messages, job.options, job.cancel)) as events:
+                    for event in events:
+                        job.put(event)
+                        if job.cancel.is_set():  # no need to wait for the engine's own check
+                            break
         except Exception as exc:  # handed to the request, which turns it into an HTTP error
-            if not isinstance(exc, ValueError):
+            if not isinstance(exc, InputError):
                 log.exception("reply failed")
             job.put(exc)
+        else:  # read only by a request still waiting for its Finished event: the server is stopping
+            job.put(EngineError("the reply was stopped before it finished; the server may be shutting down"))
 
     def _drop_cancelled(self) -> None:
         """Forget waiting replies whose clients left (called with the lock held)."""

@@ -148,12 +148,9 @@ async def _disconnect(request: Request) -> None:
 async def first_event(job: Job):
     """(first text/audio/finished event, the ContextTrimmed event before it or None)."""
     trimmed = None
-    async for event in job:
-        if isinstance(event, ContextTrimmed):
-            trimmed = event
-            continue
-        return event, trimmed
-    raise RuntimeError("the reply ended without a Finished event")
+    while isinstance(event := await job.next(), ContextTrimmed):
+        trimmed = event
+    return event, trimmed
 
 
 async def collect(job: Job, event) -> tuple[Finished, np.ndarray]:
