@@ -9,7 +9,7 @@ import pytest
 from .apphelpers import AppServer
 from .browser import CHROMIUM, chromium_page
 from .serverhelpers import API_KEY
-from .test_browser import ARTIFACTS, bot_text
+from .test_browser import ARTIFACTS, SEED, bot_text
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
 
@@ -34,6 +34,7 @@ def test_remote_page_streams_text_and_speech_without_torch(remote_ui, api_server
         page.goto(remote_ui.url, wait_until="networkidle")
         assert "random" in page.locator("#random-banner").inner_text().lower()  # the server's model card says so
         page.get_by_label("Max speech (seconds)").first.fill("10")
+        page.get_by_label("Seed", exact=False).first.fill(str(SEED))  # the local test's reply, long enough
         page.locator("#textbox textarea").fill("Tell me a story about a singing robot")
         page.locator("#textbox textarea").press("Enter")
 
@@ -48,6 +49,7 @@ def test_remote_page_streams_text_and_speech_without_torch(remote_ui, api_server
         assert finished_at, f"the reply did not finish: {remote_ui.output()}"
         page.screenshot(path=str(ARTIFACTS / "browser-remote-reply.png"), full_page=True)
 
+    assert len(observations[-1]) >= 40, f"seed {SEED} gives too short a reply to watch it grow: {observations[-1]!r}"
     distinct = [t for i, t in enumerate(observations) if t and (i == 0 or t != observations[i - 1])]
     assert len(distinct) >= 3, f"chat text should grow over several observations: {distinct[:5]}"
     playlists = [t for t, url in stream_requests if "playlist" in url and t < finished_at]
