@@ -22,7 +22,7 @@ import time
 
 from ray import serve
 
-from .serve import ServerConfig, create_app, load_engine, replica_parser, server_config
+from .serve import RETRY_AFTER_S, ServerConfig, create_app, load_engine, replica_parser, server_config
 
 log = logging.getLogger(__name__)
 APP_NAME = "omni"
@@ -39,7 +39,8 @@ def replica_args(options: dict) -> argparse.Namespace:
 
 @serve.deployment(
     max_ongoing_requests=1,  # the replica's real concurrency: Ray holds the rest and routes each to an idle replica
-    max_queued_requests=ServerConfig.max_waiting,  # per proxy; past it Ray answers 503
+    max_queued_requests=ServerConfig.max_waiting,  # per proxy; past it Ray answers 503, as our server does
+    backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S},
     health_check_period_s=10,
     health_check_timeout_s=30,
     graceful_shutdown_timeout_s=20,

@@ -48,6 +48,7 @@ from .reply_worker import Job, QueueFull, ReplyWorker
 
 log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+RETRY_AFTER_S = 1  # what a busy server (503) tells clients to wait
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def error_response(request: Request, exc: Exception) -> Response:
         error = api_error(exc)
     if error.status >= 500:
         log.error("%s %s -> %d: %s", request.method, request.url.path, error.status, error.message)
-    headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status in (429, 503) else None
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 

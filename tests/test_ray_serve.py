@@ -38,7 +38,7 @@ def replica_ids(server, count: int, timeout: float = 120) -> set[str]:
 @pytest.fixture(scope="module")
 def ray_server(tiny_dir):
     start = time.monotonic()
-    server = ApiServer("--ray", "--replicas", "2", "--max-queue", "8",
+    server = ApiServer("--ray", "--replicas", "2", "--max-queue", "1",
                        env={"RAY_ADDRESS": None, "RAY_DISABLE_USAGE_STATS": "1"}).wait(timeout=300)
     replica_ids(server, 2)
     print(f"Ray Serve with 2 tiny replicas answered after {time.monotonic() - start:.1f} s")
@@ -89,6 +89,25 @@ def test_a_disconnect_through_ray_stops_the_reply(ray_server):
     print(f"reply on {server} stopped {time.monotonic() - closed:.2f} s after the client disconnected")
     assert status["server"] == server and status["running"] == 0
     assert time.monotonic() - closed < 5
+
+
+def test_past_max_queue_ray_answers_503(ray_server):
+    endless = {**REPLY, "extra_body": {"min_tokens": 24, "max_audio_tokens": 4000, "min_audio_tokens": 4000}}
+    streams = [client(ray_server).chat.completions.create(**endless) for _ in range(2)]
+    for stream in streams:
+        next(iter(stream))  # both replicas are busy
+    queued = {}
+    waiter = threading.Thread(target=lambda: queued.update(reply=client(ray_server).chat.completions.create(
+        model="tiny", messages=PROMPT, max_tokens=4)))
+    waiter.start()
+    time.sleep(1.0)  # the proxy holds it (--max-queue 1); no /health call here: it would wait in that queue too
+    with pytest.raises(openai.APIStatusError) as raised:
+        client(ray_server).chat.completions.create(model="tiny", messages=PROMPT, max_tokens=4)
+    assert raised.value.status_code == 503 and raised.value.response.headers.get("retry-after")
+    for stream in streams:
+        stream.close()
+    waiter.join(60)
+    assert queued["reply"].choices[0].message.content is not None, "the queued request ran once a replica was free"
 
 
 def test_a_killed_replica_is_replaced_while_the_other_serves(ray_server):
