@@ -75,8 +75,15 @@ def build(options: dict) -> serve.Application:
     return OmniServer.bind(options)
 
 
-def deployment_options(args) -> dict:
-    gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (0 if args.device == "cpu" else 1)
+def gpus_per_replica(args, cluster_gpus: float) -> float:
+    """--gpus-per-replica, else 0 with --device cpu or on a cluster without GPUs (where a replica
+    asking for one would wait forever), else 1."""
+    if args.gpus_per_replica is not None:
+        return args.gpus_per_replica
+    return 0 if args.device == "cpu" or not cluster_gpus else 1
+
+
+def deployment_options(args, gpus: float) -> dict:
     options = {"ray_actor_options": {"num_cpus": 1, "num_gpus": gpus},
                "max_ongoing_requests": args.max_ongoing_requests, "max_queued_requests": args.max_queue}
     if args.max_replicas and args.max_replicas > args.replicas:
@@ -99,8 +106,9 @@ def run_on_ray(args) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     defaults = vars(replica_parser().parse_args([]))
     options = {key: value for key, value in vars(args).items() if key in defaults}
-    app = OmniServer.options(**deployment_options(args)).bind(options)
     ray.init(include_dashboard=False)  # joins the cluster at RAY_ADDRESS, if set
+    gpus = gpus_per_replica(args, ray.cluster_resources().get("GPU", 0))
+    app = OmniServer.options(**deployment_options(args, gpus)).bind(options)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)

@@ -327,7 +327,9 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve (pip install 'ray[serve]')")
     group.add_argument("--replicas", type=int, default=1, help="replicas (autoscaling: the minimum)")
     group.add_argument("--max-replicas", type=int, help="autoscale up to this many replicas")
-    group.add_argument("--gpus-per-replica", type=float, help="default: 1, or 0 with --device cpu")
+    group.add_argument("--gpus-per-replica", type=float,
+                       help="default: 1; 0 with --device cpu or where the cluster has no GPU (an autoscaling "
+                            "cluster whose GPU nodes start later needs 1 here)")
     group.add_argument("--max-ongoing-requests", type=int, default=1,
                        help="requests Ray sends one replica at once (default 1: Ray holds the rest, so each "
                             "goes to the first idle replica)")

@@ -73,7 +73,7 @@ def test_places_bound_admitted_requests_and_come_back_when_a_reply_is_generated(
 
 
 def test_a_cancelled_waiting_reply_frees_its_place_and_never_runs():
-    engine = FakeEngine()
+    engine = FakeEngine(steps=200)  # 2 s: still running when the test cancels it
     worker = ReplyWorker(engine, max_waiting=1)
 
     async def scenario():
