@@ -3,6 +3,7 @@
     python app.py                   # Qwen/Qwen2.5-Omni-7B on the GPU
     python app.py --model tiny      # offline, tiny random-weight checkpoint (nonsense replies)
     python app.py --share           # plus a public https link (mic and webcam need https)
+    python app.py --backend http://gpu-host:8000/v1   # UI only, replies from `python -m omni_demo.serve`
 
 Every flag has an environment variable (OMNI_MODEL, OMNI_DEVICE, ...), for Spaces and containers.
 """
@@ -38,11 +39,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="requests that may wait; past it users are told the server is busy")
     parser.add_argument("--max-upload-mb", type=float, default=float(env("OMNI_MAX_UPLOAD_MB", 100)))
     parser.add_argument("--auth", default=env("OMNI_AUTH", None), help="user:password for share links")
+    parser.add_argument("--backend", default=env("OMNI_BACKEND", None),
+                        help="URL of an OpenAI-compatible omni_demo.serve (…/v1): no model (and no torch) here")
+    parser.add_argument("--api-key", default=env("OMNI_API_KEY", None), help="the --backend server's API key")
     return parser.parse_args(argv)
 
 
 def build_app(args):
-    """Load the model and return the configured Blocks (not launched)."""
+    """Load the model (or connect to --backend) and return the configured Blocks (not launched)."""
+    if args.backend:  # the UI alone, in front of `python -m omni_demo.serve`: torch is never imported
+        from omni_demo.remote import RemoteBackend
+        from omni_demo.ui import build_demo
+
+        backend = RemoteBackend(args.backend, args.api_key)
+        return build_demo(backend).queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     from omni_demo.cli import quiet_libraries
     from omni_demo.config import CacheConfig
     from omni_demo.engine import OmniEngine
@@ -79,12 +89,13 @@ def _interrupt(*_):
 
 def main(argv=None) -> int:
     from omni_demo.errors import ModelLoadError
+    from omni_demo.remote import RemoteError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
         demo = build_app(args)
-    except ModelLoadError as exc:
+    except (ModelLoadError, RemoteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # SIGTERM ends the server like Ctrl-C: Gradio closes, then exit handlers remove the app's temp folders.

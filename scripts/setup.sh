@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 system=(ffmpeg)
 python_reqs=(-r requirements.txt)
 if [[ "${1:-}" == "--dev" ]]; then
-  system+=(chromium espeak-ng sox)
+  system+=(chromium espeak-ng sox jq)
   python_reqs=(-r requirements-dev.txt)
 fi
 

@@ -60,3 +60,15 @@ def text_messages(text: str = "Hello there, tell me a story", system: str = "You
 def run(engine, messages, options, cancel=None):
     """All events of one reply, in order."""
     return list(engine.stream(messages, options, cancel))
+
+
+@pytest.fixture(scope="session")
+def api_server(tiny_dir):
+    """`python -m omni_demo.serve --model tiny` on loopback: API key, one waiting reply at most, small size
+    and time limits."""
+    from .serverhelpers import API_KEY, ApiServer
+
+    server = ApiServer("--api-key", API_KEY, "--max-queue", "1", "--max-request-mb", "2",
+                       "--max-media-mb", "0.5", "--upload-timeout-s", "2").wait()
+    yield server
+    server.stop()
