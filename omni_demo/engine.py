@@ -205,12 +205,13 @@ class OmniEngine:
                               device=self.loaded.device, limits=self.limits, media_cache=self.media_cache,
                               token_budget=self.prompt_limit(options) // 2)
 
-    def listen(self, history: list[dict], use_audio_in_video: bool = False):
+    def listen(self, history: list[dict], options: GenerationOptions | None = None):
         """A Listener for the next user turn, spoken: it encodes and prefills the audio while it
-        arrives (omni_demo.listening). `history` is the conversation before this turn."""
+        arrives (omni_demo.listening). `history` is the conversation before this turn; `options`
+        those the reply will have (they decide how the history's media are read)."""
         from .listening import Listener
 
-        return Listener(self, history, use_audio_in_video)
+        return Listener(self, history, options or GenerationOptions())
 
     def prompt_limit(self, options: GenerationOptions) -> int:
         """Longest prompt that leaves room for the reply in the thinker's (and talker's) window."""
@@ -221,6 +222,12 @@ class OmniEngine:
         if self.limits.max_context_tokens is not None:
             limit = min(limit, self.limits.max_context_tokens)
         return limit
+
+    def plan_media(self, messages: list[dict], options: GenerationOptions):
+        """Each media part's reading plan (omni_demo.media), its options written into the part: no
+        image or video takes more than half of the prompt window."""
+        return plan_media(messages, self.limits, use_audio_in_video=options.use_audio_in_video,
+                          token_budget=self.prompt_limit(options) // 2, max_image_pixels=image_max_pixels(self.processor))
 
     def fit_context(self, messages, options: GenerationOptions,
                     cancel: threading.Event | None = None) -> tuple[PreparedInputs, int]:
@@ -233,8 +240,7 @@ class OmniEngine:
         limit, limits = self.prompt_limit(options), self.limits
         messages = normalize_conversation(messages)
         check_request(messages, limits)
-        plans = plan_media(messages, limits, use_audio_in_video=options.use_audio_in_video, token_budget=limit // 2,
-                           max_image_pixels=image_max_pixels(self.processor))
+        plans = self.plan_media(messages, options)
         sizes, overhead = count_tokens(self.processor, messages, [plan.tokens for row in plans for plan in row])
         head, starts = turn_starts(messages)
         ends = starts[1:] + [len(messages)]

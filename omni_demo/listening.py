@@ -7,7 +7,7 @@ change, and prefills the thinker over the conversation so far plus the audio tok
 finished window, keeping the result in the engine's conversation cache. When the turn ends only
 the last window and the assistant prefix remain; the reply then starts from the cache:
 
-    listener = engine.listen(history)           # history: the conversation before this turn
+    listener = engine.listen(history, options)  # history: the conversation before this turn
     for pcm in microphone:                      # float32 mono at 16 kHz, any chunk size
         listener.feed_audio(pcm)
     messages = listener.end_turn()              # history + the user turn, its audio an array
@@ -15,10 +15,14 @@ the last window and the assistant prefix remain; the reply then starts from the 
 
 Whisper-style log-mel features are clamped at the clip's maximum minus 8 (log10 units), and a
 window encoded early knows only the maximum so far: when a later part of the clip is louder
-than everything before it, the quietest frames of earlier windows change (digital silence does;
-a microphone's noise floor, far above the clamp, does not). `end_turn` therefore compares every
-window heard with the whole clip's features and keeps only the leading windows that are
-identical; from the first that is not, the clip is encoded and prefilled again.
+than everything before it, the values of earlier windows under the new floor change: digital
+silence, and in a quiet recording a few narrow mel bins (a 10 s clip over a 3e-3 noise floor
+whose last second is the loudest changes 3 to 12 values per window). `end_turn` therefore
+compares every window heard with the whole clip's features and keeps only the leading windows
+that are identical; from the first that is not, the clip is encoded and prefilled again. Even
+then the turn's end is faster than processing the clip afresh: the history is prefilled
+already, and the clip's features are computed at its length, not padded to 300 s as the
+processor pads them.
 
 A window encoded alone equals its part of the whole-clip encoding up to float rounding (matmul
 blocking depends on the shapes; the difference is around 1e-6 of the values), so a reply after
@@ -36,6 +40,7 @@ import torch
 
 from .decoders import ThinkerDecoder
 from .errors import InputError
+from .config import GenerationOptions
 from .inputs import PreparedInputs, media_items, normalize_conversation
 from .prefix_cache import Prefix
 from .prompt import MediaItem, build_prompt, join_tensors, media_key
@@ -56,14 +61,15 @@ class Window:
 class Listener:
     """One spoken user turn, heard as it arrives. Made by `OmniEngine.listen`."""
 
-    def __init__(self, engine, history: list[dict], use_audio_in_video: bool = False):
+    def __init__(self, engine, history: list[dict], options: GenerationOptions):
         if engine.prefix_cache is None:
             raise ValueError("listening needs the engine's conversation cache (CacheConfig(enabled=True))")
         self.engine = engine
         self.processor = engine.processor
         placeholder_turn = {"role": "user", "content": "…"}  # the spoken turn to come
         self.history = normalize_conversation([*history, placeholder_turn])[:-1]
-        self.use_audio_in_video = use_audio_in_video
+        self.options = options
+        self.use_audio_in_video = options.use_audio_in_video
         audio = engine.model.config.thinker_config.audio_config
         self.extractor = self.processor.feature_extractor
         self.hop = self.extractor.hop_length  # 160 samples: one log-mel frame
@@ -72,6 +78,7 @@ class Listener:
         self.samples = np.zeros(0, np.float32)
         self.windows: list[Window] = []  # the windows finished and encoded so far
         self.history_items: list[MediaItem] | None = None
+        self.partial: Prefix | None = None  # the newest prefix this turn's windows prefilled
         self.windows_kept = 0  # after end_turn: leading windows whose features the whole clip confirmed
         self.history_has_video = any(part["type"] == "video" for message in self.history for part in message["content"])
 
@@ -183,11 +190,15 @@ class Listener:
         """Prefill the history and the item's tokens through the cache; keep the result there."""
         engine = self.engine
         if self.history_items is None:
-            self.history_items = media_items(self.processor, self.history, self.use_audio_in_video,
+            plans = engine.plan_media(self.history, self.options)  # as the reply's fit_context will
+            self.history_items = media_items(self.processor, self.history, plans, self.use_audio_in_video,
                                              engine.media_cache)
         messages = self.history + [{"role": "user", "content": [{"type": "audio", "audio": "heard so far"}]}]
         ids, spans = build_prompt(self.processor, messages, [*self.history_items, item])
-        ids = ids[: spans[-1].end]  # up to the last audio token heard
+        # Through the audio-end token: mRoPE positions are computed for whole <audio> blocks. The
+        # cache serves later prompts only as far as their tokens agree, so that token's KV is never
+        # reused; the positions before it are those of the whole turn.
+        ids = ids[: spans[-1].end + 1]
         items = [span.item for span in spans]
         input_ids = torch.tensor([ids], device=engine.loaded.device)
         tensors = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
@@ -195,13 +206,13 @@ class Listener:
         inputs = PreparedInputs(tensors, messages, self.use_audio_in_video and self.history_has_video, spans)
         thinker = ThinkerDecoder(engine.model.thinker, engine.decode_step("thinker", lean=False))
         thinker.prefill(inputs, engine.prefix_cache)
-        previous = thinker.prefix
+        previous = thinker.prefix  # the history's, or the previous window's
         talker_kv = talker_positions = None  # the talker's KV over the history, when the reused prefix had it
         if previous is not None and 0 < previous.talker_len <= thinker.reused:
             talker_kv, talker_positions = previous.talker_kv, previous.talker_positions
-        engine.prefix_cache.add(
-            Prefix(token_ids=ids, positions=thinker.positions, media={s.start: s.item.segments for s in spans},
-                   thinker_kv=thinker.decode_step.snapshot(), states=thinker.prompt_states,
-                   talker_kv=talker_kv, talker_positions=talker_positions),
-            replaces=previous if previous is not None and thinker.reused == len(previous.token_ids) else None,
-        )
+        prefix = Prefix(token_ids=ids, positions=thinker.positions, media={s.start: s.item.segments for s in spans},
+                        thinker_kv=thinker.decode_step.snapshot(), states=thinker.prompt_states,
+                        talker_kv=talker_kv, talker_positions=talker_positions)
+        extended = previous is not None and (thinker.reused == len(previous.token_ids) or previous is self.partial)
+        engine.prefix_cache.add(prefix, replaces=previous if extended else None)
+        self.partial = prefix

@@ -15,13 +15,12 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import psutil
 import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from .apphelpers import SETTINGS, AppServer, collect, file_path, send
+from .apphelpers import SETTINGS, AppServer, collect, send
 
 MB = 2**20
 
@@ -41,7 +40,7 @@ def video(path: Path, seconds: float, size: str = "3840x2160", fps: float = 2, s
 
 def silent_flac(path: Path, seconds: float, piped: bool = False) -> Path:
     """Silence as FLAC; `piped`: written to a pipe, so its header has no length."""
-    args = ["-f", "lavfi", "-i", f"anullsrc=r=16000:cl=mono", "-t", str(seconds), "-c:a", "flac", "-f", "flac"]
+    args = ["-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-t", str(seconds), "-c:a", "flac", "-f", "flac"]
     if piped:
         with open(path, "wb") as out:
             subprocess.run(["ffmpeg", "-loglevel", "error", *args, "-"], stdout=out, check=True, timeout=120)
@@ -191,8 +190,8 @@ def test_trimming_a_long_conversation_takes_linear_time(server):
     print("\ntrimming, whole request: " + ", ".join(f"{turns} turns {s:.2f} s" for turns, s in times.items()))
     print("trimming, engine (fit + prefill to first text): " +
           ", ".join(f"{turns} turns {s:.2f} s" for turns, s in first_text.items()))
-    assert times[3200] < 30
-    assert times[3200] < 8 * times[800] + 2  # linear: 4x the turns, about 4x the time (quadratic: 16x)
+    # Figures only: wall time on a shared machine is no test. That fitting is linear is tested by
+    # counting its work (test_limits.py::test_fitting_a_long_conversation_is_one_count_and_one_preparation).
 
 
 def test_a_cancelled_webcam_clip_leaves_no_process(server, media):
@@ -200,7 +199,6 @@ def test_a_cancelled_webcam_clip_leaves_no_process(server, media):
     process = psutil.Process(server.process.pid)
     for _ in range(3):
         client = Client(server.url, verbose=False)
-        start = time.monotonic()
         job = client.submit(message={"text": "look", "files": []}, history=[], webcam=handle_file(str(clip)),
                             **SETTINGS, api_name="/chat")
         time.sleep(0.5)

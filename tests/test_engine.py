@@ -11,7 +11,7 @@ from omni_demo.streams import TextDetokenizer
 from omni_demo.events import AudioChunk, Finished, TextDelta
 from omni_demo.inputs import InputError
 
-from .conftest import ASSETS, run, text_messages
+from .conftest import run, text_messages
 
 LONG = GenerationOptions(greedy=True, max_new_tokens=200, min_new_tokens=200, max_audio_tokens=1000,
                          min_audio_tokens=1000)

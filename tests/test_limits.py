@@ -69,6 +69,24 @@ def test_long_conversation_drops_oldest_whole_turns_visibly(loaded):
     assert any(t.startswith("question 1") for t in texts) and any(t.startswith("answer 1") for t in texts)
 
 
+@pytest.mark.parametrize("turns", [50, 3200])
+def test_fitting_a_long_conversation_is_one_count_and_one_preparation(loaded, monkeypatch, turns):
+    """Linear whatever the length: every message is tokenized once (one batched call for the whole
+    conversation), and only the kept turns are prepared, once."""
+    import omni_demo.engine as engine_module
+
+    calls = {"count_tokens": [], "prepare_inputs": []}
+    for name in calls:
+        real = getattr(engine_module, name)
+        monkeypatch.setattr(engine_module, name, lambda *a, _real=real, _name=name, **k: calls[_name].append(
+            len(a[1])) or _real(*a, **k))
+    engine = limited(loaded, max_context_tokens=2000)
+    inputs, dropped = engine.fit_context(conversation(turns), TEXT_ONLY)
+    assert calls["count_tokens"] == [2 * turns + 2]  # every message, once
+    assert len(calls["prepare_inputs"]) == 1 and calls["prepare_inputs"][0] == 2 * (turns - dropped) + 2
+    assert 0 < inputs.prompt_len <= engine.prompt_limit(TEXT_ONLY) and dropped > turns - 50
+
+
 def test_one_message_over_the_window_is_refused_with_numbers(loaded):
     engine = limited(loaded, max_context_tokens=30)
     with pytest.raises(InputError, match=r"this message is \d+ tokens with its media; the limit is 30 \(\d+ over\)"):

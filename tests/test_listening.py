@@ -12,6 +12,8 @@ from omni_demo.errors import InputError
 from omni_demo.events import Finished
 from omni_demo.inputs import system_message
 
+from .conftest import ASSETS
+
 OPTIONS = GenerationOptions(greedy=True, max_new_tokens=12, max_audio_tokens=30)
 CHUNK = 1600  # 0.1 s, as a browser microphone sends it
 WINDOW_TOKENS = 50  # 2 s of audio: one encoder window
@@ -29,15 +31,17 @@ def finished(engine, messages) -> Finished:
 
 @pytest.fixture(scope="module")
 def history(engines):
-    """One text turn and its reply, already in the listening engine's cache."""
+    """One turn with a picture and its reply, already in the listening engine's cache."""
     listening, _ = engines
-    first = [system_message("You are Qwen"), {"role": "user", "content": "Hi"}]
+    first = [system_message("You are Qwen"),
+             {"role": "user", "content": [{"type": "image", "image": str(ASSETS / "shapes.png")},
+                                          {"type": "text", "text": "Hi"}]}]
     reply = finished(listening, first)
     return first + [{"role": "assistant", "content": reply.text}], reply
 
 
 def listen(engine, history, clip):
-    listener = engine.listen(history)
+    listener = engine.listen(history, OPTIONS)
     for start in range(0, len(clip), CHUNK):
         listener.feed_audio(clip[start : start + CHUNK])
     return listener, listener.end_turn()
@@ -56,7 +60,7 @@ def test_windows_heard_serve_the_reply(engines, history):
     history, first_reply = history
     clip = utterance(7.0)  # 3 whole windows, then 1 s
     listener, messages = listen(engines[0], history, clip)
-    assert len(listener.windows) == 3 and listener.windows_kept == 3  # a noise floor: nothing clamped
+    assert len(listener.windows) == 3 and listener.windows_kept == 3  # its loudest moment comes early
     reply = assert_same_reply(engines, history, clip, listener, messages)
     # the history (its prompt at least) and every window heard came from the cache
     assert reply.stats.reused_prompt_tokens >= first_reply.stats.prompt_tokens + 3 * WINDOW_TOKENS
@@ -78,7 +82,7 @@ def test_while_another_reply_holds_the_model_listening_waits_and_stays_exact(eng
     clip = utterance(5.0, seed=1)
     listening._busy.acquire()  # another reply is running
     try:
-        listener = listening.listen(history)
+        listener = listening.listen(history, OPTIONS)
         for start in range(0, len(clip), CHUNK):
             listener.feed_audio(clip[start : start + CHUNK])
         assert listener.windows == []
