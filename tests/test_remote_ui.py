@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from .apphelpers import AppServer
-from .browser import CHROMIUM, chromium_page
+from .browser import CHROMIUM, chromium_page, open_app, playback_figures, send, state
 from .serverhelpers import API_KEY
-from .test_browser import ARTIFACTS, SEED, bot_text
+from .test_browser import ARTIFACTS, SEED, bot_messages
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
 
@@ -26,36 +26,29 @@ def loaded_libraries(pid: int) -> str:
 
 
 def test_remote_page_streams_text_and_speech_without_torch(remote_ui, api_server):
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with chromium_page() as page:
-        stream_requests = []
-        page.on("request", lambda r: stream_requests.append((time.monotonic(), r.url))
-                if "/stream/" in r.url else None)
-        page.goto(remote_ui.url, wait_until="networkidle")
+        open_app(page, remote_ui.url, max_speech_s=10, seed=SEED)  # the local test's reply, long enough
         assert "random" in page.locator("#random-banner").inner_text().lower()  # the server's model card says so
-        page.get_by_label("Max speech (seconds)").first.fill("10")
-        page.get_by_label("Seed", exact=False).first.fill(str(SEED))  # the local test's reply, long enough
-        page.locator("#textbox textarea").fill("Tell me a story about a singing robot")
-        page.locator("#textbox textarea").press("Enter")
-
-        observations, finished_at = [], None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            observations.append(bot_text(page))
-            if "first audio" in page.locator("#stats").inner_text():
-                finished_at = time.monotonic()
-                break
+        send(page, "Tell me a story about a singing robot")
+        observations, deadline = [], time.monotonic() + 120
+        while time.monotonic() < deadline and state(page) != "done":
+            observations.append("\n".join(bot_messages(page)))
             time.sleep(0.1)
-        assert finished_at, f"the reply did not finish: {remote_ui.output()}"
+        assert state(page) == "done", f"the reply did not finish: {remote_ui.output()}"
+        generated = page.evaluate("omniPlayer.reply.generated")
+        page.wait_for_function("omniPlayer.position() >= omniPlayer.reply.generated - 0.01", timeout=60_000)
+        probe = page.evaluate("window.__probe")
+        arrivals = page.evaluate("omniPlayer.arrivals.filter(a => a[3] > 0)")  # [ms, seq, state, s, transit ms]
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "browser-remote-reply.png"), full_page=True)
 
     assert len(observations[-1]) >= 40, f"seed {SEED} gives too short a reply to watch it grow: {observations[-1]!r}"
     distinct = [t for i, t in enumerate(observations) if t and (i == 0 or t != observations[i - 1])]
     assert len(distinct) >= 3, f"chat text should grow over several observations: {distinct[:5]}"
-    playlists = [t for t, url in stream_requests if "playlist" in url and t < finished_at]
-    segments = [t for t, url in stream_requests if "playlist" not in url and t < finished_at]
-    assert playlists and segments, f"no HLS traffic before the reply ended: {stream_requests[:5]}"
-    assert min(segments) < finished_at - 0.5, "speech should be fetched while the reply is still running"
+    figures = playback_figures(probe)
+    print(f"\n--backend: {figures}, {len(arrivals)} chunks")
+    assert figures["played_s"] >= generated - 0.05 >= 5
+    assert figures["first_sound_s"] < (arrivals[-1][0] - probe["enter"]) / 1000, "speech should play while streaming"
 
     ui_libraries = loaded_libraries(remote_ui.process.pid)
     assert "libtorch" not in ui_libraries and "/torch/" not in ui_libraries, "the UI process loaded torch"
