@@ -19,10 +19,7 @@ than everything before it, the values of earlier windows under the new floor cha
 silence, and in a quiet recording a few narrow mel bins (a 10 s clip over a 3e-3 noise floor
 whose last second is the loudest changes 3 to 12 values per window). `end_turn` therefore
 compares every window heard with the whole clip's features and keeps only the leading windows
-that are identical; from the first that is not, the clip is encoded and prefilled again. Even
-then the turn's end is faster than processing the clip afresh: the history is prefilled
-already, and the clip's features are computed at its length, not padded to 300 s as the
-processor pads them.
+that are identical; from the first that is not, the clip is encoded and prefilled again.
 
 A window encoded alone equals its part of the whole-clip encoding up to float rounding (matmul
 blocking depends on the shapes; the difference is around 1e-6 of the values), so a reply after
@@ -43,7 +40,7 @@ from .errors import InputError
 from .config import GenerationOptions
 from .inputs import PreparedInputs, media_items, normalize_conversation
 from .prefix_cache import Prefix
-from .prompt import MediaItem, build_prompt, join_tensors, media_key
+from .prompt import MediaItem, audio_feature_samples, build_prompt, join_tensors, media_key
 
 SAMPLE_RATE = 16_000  # what the feature extractor reads
 BUSY_WAIT_S = 30.0  # end_turn waits this long for another reply to let go of the model
@@ -159,9 +156,8 @@ class Listener:
         )
 
     def _whole_item(self, part: dict) -> MediaItem:
-        """The clip as the processor would read it, its encoder output taken from the windows
-        heard as long as their features equal the whole clip's, and computed for the rest. (The
-        processor itself would pad the clip to 300 s first; the valid frames are the same.)"""
+        """The clip as process_media would read it, its encoder output taken from the windows
+        heard as long as their features equal the whole clip's, and computed for the rest."""
         key = media_key(part, with_audio=False)
         frames = -(-len(self.samples) // self.hop)  # the processor's feature_attention_mask counts these
         features = self._log_mel(self.samples)[:, :frames]
@@ -178,7 +174,8 @@ class Listener:
             outputs.append(rest)
             segments.append((f"{key}:from-frame-{done}", len(rest)))
         encoded = torch.cat(outputs)
-        mask = torch.zeros(1, self.extractor.nb_max_frames, dtype=torch.long)
+        padded = audio_feature_samples(self.extractor, len(self.samples)) // self.hop  # as process_media pads
+        mask = torch.zeros(1, padded, dtype=torch.long)
         mask[0, :frames] = 1
         # Without input_features: the encoder outputs are here, and nothing else reads them.
         return MediaItem(key, [self.audio_token] * len(encoded), {"feature_attention_mask": mask},

@@ -1,12 +1,13 @@
 """Processor inputs assembled piece by piece (omni_demo.prompt) against one processor call over
 the whole conversation; user text stays text; media processed once."""
 
+import numpy as np
 import pytest
 import torch
 
 from omni_demo.config import Limits
 from omni_demo.inputs import image_max_pixels, normalize_conversation, plan_media, prepare_inputs, read_media
-from omni_demo.prompt import MediaCache
+from omni_demo.prompt import FRAME_TENSORS, MediaCache
 
 from .conftest import text_messages
 from .test_fidelity import CASES
@@ -41,7 +42,30 @@ def test_assembled_inputs_equal_one_processor_call(loaded, case):
     whole = whole_processor_call(loaded.processor, messages, use_audio_in_video)
     assert sorted(ours) == sorted(whole)
     for name in whole:
+        if name in FRAME_TENSORS:  # ours stop at whole seconds past the longest clip; the processor's at 300 s
+            continue
         assert torch.equal(ours[name], whole[name]), name
+    if "feature_attention_mask" in whole:
+        mask, frames = ours["feature_attention_mask"], ours["feature_attention_mask"].shape[-1]
+        assert torch.equal(mask, whole["feature_attention_mask"][..., :frames])
+        assert not whole["feature_attention_mask"][..., frames:].any()
+        valid = mask.bool()[:, None, :].expand_as(ours["input_features"])  # the frames the encoder reads
+        assert torch.equal(ours["input_features"][valid], whole["input_features"][..., :frames][valid])
+
+
+@pytest.mark.parametrize("samples", [1, 399, 401, 16_000, 52_345, 160_000, 479_999, 2_345_678])
+def test_audio_features_at_the_clip_length_equal_the_processors_300_s(loaded, samples):
+    """Padding a clip to whole seconds past its end instead of to 300 s changes none of its frames."""
+    from omni_demo.prompt import audio_feature_samples
+
+    extractor = loaded.processor.feature_extractor
+    clip = np.random.default_rng(samples).normal(0, 0.1, samples).astype(np.float32)
+    whole = extractor(clip, sampling_rate=16_000, return_tensors="pt", return_attention_mask=True, padding="max_length")
+    ours = extractor(clip, sampling_rate=16_000, return_tensors="pt", return_attention_mask=True, padding="max_length",
+                     max_length=audio_feature_samples(extractor, samples))
+    frames = int(whole["attention_mask"].sum())
+    assert int(ours["attention_mask"].sum()) == frames and ours["input_features"].shape[-1] < 3000 + frames
+    assert torch.equal(ours["input_features"][..., :frames], whole["input_features"][..., :frames])
 
 
 def test_typed_control_tokens_are_plain_text(loaded):
