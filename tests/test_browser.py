@@ -98,12 +98,14 @@ def test_speech_starts_fast_and_plays_without_stalls(server):
     assert figures["played_s"] >= generated - 0.05 >= 5
     assert "first sound heard" in readout and "first audio" in readout
     # Streamed: sound starts while the reply is still being generated (its last chunk comes later).
-    # How soon (goal: 0.5 s after the engine's first chunk) and the stalls are figures, printed.
     assert figures["first_sound_s"] < (arrivals[-1][0] - probe["enter"]) / 1000, figures
-    print(f"first sound {figures['first_sound_s'] - made_s:.2f} s after the engine's first chunk (goal "
-          f"{FIRST_SOUND_GOAL_S} s; load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
-    if figures["stalls"] > len(behind):
-        print(f"stalls while the server was ahead of real time (the page's timers lag on a loaded machine?): {late}")
+    # The goal is 0.5 s; on an overloaded machine (tests in parallel on 2 cores) the page's own timers
+    # and audio thread lag too, so the bound widens there, and says so.
+    bound = FIRST_SOUND_GOAL_S if os.getloadavg()[0] / os.cpu_count() < 1.5 else 2.0
+    print(f"first sound {figures['first_sound_s'] - made_s:.2f} s after the engine's first chunk (bound {bound} s, "
+          f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    assert figures["first_sound_s"] - made_s <= bound, "sound should start within 0.5 s of the engine's first chunk"
+    assert figures["stalls"] <= len(behind), f"a stall while the server was ahead of real time: {figures}, {late}"
 
 
 def test_stop_silences_at_once_and_keeps_the_partial_reply_and_queue_shows_the_message(server):
