@@ -304,14 +304,15 @@ def conversation_bench(loaded, args, options: GenerationOptions) -> dict:
     }
 
 
-def spoken_turn(engine, options: GenerationOptions, seconds: float, listen: bool) -> dict:
-    """A text turn, then a `seconds` long spoken turn fed in 0.1 s chunks in real time, heard as
-    it arrives or processed whole at its end. -> times from the end of speech."""
+def spoken_turn(engine, options: GenerationOptions, seconds: float, listen: str) -> dict:
+    """A text turn, then a `seconds` long spoken turn fed in 0.1 s chunks in real time, processed
+    whole at its end (listen "off") or heard as it arrives ("on", or "exact": omni_demo.listening).
+    -> times from the end of speech."""
     history = [system_message(DEFAULT_SYSTEM_PROMPT), {"role": "user", "content": "Hi"}]
     reply = [e for e in engine.stream(history, options) if isinstance(e, Finished)][0]
     history.append({"role": "assistant", "content": reply.text})
     clip, chunk = utterance(seconds), 1600
-    listener = engine.listen(history, options) if listen else None
+    listener = engine.listen(history, options, exact=listen == "exact") if listen != "off" else None
     start = time.perf_counter()
     for index in range(0, len(clip), chunk):
         time.sleep(max(0.0, start + index / 16_000 - time.perf_counter()))  # the microphone's pace
@@ -332,21 +333,23 @@ def spoken_turn(engine, options: GenerationOptions, seconds: float, listen: bool
             break
     return {"first_text_s": first_text, "first_audio_s": first_audio,
             "windows_heard": len(listener.windows) if listener is not None else 0,
-            "windows_kept": listener.windows_kept if listener is not None else 0}
+            "windows_kept": listener.windows_kept if listener is not None else 0,
+            "changed_values": listener.changed_values if listener is not None else 0}
 
 
 def listening_bench(loaded, args, options: GenerationOptions) -> dict:
-    """End of speech -> first text and audio of a spoken turn, listening off and on; medians."""
+    """End of speech -> first text and audio of a spoken turn, listening off, on and exact; medians."""
     from .engine import OmniEngine
 
-    runs = {"off": [], "on": []}
+    runs = {"off": [], "on": [], "exact": []}
     for _ in range(args.repeats):
         for name in runs:
-            runs[name].append(spoken_turn(OmniEngine(loaded, lean=args.lean), options, args.utterance_s, name == "on"))
+            runs[name].append(spoken_turn(OmniEngine(loaded, lean=args.lean), options, args.utterance_s, name))
             gc.collect()
     result = {name: {key: median(turns, key) for key in ("first_text_s", "first_audio_s")} for name, turns in runs.items()}
-    result["on"]["windows_heard"] = min(turn["windows_heard"] for turn in runs["on"])
-    result["on"]["windows_kept"] = min(turn["windows_kept"] for turn in runs["on"])
+    for name in ("on", "exact"):
+        for key in ("windows_heard", "windows_kept", "changed_values"):
+            result[name][key] = min(turn[key] for turn in runs[name])
     result["utterance_s"] = args.utterance_s
     result["speed_up_first_audio"] = result["off"]["first_audio_s"] / result["on"]["first_audio_s"]
     return result
@@ -364,11 +367,13 @@ def print_conversation(result: dict, file=sys.stdout) -> None:
     print(f"first audio, last turn / first turn: cache off {ratios['off']:.2f}x, on {ratios['on']:.2f}x", file=file)
     spoken = result["spoken"]
     print(f"\na {spoken['utterance_s']:.0f} s spoken turn fed in real time, from the end of speech:", file=file)
-    for name, label in (("off", "processed whole at the end"), ("on", "heard while spoken")):
+    for name, label in (("off", "processed whole at the end"), ("on", "heard while spoken"),
+                        ("exact", "heard while spoken, exact")):
+        extra = "" if name == "off" else (f"  ({spoken[name]['windows_kept']} of {spoken[name]['windows_heard']} "
+                                          f"windows kept, {spoken[name]['changed_values']} feature values under the floor)")
         print(f"  {label:<28} first text {spoken[name]['first_text_s']:.3f} s, "
-              f"first audio {spoken[name]['first_audio_s']:.3f} s", file=file)
-    print(f"  listening: first audio {spoken['speed_up_first_audio']:.1f}x sooner; {spoken['on']['windows_kept']} of "
-          f"{spoken['on']['windows_heard']} windows heard were kept (a louder moment later re-encodes the rest)", file=file)
+              f"first audio {spoken[name]['first_audio_s']:.3f} s{extra}", file=file)
+    print(f"  listening: first audio {spoken['speed_up_first_audio']:.1f}x sooner", file=file)
 
 
 def parse_args(argv=None):
@@ -386,7 +391,7 @@ def parse_args(argv=None):
     parser.add_argument("--step-tokens", type=int, default=200, help="decode steps timed per step measurement")
     parser.add_argument("--conversation", action="store_true",
                         help="play a six-turn media conversation with the conversation cache off and on, "
-                             "then a spoken turn fed in real time, listening off and on")
+                             "then a spoken turn fed in real time, listening off, on and exact")
     parser.add_argument("--utterance-s", type=float, default=10.0, help="the spoken turn's length (--conversation)")
     return parser.parse_args(argv)
 

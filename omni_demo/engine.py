@@ -205,13 +205,14 @@ class OmniEngine:
                               device=self.loaded.device, limits=self.limits, media_cache=self.media_cache,
                               token_budget=self.prompt_limit(options) // 2)
 
-    def listen(self, history: list[dict], options: GenerationOptions | None = None):
+    def listen(self, history: list[dict], options: GenerationOptions | None = None, exact: bool = False):
         """A Listener for the next user turn, spoken: it encodes and prefills the audio while it
         arrives (omni_demo.listening). `history` is the conversation before this turn; `options`
-        those the reply will have (they decide how the history's media are read)."""
+        those the reply will have (they decide how the history's media are read); `exact`: keep
+        only windows identical to the whole clip's."""
         from .listening import Listener
 
-        return Listener(self, history, options or GenerationOptions())
+        return Listener(self, history, options or GenerationOptions(), exact)
 
     def prompt_limit(self, options: GenerationOptions) -> int:
         """Longest prompt that leaves room for the reply in the thinker's (and talker's) window."""

@@ -17,14 +17,22 @@ Whisper-style log-mel features are clamped at the clip's maximum minus 8 (log10 
 window encoded early knows only the maximum so far: when a later part of the clip is louder
 than everything before it, the values of earlier windows under the new floor change: digital
 silence, and in a quiet recording a few narrow mel bins (a 10 s clip over a 3e-3 noise floor
-whose last second is the loudest changes 3 to 12 values per window). `end_turn` therefore
-compares every window heard with the whole clip's features and keeps only the leading windows
-that are identical; from the first that is not, the clip is encoded and prefilled again.
+whose last second is the loudest changes 3 to 12 values per window). `end_turn` compares every
+window heard with the whole clip's features:
+
+- by default it keeps every leading window whose only differences are such values, the ones
+  the whole clip clamps to its floor (sounds 80 dB under its loudest moment), and re-encodes
+  from the first window that differs otherwise. The reply may then differ a little from the
+  reply to the clip processed whole; `Listener.changed_values` and `max_difference` say by how
+  much the features did, and the clip's part is marked `"listened": "floor"`, so its processed
+  item is never mistaken for the exact one;
+- with `exact=True` it keeps only the leading windows that are identical, and from the first
+  that is not, the clip is encoded and prefilled again.
 
 A window encoded alone equals its part of the whole-clip encoding up to float rounding (matmul
-blocking depends on the shapes; the difference is around 1e-6 of the values), so a reply after
-listening is the reply to the clip processed whole wherever greedy decoding is not balanced on
-a knife's edge: in tests/test_listening.py it is the same token for token and code for code.
+blocking depends on the shapes; the difference is around 1e-6 of the values), so an exact reply
+after listening is the reply to the clip processed whole wherever greedy decoding is not balanced
+on a knife's edge: in tests/test_listening.py it is the same token for token and code for code.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ class Window:
 class Listener:
     """One spoken user turn, heard as it arrives. Made by `OmniEngine.listen`."""
 
-    def __init__(self, engine, history: list[dict], options: GenerationOptions):
+    def __init__(self, engine, history: list[dict], options: GenerationOptions, exact: bool = False):
         if engine.prefix_cache is None:
             raise ValueError("listening needs the engine's conversation cache (CacheConfig(enabled=True))")
         self.engine = engine
@@ -66,6 +74,7 @@ class Listener:
         placeholder_turn = {"role": "user", "content": "…"}  # the spoken turn to come
         self.history = normalize_conversation([*history, placeholder_turn])[:-1]
         self.options = options
+        self.exact = exact
         self.use_audio_in_video = options.use_audio_in_video
         audio = engine.model.config.thinker_config.audio_config
         self.extractor = self.processor.feature_extractor
@@ -76,7 +85,10 @@ class Listener:
         self.windows: list[Window] = []  # the windows finished and encoded so far
         self.history_items: list[MediaItem] | None = None
         self.partial: Prefix | None = None  # the newest prefix this turn's windows prefilled
-        self.windows_kept = 0  # after end_turn: leading windows whose features the whole clip confirmed
+        # After end_turn: the leading windows kept, and how far their features were from the whole clip's
+        self.windows_kept = 0
+        self.changed_values = 0  # values under the whole clip's floor, heard above it (never with exact)
+        self.max_difference = 0.0
         self.history_has_video = any(part["type"] == "video" for message in self.history for part in message["content"])
 
     @property
@@ -105,7 +117,11 @@ class Listener:
         part = {"type": "audio", "audio": self.samples}
         if self.windows and self.engine._busy.acquire(timeout=BUSY_WAIT_S):  # else: processed whole, as ever
             try:
-                self.engine.media_cache.put(self._whole_item(part))
+                item = self._whole_item(part)
+                if self.changed_values:  # not the item the processor makes of this clip: its own key
+                    part["listened"] = "floor"
+                    item.key = media_key(part, with_audio=False)
+                self.engine.media_cache.put(item)
             finally:
                 self.engine._busy.release()
         return self.history + [{"role": "user", "content": [part]}]
@@ -161,10 +177,16 @@ class Listener:
         key = media_key(part, with_audio=False)
         frames = -(-len(self.samples) // self.hop)  # the processor's feature_attention_mask counts these
         features = self._log_mel(self.samples)[:, :frames]
+        floor = features.min()  # where the whole clip clamps (its loudest value minus 8, normalized)
         kept = []
         for index, window in enumerate(self.windows):
-            if not torch.equal(window.frames, features[:, index * self.window_frames : (index + 1) * self.window_frames]):
-                break
+            theirs = features[:, index * self.window_frames : (index + 1) * self.window_frames]
+            differs = window.frames != theirs
+            if differs.any():
+                if self.exact or not bool((theirs[differs] == floor).all()):
+                    break
+                self.changed_values += int(differs.sum())
+                self.max_difference = max(self.max_difference, float((window.frames - theirs).abs().max()))
             kept.append(window)
         self.windows_kept = len(kept)
         outputs, segments = [w.output for w in kept], [(w.digest, len(w.output)) for w in kept]

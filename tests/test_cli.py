@@ -100,8 +100,8 @@ def test_bench_conversation_mode_reuses_earlier_turns(tiny_dir):
     assert set(summary["last_vs_first_turn_first_audio"]) == {"off", "on"}
     assert "first audio, last turn / first turn" in result.stdout
     spoken = summary["spoken"]
-    assert spoken["utterance_s"] == 4.5 and spoken["on"]["windows_kept"] == 2  # 2 windows heard while spoken
-    assert all(spoken[name][key] > 0 for name in ("off", "on") for key in ("first_text_s", "first_audio_s"))
+    assert spoken["utterance_s"] == 4.5 and spoken["on"]["windows_heard"] == spoken["on"]["windows_kept"] == 2
+    assert all(spoken[name][key] > 0 for name in ("off", "on", "exact") for key in ("first_text_s", "first_audio_s"))
     assert "heard while spoken" in result.stdout
     result = omni("omni_demo.bench", "--conversation", "--random-full-size", timeout=120)
     assert result.returncode == 2 and "--conversation needs a model with its processor" in result.stderr

@@ -40,8 +40,8 @@ def history(engines):
     return first + [{"role": "assistant", "content": reply.text}], reply
 
 
-def listen(engine, history, clip):
-    listener = engine.listen(history, OPTIONS)
+def listen(engine, history, clip, exact=False):
+    listener = engine.listen(history, OPTIONS, exact=exact)
     for start in range(0, len(clip), CHUNK):
         listener.feed_audio(clip[start : start + CHUNK])
     return listener, listener.end_turn()
@@ -66,14 +66,39 @@ def test_windows_heard_serve_the_reply(engines, history):
     assert reply.stats.reused_prompt_tokens >= first_reply.stats.prompt_tokens + 3 * WINDOW_TOKENS
 
 
-def test_a_louder_ending_re_encodes_from_the_first_changed_window(engines, history):
+def louder_ending():
+    """Digital silence, soft speech, then louder speech: the clamp floor rises at the end."""
+    return np.concatenate([np.zeros(16_000, np.float32), 0.2 * utterance(4.0, noise=0.0), utterance(2.5, noise=0.0)])
+
+
+def test_exact_listening_re_encodes_from_the_first_changed_window(engines, history):
     """Digital silence sits at the clamp floor, which moves when a louder part comes later: the
     windows heard before it no longer match and are computed again, so the reply stays exact."""
     history, _ = history
-    clip = np.concatenate([np.zeros(16_000, np.float32), 0.2 * utterance(4.0, noise=0.0), utterance(2.5, noise=0.0)])
-    listener, messages = listen(engines[0], history, clip)
-    assert len(listener.windows) == 3 and listener.windows_kept < 3
+    clip = louder_ending()
+    listener, messages = listen(engines[0], history, clip, exact=True)
+    assert len(listener.windows) == 3 and listener.windows_kept < 3 and listener.changed_values == 0
+    assert "listened" not in messages[-1]["content"][0]
     assert_same_reply(engines, history, clip, listener, messages)
+
+
+def test_listening_keeps_windows_whose_only_change_is_under_the_floor(engines, history):
+    """By default a window heard is kept when the whole clip differs from it only where it clamps
+    to its floor; the reply's agreement with the exact one is measured and printed."""
+    history, _ = history
+    clip = louder_ending()
+    listener, messages = listen(engines[0], history, clip)
+    assert listener.windows_kept == len(listener.windows) == 3
+    assert listener.changed_values > 0 and 0 < listener.max_difference < 2.0  # 8 log10 units / 4 at most
+    assert messages[-1]["content"][0]["listened"] == "floor"  # its item has a key of its own
+    ours = finished(engines[0], messages)
+    assert ours.stats.reused_prompt_tokens >= len(listener.windows) * WINDOW_TOKENS  # the windows came from the cache
+    theirs = finished(engines[1], [*history, {"role": "user", "content": [{"type": "audio", "audio": clip}]}])
+    text = np.mean([a == b for a, b in zip(ours.text_token_ids, theirs.text_token_ids)])
+    codes = np.mean([a == b for a, b in zip(ours.codec_token_ids, theirs.codec_token_ids)])
+    print(f"\nlistening (floor): {listener.changed_values} feature values changed, at most {listener.max_difference:.3f}; "
+          f"text tokens agree {text:.0%}, codec codes {codes:.0%} with the clip processed whole")
+    assert len(ours.text_token_ids) >= 6 and len(ours.codec_token_ids) >= 24  # enough to agree or not
 
 
 def test_while_another_reply_holds_the_model_listening_waits_and_stays_exact(engines, history):
