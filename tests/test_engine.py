@@ -109,7 +109,7 @@ def test_silent_video_with_audio_in_video_is_explained(engine, tmp_path):
     subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=4", "-t", "1",
                     "-pix_fmt", "yuv420p", str(silent)], check=True)
     messages = [{"role": "user", "content": [{"type": "video", "video": str(silent)}]}]
-    with pytest.raises(InputError, match="silent.mp4 has no sound track"):
+    with pytest.raises(InputError, match="silent.mp4 has no audio track; switch off .use audio in video."):
         run(engine, messages, GenerationOptions(use_audio_in_video=True, speech=False, max_new_tokens=2))
     done = run(engine, messages, GenerationOptions(speech=False, max_new_tokens=2))[-1]
     assert done.stats.prompt_tokens > 20
