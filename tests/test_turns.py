@@ -1,0 +1,139 @@
+"""Turn detection on recorded speech (espeak-ng sentences with pauses between them): exact turn
+boundaries within a tolerance, no turn from silence, clicks or noise, the same turns whatever the
+chunk size."""
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from omni_demo.turns import SAMPLE_RATE, SpeechStarted, TurnConfig, TurnDetector, TurnEnded, load_vad
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+
+SENTENCES = ["Hello, can you hear me?", "Tell me a story about the sea, please."]
+START_TOLERANCE_S = 0.15  # the VAD decides on 32 ms frames and needs a few of them
+END_TOLERANCE_S = 0.25  # a trailing fricative may fall under the threshold early
+
+
+@pytest.fixture(scope="module")
+def vad():
+    return load_vad()
+
+
+@pytest.fixture(scope="module")
+def sentences(tmp_path_factory) -> list[tuple[np.ndarray, float, float]]:
+    """Each sentence spoken at 16 kHz, with where its sound begins and ends (espeak pads a little)."""
+    import librosa
+
+    spoken = []
+    for index, text in enumerate(SENTENCES):
+        path = tmp_path_factory.mktemp("speech") / f"s{index}.wav"
+        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(path), text], check=True)
+        audio, _ = librosa.load(path, sr=SAMPLE_RATE)
+        loud = np.flatnonzero(np.abs(audio) > 0.02)
+        margin = int(0.05 * SAMPLE_RATE)  # espeak's own silence trimmed: the pauses are the test's
+        first, last = max(loud[0] - margin, 0), min(loud[-1] + 1 + margin, len(audio))
+        spoken.append((audio[first:last].astype(np.float32), (loud[0] - first) / SAMPLE_RATE,
+                       (loud[-1] + 1 - first) / SAMPLE_RATE))
+    return spoken
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * SAMPLE_RATE), np.float32)
+
+
+def compose(*pieces) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """Silences (numbers, in seconds) and sentences -> the recording and each sentence's sound."""
+    audio, spans, at = [], [], 0.0
+    for piece in pieces:
+        if isinstance(piece, (int, float)):
+            chunk = silence(piece)
+        else:
+            chunk, begin, end = piece
+            spans.append((at + begin, at + end))
+        audio.append(chunk)
+        at += len(chunk) / SAMPLE_RATE
+    return np.concatenate(audio), spans
+
+
+def detect(vad, audio, chunk=1600, config=None, playing=False) -> list:
+    detector = TurnDetector(config or TurnConfig(), vad)
+    events = []
+    for start in range(0, len(audio), chunk):
+        events += detector.feed(audio[start : start + chunk], playing=playing)
+    return events
+
+
+def turns_of(events) -> list[TurnEnded]:
+    return [e for e in events if isinstance(e, TurnEnded)]
+
+
+def test_two_sentences_with_a_long_pause_are_two_turns_with_their_boundaries(vad, sentences):
+    audio, spans = compose(0.8, sentences[0], 1.5, sentences[1], 1.5)
+    events = detect(vad, audio)
+    turns = turns_of(events)
+    assert len(turns) == 2, events
+    for turn, (begin, end) in zip(turns, spans):
+        assert abs(turn.start_s - begin) <= START_TOLERANCE_S, (turn.start_s, begin)
+        assert abs(turn.end_s - end) <= END_TOLERANCE_S, (turn.end_s, end)
+        assert turn.decided_s == pytest.approx(turn.end_s + 0.6, abs=0.033)  # the pause, to a frame
+        assert len(turn.audio) / SAMPLE_RATE == pytest.approx(turn.end_s - turn.start_s + 0.3, abs=0.033)
+    # each turn began with a SpeechStarted, min_speech_s after its start: a barge-in signal
+    starts = [e for e in events if isinstance(e, SpeechStarted)]
+    assert [round(s.start_s, 3) for s in starts] == [round(t.start_s, 3) for t in turns]
+    assert all(0.25 <= s.decided_s - s.start_s <= 0.5 for s in starts)
+    assert [type(e) for e in events] == [SpeechStarted, TurnEnded] * 2
+
+
+def test_a_pause_shorter_than_the_setting_keeps_one_turn(vad, sentences):
+    audio, spans = compose(0.5, sentences[0], 0.3, sentences[1], 1.0)  # 0.4 s from sound to sound
+    turns = turns_of(detect(vad, audio))
+    assert len(turns) == 1
+    assert abs(turns[0].start_s - spans[0][0]) <= START_TOLERANCE_S
+    assert abs(turns[0].end_s - spans[1][1]) <= END_TOLERANCE_S
+    # the same recording with a 0.2 s pause setting: a turn ends with the first sentence (its
+    # comma may end one too)
+    short = turns_of(detect(vad, audio, config=TurnConfig(pause_s=0.2)))
+    assert len(short) >= 2 and any(abs(turn.end_s - spans[0][1]) <= END_TOLERANCE_S for turn in short)
+
+
+def test_silence_clicks_and_noise_make_no_turn(vad):
+    rng = np.random.default_rng(0)
+    clicks = silence(6.0)
+    for at in np.arange(0.5, 5.5, 0.7):  # 5 ms clicks
+        start = int(at * SAMPLE_RATE)
+        clicks[start : start + 80] = rng.uniform(-0.8, 0.8, 80)
+    noise = rng.normal(0, 0.02, 6 * SAMPLE_RATE).astype(np.float32)
+    hum = (0.1 * np.sin(2 * np.pi * 50 * np.arange(6 * SAMPLE_RATE) / SAMPLE_RATE)).astype(np.float32)
+    for name, audio in (("silence", silence(6.0)), ("clicks", clicks), ("noise", noise), ("mains hum", hum)):
+        assert detect(vad, audio) == [], name
+
+
+def test_speech_over_noise_is_still_found(vad, sentences):
+    audio, spans = compose(0.8, sentences[0], 1.5)
+    noisy = audio + np.random.default_rng(1).normal(0, 0.01, len(audio)).astype(np.float32)
+    turns = turns_of(detect(vad, noisy))
+    assert len(turns) == 1 and abs(turns[0].start_s - spans[0][0]) <= START_TOLERANCE_S
+
+
+def test_the_turns_do_not_depend_on_the_chunk_size(vad, sentences):
+    audio, _ = compose(0.8, sentences[0], 1.5, sentences[1], 1.5)
+    reference = [(type(e), e.start_s, getattr(e, "end_s", None)) for e in detect(vad, audio, chunk=1600)]
+    for chunk in (333, 512, 4800):
+        assert [(type(e), e.start_s, getattr(e, "end_s", None)) for e in detect(vad, audio, chunk=chunk)] == reference
+
+
+def test_a_turn_over_the_time_limit_ends_there(vad, sentences):
+    audio, spans = compose(0.5, sentences[1], 1.0)
+    turns = turns_of(detect(vad, audio, config=TurnConfig(max_turn_s=1.0)))
+    assert turns and turns[0].end_s - turns[0].start_s == pytest.approx(1.0, abs=0.033)
+
+
+def test_while_a_reply_plays_only_clear_speech_interrupts(vad, sentences):
+    audio, _ = compose(0.8, sentences[0], 1.5)
+    assert turns_of(detect(vad, audio, playing=True))  # a clear voice still barges in
+    assert detect(vad, 0.02 * audio, playing=True) == []  # a faint one (an echo's leak) does not
+    with pytest.raises(ValueError, match="threshold"):
+        TurnConfig(threshold=1.5)
