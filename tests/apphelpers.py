@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -22,41 +23,66 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class AppServer:
-    def __init__(self, *args: str, env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(ROOT / f".app-{self.port}.log", "w+")  # noqa: SIM115
+class ChildServer:
+    """A server in a subprocess on a free loopback port, its output in a log file under the repo."""
+
+    name = "server"
+    stop_signal = signal.SIGTERM
+    stop_grace_s = 20.0  # after stop_signal, how long before it is killed
+
+    def __init__(self, command: list[str], port: int, env: dict | None = None):
+        """`env` is added to this process's environment; a None value removes that variable."""
+        self.port = port
+        self.log = open(ROOT / f".{self.name}-{port}.log", "w+")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "app.py", "--model", "tiny", "--port", str(self.port), *args],
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+            env={key: value for key, value in {**os.environ, **(env or {})}.items() if value is not None},
         )
 
-    def wait(self, timeout: float = 180) -> "AppServer":
+    def ready(self) -> None:
+        """Raises OSError until the server answers."""
+        raise NotImplementedError
+
+    def wait(self, timeout: float = 180):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"app exited: {self.output()}")
+                raise RuntimeError(f"{self.name} exited: {self.output()}")
             try:
-                urllib.request.urlopen(self.url, timeout=2).read()
+                self.ready()
                 return self
             except OSError:
-                time.sleep(0.5)
-        raise TimeoutError(f"app did not start: {self.output()}")
+                time.sleep(0.3)
+        raise TimeoutError(f"{self.name} did not start: {self.output()}")
 
     def output(self) -> str:
         self.log.flush()
         self.log.seek(0)
-        return self.log.read()[-4000:]
+        return self.log.read()[-6000:]
 
     def stop(self):
-        self.process.terminate()
+        self.process.send_signal(self.stop_signal)
         try:
-            self.process.wait(20)
+            self.process.wait(self.stop_grace_s)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait(10)
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
+
+
+class AppServer(ChildServer):
+    """`app.py --model tiny` (plus `args`)."""
+
+    name = "app"
+
+    def __init__(self, *args: str, env: dict | None = None):
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        super().__init__([sys.executable, "app.py", "--model", "tiny", "--port", str(port), *args], port, env)
+
+    def ready(self) -> None:
+        urllib.request.urlopen(self.url, timeout=2).read()
 
 
 SETTINGS = dict(voice="Chelsie", speech=True, system_prompt=DEFAULT_SYSTEM_PROMPT, temperature=0.7, top_p=0.8,

@@ -45,7 +45,8 @@ def ray_server(tiny_dir):
     replica_ids(server, 2)
     print(f"Ray Serve with 2 tiny replicas answered after {time.monotonic() - start:.1f} s")
     yield server
-    server.stop(grace_s=60)
+    server.stop_grace_s = 60.0  # a local Ray cluster takes its time to shut down
+    server.stop()
 
 
 def stream(server, record: dict) -> None:
