@@ -14,6 +14,7 @@ TINY_MODEL = "tiny"
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # "auto": bfloat16 on CUDA, float32 on CPU
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # "auto": flash_attention_2 if installed on CUDA
 SAMPLE_RATE = 24_000
+INPUT_SAMPLE_RATE = 16_000  # what the audio feature extractor (and the VAD) read
 SAMPLES_PER_CODE = 480
 MEL_FRAMES_PER_CODE = 2
 MAX_TOKENS = 1 << 20  # longest reply any request may ask for, in tokens (far beyond any window)
@@ -149,7 +150,7 @@ class Limits:
     over a limit the user is told which one and by how much. The last turn must fit; older turns
     over a per-conversation budget are left out, oldest first, as for the context window."""
 
-    max_audio_s: float = 300.0  # per audio clip (the feature extractor pads to 300 s)
+    max_audio_s: float = 300.0  # per audio clip (the processor's own longest)
     max_video_s: float = 180.0  # per video
     max_video_frames: int = 256  # frames read per video (qwen-omni-utils samples 2 per second)
     max_images_per_turn: int = 8

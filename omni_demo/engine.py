@@ -378,7 +378,8 @@ class OmniEngine:
                 talker_kv=talker_kv,
                 talker_positions=talker_positions,
             ),
-            replaces=prefix if prefix is not None and thinker.reused == len(prefix.token_ids) else None,
+            replaces=prefix if prefix is not None and (thinker.reused == len(prefix.token_ids) or prefix.partial)
+            else None,
         )
         self.media_cache.trim()  # the turn may have added encoder outputs to its items
 

@@ -38,20 +38,22 @@ on a knife's edge: in tests/test_listening.py it is the same token for token and
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .decoders import ThinkerDecoder
-from .errors import InputError
+from .engine import BUSY_WAIT_S
+from .config import INPUT_SAMPLE_RATE as SAMPLE_RATE
 from .config import GenerationOptions
+from .errors import InputError
 from .inputs import PreparedInputs, media_items, normalize_conversation
 from .prefix_cache import Prefix
 from .prompt import MediaItem, audio_feature_samples, build_prompt, join_tensors, media_key
 
-SAMPLE_RATE = 16_000  # what the feature extractor reads
-BUSY_WAIT_S = 30.0  # end_turn waits this long for another reply to let go of the model
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Listener:
         self.windows: list[Window] = []  # the windows finished and encoded so far
         self.history_items: list[MediaItem] | None = None
         self.partial: Prefix | None = None  # the newest prefix this turn's windows prefilled
+        self.listening = True  # False: the turn is over the window, or listening failed; end_turn as ever
         # After end_turn: the leading windows kept, and how far their features were from the whole clip's
         self.windows_kept = 0
         self.changed_values = 0  # values under the whole clip's floor, heard above it (never with exact)
@@ -103,9 +106,13 @@ class Listener:
         if (len(self.samples) + len(pcm)) / SAMPLE_RATE > limit:
             raise InputError(f"this turn's audio is over {limit:.0f} s long; the limit is {limit:.0f} s")
         self.samples = np.concatenate([self.samples, pcm])
-        if self._finished_windows() > len(self.windows) and self.engine._busy.acquire(blocking=False):
+        if (self.listening and self._finished_windows() > len(self.windows)
+                and self.engine._busy.acquire(blocking=False)):
             try:
                 self._catch_up()
+            except Exception:  # listening only saves time: the turn is then processed whole, as ever
+                log.exception("listening failed; this turn will be processed whole")
+                self.listening, self.windows = False, []
             finally:
                 self.engine._busy.release()
 
@@ -218,6 +225,9 @@ class Listener:
         # cache serves later prompts only as far as their tokens agree, so that token's KV is never
         # reused; the positions before it are those of the whole turn.
         ids = ids[: spans[-1].end + 1]
+        if len(ids) > engine.prompt_limit(self.options):  # the reply will leave older turns out: prefilling
+            self.listening, self.windows = False, []  # this history would be work nobody reuses
+            return
         items = [span.item for span in spans]
         input_ids = torch.tensor([ids], device=engine.loaded.device)
         tensors = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
@@ -231,7 +241,7 @@ class Listener:
             talker_kv, talker_positions = previous.talker_kv, previous.talker_positions
         prefix = Prefix(token_ids=ids, positions=thinker.positions, media={s.start: s.item.segments for s in spans},
                         thinker_kv=thinker.decode_step.snapshot(), states=thinker.prompt_states,
-                        talker_kv=talker_kv, talker_positions=talker_positions)
+                        talker_kv=talker_kv, talker_positions=talker_positions, partial=True)
         extended = previous is not None and (thinker.reused == len(previous.token_ids) or previous is self.partial)
         engine.prefix_cache.add(prefix, replaces=previous if extended else None)
         self.partial = prefix

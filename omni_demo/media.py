@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from .config import Limits
+from .config import INPUT_SAMPLE_RATE, Limits
 from .errors import InputError, first_line
 
 PATCH = 28  # pixels per merged vision token side (14 px patches, 2 x 2 merge)
-AUDIO_RATE = 16_000  # Hz, what the feature extractor reads
+AUDIO_RATE = INPUT_SAMPLE_RATE
 AUDIO_TOKENS_PER_S = 25  # 100 mel frames per second, halved by the encoder and again by its pooling
 VIDEO_FPS = 2.0  # frames sampled per second of video, as qwen-omni-utils does
 VIDEO_MIN_FRAME_TOKENS = 128  # qwen-omni-utils' floor per frame pair, whatever the budget

@@ -32,6 +32,7 @@ class Prefix:
     states: torch.Tensor  # [1, T, D] talker prefill input per position
     talker_kv: object | None  # DynamicCache over the first `talker_len` positions (None: no talker ran)
     talker_positions: torch.Tensor | None  # [3, talker_len] the talker's mRoPE positions there
+    partial: bool = False  # a spoken turn's windows so far (omni_demo.listening): its last token is not reused
 
     @property
     def talker_len(self) -> int:

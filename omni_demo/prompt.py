@@ -13,6 +13,7 @@ tokens, never a control token.
 from __future__ import annotations
 
 import hashlib
+import threading
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -68,27 +69,32 @@ def agreeing_tokens(ours: list[tuple[str, int]], theirs: list[tuple[str, int]]) 
 
 
 class MediaCache:
-    """Media items by content key; the least recently used leave first once over `max_bytes`."""
+    """Media items by content key; the least recently used leave first once over `max_bytes`.
+    Thread-safe: requests read media before they wait for the model."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.items: OrderedDict[str, MediaItem] = OrderedDict()
+        self.lock = threading.Lock()
 
     def get(self, key: str) -> MediaItem | None:
-        item = self.items.get(key)
-        if item is not None:
-            self.items.move_to_end(key)
-        return item
+        with self.lock:
+            item = self.items.get(key)
+            if item is not None:
+                self.items.move_to_end(key)
+            return item
 
     def put(self, item: MediaItem) -> None:
-        self.items[item.key] = item
-        self.items.move_to_end(item.key)
+        with self.lock:
+            self.items[item.key] = item
+            self.items.move_to_end(item.key)
         self.trim()
 
     def trim(self) -> None:
         """Evict until within budget (call again after features were added to an item)."""
-        while len(self.items) > 1 and sum(item.nbytes for item in self.items.values()) > self.max_bytes:
-            self.items.popitem(last=False)
+        with self.lock:
+            while len(self.items) > 1 and sum(item.nbytes for item in self.items.values()) > self.max_bytes:
+                self.items.popitem(last=False)
 
 
 def media_key(part: dict, with_audio: bool) -> str:
@@ -201,8 +207,9 @@ FRAME_TENSORS = ("input_features", "feature_attention_mask")  # [..., frames]: c
 
 
 def join_tensors(items: list[MediaItem]) -> dict[str, torch.Tensor]:
-    """The items' tensors concatenated in order, as one processor call returns them (audio
-    features and their masks zero-padded to the longest clip, as the processor pads them)."""
+    """The items' tensors concatenated in order, as one processor call returns them; audio
+    features and their masks are zero-padded to the longest clip (the processor pads with the
+    clip's floor value instead: the encoder reads neither, the mask leaves those frames out)."""
     names = list(dict.fromkeys(name for item in items for name in item.tensors))
     joined = {}
     for name in names:

@@ -155,7 +155,8 @@ class ReplyWorker:
             if not isinstance(exc, InputError):
                 log.exception("reply failed")
             job.put(exc)
-        else:  # read only by a request still waiting for its Finished event: the server is stopping
+        else:  # after a Finished nobody reads this; without one (cancelled while its media were read,
+            # the server stopping) it ends the request that is still waiting
             job.put(EngineError("the reply was stopped before it finished; the server may be shutting down"))
 
     def _drop_cancelled(self) -> None:

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SAMPLE_RATE = 16_000
+from .config import INPUT_SAMPLE_RATE
+
+SAMPLE_RATE = INPUT_SAMPLE_RATE
 FRAME = 512  # samples per VAD decision (32 ms): the frame Silero's 16 kHz model takes
 HYSTERESIS = 0.15  # speech ends under `threshold - HYSTERESIS`, not under `threshold`
 
@@ -38,7 +40,8 @@ class TurnConfig:
         for name in ("threshold", "playing_threshold"):
             if not HYSTERESIS < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be between {HYSTERESIS} and 1, not {getattr(self, name)}")
-        if self.pause_s <= 0 or self.min_speech_s < 0 or self.pre_roll_s < 0 or self.max_turn_s <= self.min_speech_s:
+        if (self.pause_s < FRAME / SAMPLE_RATE or self.min_speech_s < 0 or self.pre_roll_s < 0
+                or self.max_turn_s <= self.min_speech_s):
             raise ValueError(f"invalid turn settings: {self}")
 
 
@@ -67,6 +70,8 @@ class TurnDetector:
     """One microphone stream's turns. Not thread-safe: one caller feeds it."""
 
     def __init__(self, config: TurnConfig | None = None, model=None):
+        """`model`: a Silero VAD of this detector's own (it keeps the stream's state inside);
+        by default a new one is loaded (0.07 s)."""
         self.config = config or TurnConfig()
         self.model = model if model is not None else load_vad()
         self.model.reset_states()
@@ -78,6 +83,7 @@ class TurnDetector:
         self.voiced = 0  # frames over the threshold since `start`
         self.last_voiced = 0  # last frame over the lower threshold
         self.speaking = False  # SpeechStarted was emitted and TurnEnded not yet
+        self.sent = -1  # last frame of the last turn: a turn cut at max_turn_s does not repeat it
 
     @staticmethod
     def seconds(frames: int) -> float:
@@ -125,11 +131,11 @@ class TurnDetector:
 
     def _end_turn(self, index: int) -> TurnEnded:
         config = self.config
-        first = max(self.audio_start, self.start - round(config.pre_roll_s * SAMPLE_RATE / FRAME))
+        first = max(self.audio_start, self.sent + 1, self.start - round(config.pre_roll_s * SAMPLE_RATE / FRAME))
         last = self.last_voiced if index - self.last_voiced >= round(config.pause_s * SAMPLE_RATE / FRAME) else index
         audio = np.concatenate(self.audio[first - self.audio_start : last + 1 - self.audio_start])
         turn = TurnEnded(self.seconds(self.start), self.seconds(last + 1), self.seconds(index + 1), audio)
-        self.start, self.speaking, self.voiced = None, False, 0
+        self.start, self.speaking, self.voiced, self.sent = None, False, 0, last
         return turn
 
     def _trim(self) -> None:

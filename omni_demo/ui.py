@@ -180,7 +180,11 @@ def finalize(chat: list[dict], text: str, chunks: list[np.ndarray], stopped: boo
 class Turn(threading.Event):
     """A session's queued or running turn, as its cancel flag (set by Stop and by Clear)."""
 
-    cleared = False  # Clear, not Stop, ended it: the emptied chat gets nothing more
+    def __init__(self):
+        super().__init__()
+        self.id = uuid.uuid4().hex[:12]
+        self.started = False  # its reply handler runs (until then it waits in the queue)
+        self.cleared = False  # Clear, not Stop, ended it: the emptied chat gets nothing more
 
 
 class ChatHandler:
@@ -193,8 +197,11 @@ class ChatHandler:
         self.lock = threading.Lock()
 
     def _begin(self, session: str) -> Turn:
+        """The session's turn, now running (an API call's own, or one the page accepted)."""
         with self.lock:
-            return self.turns.setdefault(session, Turn())
+            turn = self.turns.setdefault(session, Turn())
+            turn.started = True
+            return turn
 
     def _end(self, session: str, cancel: Turn) -> None:
         with self.lock:
@@ -203,17 +210,23 @@ class ChatHandler:
 
     def stop(self, request: gr.Request, clear: bool = False):
         """Stop this session's turn: the reply ends within one decode step and is finalized (or,
-        after Clear, dropped)."""
+        after Clear, dropped). A turn still waiting in the queue is forgotten at once, so that a
+        turn the queue never runs (it was full) cannot hold the session. -> the Send button."""
         with self.lock:
-            cancel = self.turns.get(request.session_hash)
-        if cancel is not None:
-            cancel.cleared = cancel.cleared or clear
-            cancel.set()
+            turn = self.turns.get(request.session_hash)
+            if turn is None:
+                return gr.skip()
+            turn.cleared = turn.cleared or clear
+            turn.set()
+            if turn.started:
+                return gr.skip()
+            del self.turns[request.session_hash]
+        return gr.update(submit_btn="Send", stop_btn=False)
 
     def stream(self, message, history, webcam, settings: tuple, session: str, cancel: Turn,
                player: PlayerMessages):
-        """One reply as Reply updates; raises InputError for a message it cannot send (before the
-        first update: every check runs before anything is shown or read)."""
+        """One reply as Reply updates; raises InputError for a message it cannot send (the request's
+        own checks run before the first update; the engine's budgets after it)."""
         history = list(history or [])
         self.uploads.accept_turn(session, new_upload_paths(message, webcam), history)
         chat = history + user_turn(message, webcam)
@@ -248,7 +261,8 @@ class ChatHandler:
         if cancel.cleared:
             return
         stopped = cancel.is_set() or (finished is not None and finished.stop_reason == "cancelled")
-        stats = format_stats(finished, conversation) if finished else "Stopped before the reply started."
+        stats = (format_stats(finished, conversation) if finished else
+                 "Stopped." if text or chunks else "Stopped before the reply started.")
         yield Reply(chat=finalize(chat, text, chunks, stopped), stats=stats,
                     audio=player("stopped", "Stopped.") if stopped else player("done", "Done."))
 
@@ -281,18 +295,19 @@ class ChatHandler:
         what cannot be sent, with a notice; else show the user's turn at once and swap Send for
         Stop. Returns (pending turn or None, *Reply)."""
         session, history = request.session_hash, list(history or [])
-        with self.lock:
-            busy, ahead = session in self.turns, len(self.turns)  # replies running or waiting before this one
-        if busy:
-            return (None, *Reply(audio=notice("A reply is still running: Stop it (Esc) or wait. Your message is kept.")))
         try:
-            turn = user_turn(message, webcam)
+            shown = user_turn(message, webcam)
         except InputError as exc:
             return (None, *Reply(audio=notice(public_message(exc))))
-        self._begin(session).clear()
+        with self.lock:  # one check-and-set: a double Enter queues one turn
+            busy, ahead = session in self.turns, len(self.turns)  # replies running or waiting before this one
+            if not busy:
+                turn = self.turns[session] = Turn()
+        if busy:
+            return (None, *Reply(audio=notice("A reply is still running: Stop it (Esc) or wait. Your message is kept.")))
         player = PlayerMessages()
-        pending = {"message": message, "history": history, "webcam": webcam, "reply": player.id}
-        return (pending, *Reply(textbox=gr.update(value=None, submit_btn=False, stop_btn="Stop"), chat=history + turn,
+        pending = {"message": message, "history": history, "webcam": webcam, "reply": player.id, "turn": turn.id}
+        return (pending, *Reply(textbox=gr.update(value=None, submit_btn=False, stop_btn="Stop"), chat=history + shown,
                                 webcam=None, audio=player("queued", waiting_text(ahead)), stats=""))
 
     def respond_ui(self, pending, voice, speech, system_prompt, temperature, top_p, max_new_tokens, max_speech_s,
@@ -305,8 +320,15 @@ class ChatHandler:
         settings = (voice, speech, system_prompt, temperature, top_p, max_new_tokens, max_speech_s,
                     use_audio_in_video, seed)
         session, history = request.session_hash, pending["history"]
-        cancel, player = self._begin(session), PlayerMessages(pending["reply"], seq=1)
-        shown, send_again = history, gr.update(submit_btn="Send", stop_btn=False)
+        player, send_again = PlayerMessages(pending["reply"], seq=1), gr.update(submit_btn="Send", stop_btn=False)
+        with self.lock:
+            cancel = self.turns.get(session)
+            if cancel is not None and cancel.id == pending["turn"]:
+                cancel.started = True
+        if cancel is None or cancel.id != pending["turn"]:  # Stop or Clear came while it waited: the page
+            yield Reply()  # has its Send button back already, and may have sent the next turn since
+            return
+        shown = history
         try:
             for update in self.stream(pending["message"], history, pending["webcam"], settings, session, cancel,
                                       player):
@@ -419,7 +441,7 @@ def build_demo(backend, *, title: str = "Qwen2.5-Omni, streaming") -> gr.Blocks:
         api_only = gr.Button(visible=False)  # /chat: the same reply as one call, for API clients and tests
         api_reply = api_only.click(handler.respond, [textbox, chatbot, webcam, *settings], outputs, api_name="chat",
                                    concurrency_id="gpu")
-        textbox.stop(handler.stop, None, None, js=STOP_JS, queue=False, api_visibility="private")
+        textbox.stop(handler.stop, None, textbox, js=STOP_JS, queue=False, api_visibility="private")
         clear.click(handler.clear, None, outputs, js=STOP_JS, queue=False, api_name="clear", cancels=[api_reply])
         chatbot.clear(handler.clear, None, outputs, js=STOP_JS, queue=False, api_visibility="private")
         for button, value in chips:

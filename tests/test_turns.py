@@ -128,7 +128,10 @@ def test_the_turns_do_not_depend_on_the_chunk_size(vad, sentences):
 def test_a_turn_over_the_time_limit_ends_there(vad, sentences):
     audio, spans = compose(0.5, sentences[1], 1.0)
     turns = turns_of(detect(vad, audio, config=TurnConfig(max_turn_s=1.0)))
-    assert turns and turns[0].end_s - turns[0].start_s == pytest.approx(1.0, abs=0.033)
+    assert len(turns) >= 2 and turns[0].end_s - turns[0].start_s == pytest.approx(1.0, abs=0.033)
+    # the speech goes on: the next turn takes up where the cut was, no audio sent twice
+    assert turns[1].start_s >= turns[0].end_s
+    assert sum(len(turn.audio) for turn in turns) <= len(audio)
 
 
 def test_while_a_reply_plays_only_clear_speech_interrupts(vad, sentences):
@@ -137,3 +140,5 @@ def test_while_a_reply_plays_only_clear_speech_interrupts(vad, sentences):
     assert detect(vad, 0.02 * audio, playing=True) == []  # a faint one (an echo's leak) does not
     with pytest.raises(ValueError, match="threshold"):
         TurnConfig(threshold=1.5)
+    with pytest.raises(ValueError, match="invalid turn settings"):
+        TurnConfig(pause_s=0.01)  # under one 32 ms frame

@@ -55,3 +55,71 @@ def test_stop_and_send_share_one_control_and_settings_start_closed():
     assert textbox.submit_btn == "Send" and textbox.label == "Message"
     assert component(demo, "settings").open is False and component(demo, "camera").open is False
     assert isinstance(component(demo, "player"), gr.HTML)
+
+
+class Request:
+    """What the handlers read of a gr.Request."""
+
+    def __init__(self, session: str):
+        self.session_hash = session
+
+
+class OneWordModel(NoModel):
+    """A backend that answers "hi" (and stops when asked to)."""
+
+    def stream(self, messages, options, cancel=None):
+        from omni_demo.events import Finished, TextDelta
+
+        yield TextDelta("hi")
+        yield Finished(stop_reason="cancelled" if cancel is not None and cancel.is_set() else "eos", text="hi",
+                       text_token_ids=[1], codec_token_ids=[], messages=messages, stats=None)
+
+
+SETTINGS = ("Chelsie", False, "", 0.7, 0.8, 32, 5, False, 1)
+MESSAGE = {"text": "hello", "files": []}
+
+
+def accept(handler, session="a", history=()):
+    pending, *outputs = handler.accept(MESSAGE, list(history), None, Request(session))
+    return pending, outputs
+
+
+def test_a_double_send_queues_one_turn():
+    from omni_demo.ui import ChatHandler
+
+    handler = ChatHandler(OneWordModel())
+    first, _ = accept(handler)
+    second, outputs = accept(handler)
+    assert first is not None and second is None
+    assert "still running" in outputs[3]["notice"]  # the player's notice
+
+
+@pytest.mark.parametrize("clear", [False, True])
+def test_a_turn_stopped_or_cleared_in_the_queue_never_runs_nor_holds_the_session(clear):
+    """Stop or Clear while the turn waits: the session is free at once (the queue may never run the
+    turn, e.g. when it was full), and when the queue does run it, nothing reaches the chat."""
+    from omni_demo.ui import ChatHandler
+
+    handler = ChatHandler(OneWordModel())
+    pending, _ = accept(handler, history=[{"role": "user", "content": "earlier"}])
+    if clear:
+        handler.clear(Request("a"))
+    else:
+        assert handler.stop(Request("a"))["submit_btn"] == "Send"  # the page gets Send back
+    assert "a" not in handler.turns
+    updates = list(handler.respond_ui(pending, *SETTINGS, Request("a")))
+    assert not any(isinstance(update.chat, list) for update in updates)  # nothing reaches the chat
+    assert accept(handler)[0] is not None  # the next message is taken
+
+
+def test_a_running_turn_stops_through_the_engine_and_is_kept():
+    from omni_demo.ui import ChatHandler
+
+    handler = ChatHandler(OneWordModel())
+    pending, _ = accept(handler)
+    replies = handler.respond_ui(pending, *SETTINGS, Request("a"))
+    next(replies)  # the turn started
+    assert handler.stop(Request("a")) == gr.skip()  # it finishes through the engine, marked
+    chats = [update.chat for update in replies if isinstance(update.chat, list)]
+    assert "stopped" in chats[-1][-1]["content"]
+    assert "a" not in handler.turns

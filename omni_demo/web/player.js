@@ -9,6 +9,7 @@
 const SAMPLE_RATE = 24000;  // the engine's output rate
 const LEAD_S = 0.3;  // start-up buffer, seconds: covers network and yield jitter, not a slow server
 const MAX_LEAD_S = 2;  // longest re-buffer after a stall, seconds
+const KEEP = 20;  // replies remembered (for the tests' figures); a played chunk's samples are dropped
 const omni = window.omniPlayer = {
   ctx: null, gain: null, reply: null, stopped: new Set(), sentAt: null, history: [], arrivals: [],
 };
@@ -40,6 +41,7 @@ function newReply(id) {
   omni.reply = {id, segments: [], sources: [], end: null, generated: 0, stalls: [], state: null,
                 sentAt: omni.sentAt, heardAt: null, text: ''};
   omni.history.push(omni.reply);
+  if (omni.history.length > KEEP) omni.history.shift();  // a long session does not keep every reply
   return omni.reply;
 }
 
@@ -58,6 +60,10 @@ function schedule(reply, samples, rate) {
     reply.stalls.push(now - start);  // much more as the gap just suffered, so it does not repeat
     start = now + Math.min(LEAD_S + now - start, MAX_LEAD_S);
   }
+  source.onended = () => {  // played: its samples are no longer needed
+    const index = reply.sources.indexOf(source);
+    if (index >= 0) reply.sources.splice(index, 1);
+  };
   source.start(start);
   if (reply.heardAt === null) reply.heardAt = performance.now() + (start - now + (ctx.outputLatency || 0)) * 1000;
   reply.segments.push([start, buffer.duration]);
@@ -152,6 +158,7 @@ function receive(message) {
   omni.arrivals.push([performance.now(), message.seq, message.state,
                       message.pcm ? message.pcm.length * 3 / 8 / message.rate : 0,
                       message.made_at ? Date.now() - message.made_at * 1000 : null]);
+  if (omni.arrivals.length > 50 * KEEP) omni.arrivals.splice(0, 10 * KEEP);
   if (omni.stopped.has(message.reply)) return;  // Stop was pressed: what is still in flight stays silent
   const reply = omni.reply && omni.reply.id === message.reply ? omni.reply : newReply(message.reply);
   if (message.pcm) schedule(reply, pcmToFloat(message.pcm), message.rate);
