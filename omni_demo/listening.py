@@ -83,7 +83,8 @@ class Listener:
         self.hop = self.extractor.hop_length  # 160 samples: one log-mel frame
         self.window_frames = 2 * audio.n_window  # 200 frames: 2 s, one encoder window
         self.audio_token = engine.model.config.thinker_config.audio_token_index
-        self.samples = np.zeros(0, np.float32)
+        self._chunks: list[np.ndarray] = []  # the samples heard (joined when read: see `samples`)
+        self.heard = 0  # samples heard
         self.windows: list[Window] = []  # the windows finished and encoded so far
         self.history_items: list[MediaItem] | None = None
         self.partial: Prefix | None = None  # the newest prefix this turn's windows prefilled
@@ -96,16 +97,24 @@ class Listener:
 
     @property
     def heard_s(self) -> float:
-        return len(self.samples) / SAMPLE_RATE
+        return self.heard / SAMPLE_RATE
+
+    @property
+    def samples(self) -> np.ndarray:
+        """Every sample heard so far, float32 (joined once per read, not once per chunk)."""
+        if len(self._chunks) != 1:
+            self._chunks = [np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.float32)]
+        return self._chunks[0]
 
     def feed_audio(self, pcm: np.ndarray) -> None:
         """Append float32 mono 16 kHz samples; encode and prefill every window they finish. When
         another reply holds the model, the work waits for the next call (or `end_turn`)."""
-        pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        pcm = np.array(pcm, dtype=np.float32).reshape(-1)  # a copy: the caller may reuse its buffer
         limit = self.engine.limits.max_audio_s
-        if (len(self.samples) + len(pcm)) / SAMPLE_RATE > limit:
-            raise InputError(f"this turn's audio is over {limit:.0f} s long; the limit is {limit:.0f} s")
-        self.samples = np.concatenate([self.samples, pcm])
+        if (self.heard + len(pcm)) / SAMPLE_RATE > limit:
+            raise InputError(f"this turn's audio is over the limit of {limit:g} s")
+        self._chunks.append(pcm)
+        self.heard += len(pcm)
         if (self.listening and self._finished_windows() > len(self.windows)
                 and self.engine._busy.acquire(blocking=False)):
             try:
@@ -119,7 +128,7 @@ class Listener:
     def end_turn(self) -> list[dict]:
         """The turn is over: the conversation to reply to, its last user turn this clip (an array
         part whose processed item, made of the windows heard, is in the engine's media cache)."""
-        if not len(self.samples):
+        if not self.heard:
             raise InputError("no audio was heard in this turn")
         part = {"type": "audio", "audio": self.samples}
         if self.windows and self.engine._busy.acquire(timeout=BUSY_WAIT_S):  # else: processed whole, as ever
@@ -139,7 +148,7 @@ class Listener:
         """Windows whose frames are final: every sample a frame's STFT reads (n_fft / 2 on each
         side of its centre) has arrived. The last window is left for end_turn."""
         reach = self.extractor.n_fft // 2
-        final_frames = max(0, (len(self.samples) - reach) // self.hop)
+        final_frames = max(0, (self.heard - reach) // self.hop)
         return final_frames // self.window_frames
 
     def _log_mel(self, samples: np.ndarray) -> torch.Tensor:
@@ -182,7 +191,7 @@ class Listener:
         """The clip as process_media would read it, its encoder output taken from the windows
         heard as long as their features equal the whole clip's, and computed for the rest."""
         key = media_key(part, with_audio=False)
-        frames = -(-len(self.samples) // self.hop)  # the processor's feature_attention_mask counts these
+        frames = -(-self.heard // self.hop)  # the processor's feature_attention_mask counts these
         features = self._log_mel(self.samples)[:, :frames]
         floor = features.min()  # where the whole clip clamps (its loudest value minus 8, normalized)
         kept = []
@@ -203,7 +212,7 @@ class Listener:
             outputs.append(rest)
             segments.append((f"{key}:from-frame-{done}", len(rest)))
         encoded = torch.cat(outputs)
-        padded = audio_feature_samples(self.extractor, len(self.samples)) // self.hop  # as process_media pads
+        padded = audio_feature_samples(self.extractor, self.heard) // self.hop  # as process_media pads
         mask = torch.zeros(1, padded, dtype=torch.long)
         mask[0, :frames] = 1
         # Without input_features: the encoder outputs are here, and nothing else reads them.

@@ -122,7 +122,7 @@ def test_a_turn_over_the_audio_limit_or_without_audio_is_refused(loaded):
     with pytest.raises(InputError, match="no audio was heard"):
         listener.end_turn()
     listener.feed_audio(np.zeros(2 * 16_000, np.float32))
-    with pytest.raises(InputError, match="limit is 3 s"):
+    with pytest.raises(InputError, match="over the limit of 3 s"):
         listener.feed_audio(np.zeros(2 * 16_000, np.float32))
     with pytest.raises(ValueError, match="conversation cache"):
         OmniEngine(loaded, cache=CacheConfig(enabled=False)).listen([])
