@@ -33,7 +33,7 @@ import psutil
 import torch
 
 from .cli import add_model_arguments, model_config, quiet_libraries
-from .config import DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, TINY_MODEL, CacheConfig, GenerationOptions
+from .config import DEFAULT_SYSTEM_PROMPT, INPUT_SAMPLE_RATE, SAMPLE_RATE, TINY_MODEL, CacheConfig, GenerationOptions
 from .conversation import ASSETS
 from .errors import ModelLoadError
 from .events import AudioChunk, Finished, TextDelta
@@ -252,8 +252,8 @@ def utterance(seconds: float, noise: float = 3e-3, seed: int = 0):
     import librosa
     import numpy as np
 
-    speech, _ = librosa.load(ASSETS / "question.wav", sr=16_000)
-    clip = np.resize(speech, int(seconds * 16_000))
+    speech, _ = librosa.load(ASSETS / "question.wav", sr=INPUT_SAMPLE_RATE)
+    clip = np.resize(speech, int(seconds * INPUT_SAMPLE_RATE))
     return (clip + np.random.default_rng(seed).normal(0.0, noise, len(clip))).astype(np.float32)
 
 
@@ -315,10 +315,10 @@ def spoken_turn(engine, options: GenerationOptions, seconds: float, listen: str)
     listener = engine.listen(history, options, exact=listen == "exact") if listen != "off" else None
     start = time.perf_counter()
     for index in range(0, len(clip), chunk):
-        time.sleep(max(0.0, start + index / 16_000 - time.perf_counter()))  # the microphone's pace
+        time.sleep(max(0.0, start + index / INPUT_SAMPLE_RATE - time.perf_counter()))  # the microphone's pace
         if listener is not None:
             listener.feed_audio(clip[index : index + chunk])
-    time.sleep(max(0.0, start + len(clip) / 16_000 - time.perf_counter()))
+    time.sleep(max(0.0, start + len(clip) / INPUT_SAMPLE_RATE - time.perf_counter()))
     end_of_speech = time.perf_counter()
     if listener is not None:
         messages = listener.end_turn()

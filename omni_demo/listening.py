@@ -44,10 +44,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .decoders import ThinkerDecoder
-from .engine import BUSY_WAIT_S
 from .config import INPUT_SAMPLE_RATE as SAMPLE_RATE
 from .config import GenerationOptions
+from .decoders import ThinkerDecoder
+from .engine import BUSY_WAIT_S
 from .errors import InputError
 from .inputs import PreparedInputs, media_items, normalize_conversation
 from .prefix_cache import Prefix
@@ -152,9 +152,10 @@ class Listener:
         return final_frames // self.window_frames
 
     def _log_mel(self, samples: np.ndarray) -> torch.Tensor:
-        """[128, frames] normalized log-mel features, as the processor computes them."""
-        padded = np.concatenate([samples, np.zeros(self.extractor.n_fft, np.float32)])  # zeros, as past a clip's end
-        out = self.extractor(padded, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="longest")
+        """[128, frames] normalized log-mel features, padded as process_media pads a clip (so the
+        frames equal those of the item it would make of these samples)."""
+        out = self.extractor(samples, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="max_length",
+                             max_length=audio_feature_samples(self.extractor, len(samples)))
         return out["input_features"][0]
 
     def _encode(self, features: torch.Tensor) -> torch.Tensor:

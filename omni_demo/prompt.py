@@ -13,8 +13,8 @@ tokens, never a control token.
 from __future__ import annotations
 
 import hashlib
-import threading
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
