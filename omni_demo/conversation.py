@@ -19,6 +19,9 @@ from .errors import InputError
 from .inputs import MEDIA_TYPES, system_message
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+# How the chat marks a reply cut short; the model's history has the reply's text without them.
+STOPPED_MARK = "⏹ *stopped*"
+INTERRUPTED_MARK = "✋ *interrupted*"
 
 
 class UploadRegistry:
@@ -140,8 +143,8 @@ def chat_to_conversation(history: list[dict], system_prompt: str) -> list[dict]:
     for message in history:
         parts = []
         for part in _parts(message):
-            if part.get("type") == "text" and part.get("text", "").strip():
-                parts.append({"type": "text", "text": part["text"]})
+            if part.get("type") == "text" and (text := unmarked(part.get("text", ""))):
+                parts.append({"type": "text", "text": text})
             elif part.get("type") == "file" and message["role"] == "user":
                 path = part["file"]["path"]
                 kind = media_kind(path)
@@ -155,6 +158,14 @@ def chat_to_conversation(history: list[dict], system_prompt: str) -> list[dict]:
         else:
             conversation.append({"role": message["role"], "content": parts})
     return conversation
+
+
+def unmarked(text: str) -> str:
+    """A chat text without the marks the UI adds to a reply cut short."""
+    text = text.strip()
+    for mark in (STOPPED_MARK, INTERRUPTED_MARK):
+        text = text.removesuffix(mark).strip()
+    return text
 
 
 def _parts(message: dict) -> list[dict]:

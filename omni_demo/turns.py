@@ -129,9 +129,23 @@ class TurnDetector:
         self._trim()
         return events
 
+    def turn_audio(self, since: int = 0) -> np.ndarray:
+        """While a turn is heard (after SpeechStarted): its audio so far, from its pre-roll to the
+        last frame decided, from sample `since` of it on (a multiple of FRAME): what a listener
+        is fed while the user speaks."""
+        if not self.speaking:
+            return np.zeros(0, np.float32)
+        frames = self.audio[self._turn_first() + since // FRAME - self.audio_start:]
+        return np.concatenate(frames) if frames else np.zeros(0, np.float32)
+
+    def _turn_first(self) -> int:
+        """The first frame of the turn being heard: its pre-roll, never before the last turn's end."""
+        pre_roll = round(self.config.pre_roll_s * SAMPLE_RATE / FRAME)
+        return max(self.audio_start, self.sent + 1, self.start - pre_roll)
+
     def _end_turn(self, index: int) -> TurnEnded:
         config = self.config
-        first = max(self.audio_start, self.sent + 1, self.start - round(config.pre_roll_s * SAMPLE_RATE / FRAME))
+        first = self._turn_first()
         last = self.last_voiced if index - self.last_voiced >= round(config.pause_s * SAMPLE_RATE / FRAME) else index
         audio = np.concatenate(self.audio[first - self.audio_start : last + 1 - self.audio_start])
         turn = TurnEnded(self.seconds(self.start), self.seconds(last + 1), self.seconds(index + 1), audio)

@@ -31,7 +31,7 @@ import numpy as np
 import soundfile as sf
 
 from .config import DEFAULT_SYSTEM_PROMPT, MAX_SEED, SAMPLE_RATE, SAMPLES_PER_CODE, GenerationOptions, Limits
-from .conversation import ASSETS, UploadRegistry, chat_to_conversation, media_summary, new_upload_paths, user_turn
+from .conversation import ASSETS, STOPPED_MARK, UploadRegistry, chat_to_conversation, media_summary, new_upload_paths, user_turn
 from .errors import InputError, first_line
 from .inputs import check_request
 from .events import AudioChunk, ContextTrimmed, Finished, TextDelta
@@ -43,7 +43,6 @@ MAX_ERROR_CHARS = 300  # an error shown to a user (and logged) is at most this l
 REPLY_DIR = Path(tempfile.mkdtemp(prefix="omni-demo-replies-"))
 atexit.register(shutil.rmtree, REPLY_DIR, ignore_errors=True)
 WEB = Path(__file__).resolve().parent / "web"
-STOPPED_MARK = "⏹ *stopped*"
 STOP_GRACE_S = 1.0  # after Stop, how long to wait for the engine's Finished (it comes within one step)
 
 RANDOM_BANNER = (
@@ -58,6 +57,8 @@ SYSTEM_PROMPT_WARNING = (
 PLAYER_HTML = ('<div class="player-state" aria-hidden="true"></div>'
                '<div class="player-live sr-only" role="status" aria-live="polite"></div>')
 STOP_JS = "() => { if (window.omniPlayer) window.omniPlayer.stop(); return []; }"
+CALL_START_JS = "(chat) => { if (window.omniCall) window.omniCall.prepare(); return chat; }"
+CALL_HINT = "Talk hands-free: pause and it answers; speak over the reply to interrupt it. Headphones help."
 
 
 class Reply(NamedTuple):
@@ -75,13 +76,14 @@ class PlayerMessages:
     (mono, little-endian, 24 kHz), one message per engine chunk. `seq` makes every message a new
     value, so each one reaches the page."""
 
-    def __init__(self, reply_id: str | None = None, seq: int = 0):
+    def __init__(self, reply_id: str | None = None, seq: int = 0, **extra):
         self.id = reply_id or uuid.uuid4().hex[:12]
         self.seq = seq
+        self.extra = extra  # in every message (a call's replies say `in_call`)
 
     def __call__(self, state: str, text: str = "", pcm: np.ndarray | None = None) -> dict:
         self.seq += 1
-        message = {"reply": self.id, "seq": self.seq, "state": state, "text": text}
+        message = {"reply": self.id, "seq": self.seq, "state": state, "text": text, **self.extra}
         if pcm is not None:  # made_at: the server's clock (Unix s), for first-sound figures in tests
             message |= {"pcm": base64.b64encode(pcm.astype("<i2").tobytes()).decode(), "rate": SAMPLE_RATE,
                         "made_at": time.time()}
@@ -179,6 +181,8 @@ def finalize(chat: list[dict], text: str, chunks: list[np.ndarray], stopped: boo
 
 class Turn(threading.Event):
     """A session's queued or running turn, as its cancel flag (set by Stop and by Clear)."""
+
+    busy_text = "A reply is still running: Stop it (Esc) or wait. Your message is kept."
 
     def __init__(self):
         super().__init__()
@@ -300,11 +304,11 @@ class ChatHandler:
         except InputError as exc:
             return (None, *Reply(audio=notice(public_message(exc))))
         with self.lock:  # one check-and-set: a double Enter queues one turn
-            busy, ahead = session in self.turns, len(self.turns)  # replies running or waiting before this one
-            if not busy:
+            busy, ahead = self.turns.get(session), len(self.turns)  # replies running or waiting before this one
+            if busy is None:
                 turn = self.turns[session] = Turn()
-        if busy:
-            return (None, *Reply(audio=notice("A reply is still running: Stop it (Esc) or wait. Your message is kept.")))
+        if busy is not None:
+            return (None, *Reply(audio=notice(busy.busy_text)))
         player = PlayerMessages()
         pending = {"message": message, "history": history, "webcam": webcam, "reply": player.id, "turn": turn.id}
         return (pending, *Reply(textbox=gr.update(value=None, submit_btn=False, stop_btn="Stop"), chat=history + shown,
@@ -405,6 +409,17 @@ def build_demo(backend, *, title: str = "Qwen2.5-Omni, streaming") -> gr.Blocks:
                     file_count="multiple", elem_id="textbox", label="Message", show_label=False,
                     submit_btn="Send", stop_btn=False, autofocus=True,
                 )
+                with gr.Group(elem_id="call"):
+                    with gr.Row(equal_height=True):
+                        call_start = gr.Button("📞 Start voice call", variant="primary", size="sm", scale=0,
+                                               min_width=170, elem_id="call-start")
+                        call_end = gr.Button("End call", variant="stop", size="sm", scale=0, min_width=120,
+                                             visible=False, elem_id="call-end")
+                        call_status = gr.Markdown(CALL_HINT, elem_id="call-status")
+                    gr.HTML(None, html_template='<div class="call-latency" role="status"></div>', elem_id="call-latency")
+                    # The call's microphone: started and stopped by the call (web/voice.js), hidden by style.css.
+                    call_mic = gr.Audio(sources=["microphone"], streaming=True, type="numpy", elem_id="call-mic",
+                                        label="Call microphone", show_label=False)
                 with gr.Row(elem_id="chips"):
                     chips = [(gr.Button(label, size="sm", variant="secondary"), value) for label, value in EXAMPLES]
                     clear = gr.Button("Clear chat", size="sm", variant="secondary", elem_id="clear")
@@ -427,6 +442,10 @@ def build_demo(backend, *, title: str = "Qwen2.5-Omni, streaming") -> gr.Blocks:
                     max_speech_s = gr.Slider(5, 80, value=60, step=5, label="Max speech (seconds)")
                     seed = gr.Number(0, minimum=0,  # no precision: a float or NaN reaches setting() and is refused there
                                      label="Seed (0: random; same seed, same reply)")
+                    call_pause = gr.Slider(0.2, 3.0, value=0.6, step=0.1, elem_id="call-pause",
+                                           label="Voice call: the pause that ends your turn (seconds)")
+                    call_sensitivity = gr.Slider(0.1, 0.8, value=0.5, step=0.05, elem_id="call-sensitivity",
+                                                 label="Voice call: sensitivity (higher: softer voices count, so does noise)")
                     system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=3)
                     notice = gr.Markdown(SYSTEM_PROMPT_WARNING, visible=False, elem_id="system-prompt-warning")
         pending = gr.State(None)
@@ -446,6 +465,23 @@ def build_demo(backend, *, title: str = "Qwen2.5-Omni, streaming") -> gr.Blocks:
         chatbot.clear(handler.clear, None, outputs, js=STOP_JS, queue=False, api_visibility="private")
         for button, value in chips:
             button.click(lambda v=value: v, None, textbox, queue=False, api_visibility="private")
+        # The voice call (omni_demo.call_ui): Start call registers it outside the queue and starts
+        # the microphone; its loop holds the model like a reply; the microphone streams beside it.
+        from .call_ui import MIC_CHUNK_S, CallHandler  # it builds on this module's handlers
+
+        calls = CallHandler(handler)
+        pending_call = gr.State(None)
+        call_outputs = [chatbot, player, call_status, stats, call_start, call_end]
+        call_accepted = call_start.click(calls.accept, [chatbot], [pending_call, *call_outputs], js=CALL_START_JS,
+                                         queue=False, show_progress="hidden", api_visibility="private")
+        call_accepted.then(calls.run, [pending_call, *settings, call_pause, call_sensitivity], call_outputs,
+                           concurrency_id="gpu", show_progress="minimal", show_progress_on=[call_status],
+                           api_visibility="private")
+        call_mic.stream(calls.hear, [call_mic], None, stream_every=MIC_CHUNK_S,
+                        time_limit=calls.config.max_call_s + 60, concurrency_limit=None, concurrency_id="call-mic",
+                        show_progress="hidden", api_visibility="private")
+        call_end.click(calls.end, None, call_outputs, js=STOP_JS, queue=False, api_visibility="private")
+        call_mic.stop_recording(calls.end, None, call_outputs, queue=False, api_visibility="private")
         for control in (system_prompt, speech):
             control.change(system_prompt_notice, [system_prompt, speech], notice, api_name=False)
     return demo

@@ -2,15 +2,14 @@
 boundaries within a tolerance, no turn from silence, clicks or noise, the same turns whatever the
 chunk size."""
 
-import shutil
-import subprocess
-
 import numpy as np
 import pytest
 
 from omni_demo.turns import SAMPLE_RATE, SpeechStarted, TurnConfig, TurnDetector, TurnEnded, load_vad
 
-pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+from .speech import compose, needs_espeak, silence, speak
+
+pytestmark = needs_espeak
 
 SENTENCES = ["Hello, can you hear me?", "Tell me a story about the sea, please."]
 START_TOLERANCE_S = 0.15  # the VAD decides on 32 ms frames and needs a few of them
@@ -24,38 +23,8 @@ def vad():
 
 @pytest.fixture(scope="module")
 def sentences(tmp_path_factory) -> list[tuple[np.ndarray, float, float]]:
-    """Each sentence spoken at 16 kHz, with where its sound begins and ends (espeak pads a little)."""
-    import librosa
-
-    spoken = []
-    for index, text in enumerate(SENTENCES):
-        path = tmp_path_factory.mktemp("speech") / f"s{index}.wav"
-        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(path), text], check=True)
-        audio, _ = librosa.load(path, sr=SAMPLE_RATE)
-        loud = np.flatnonzero(np.abs(audio) > 0.02)
-        margin = int(0.05 * SAMPLE_RATE)  # espeak's own silence trimmed: the pauses are the test's
-        first, last = max(loud[0] - margin, 0), min(loud[-1] + 1 + margin, len(audio))
-        spoken.append((audio[first:last].astype(np.float32), (loud[0] - first) / SAMPLE_RATE,
-                       (loud[-1] + 1 - first) / SAMPLE_RATE))
-    return spoken
-
-
-def silence(seconds: float) -> np.ndarray:
-    return np.zeros(int(seconds * SAMPLE_RATE), np.float32)
-
-
-def compose(*pieces) -> tuple[np.ndarray, list[tuple[float, float]]]:
-    """Silences (numbers, in seconds) and sentences -> the recording and each sentence's sound."""
-    audio, spans, at = [], [], 0.0
-    for piece in pieces:
-        if isinstance(piece, (int, float)):
-            chunk = silence(piece)
-        else:
-            chunk, begin, end = piece
-            spans.append((at + begin, at + end))
-        audio.append(chunk)
-        at += len(chunk) / SAMPLE_RATE
-    return np.concatenate(audio), spans
+    folder = tmp_path_factory.mktemp("speech")
+    return [speak(text, folder) for text in SENTENCES]
 
 
 def detect(vad, audio, chunk=1600, config=None, playing=False) -> list:

@@ -36,10 +36,11 @@ function pcmToFloat(b64) {
   return out;
 }
 
-function newReply(id) {
+function newReply(id, inCall) {
   silenceOthers();
+  if (omni.reply) cut(omni.reply);  // a new reply never plays over the last one
   omni.reply = {id, segments: [], sources: [], end: null, generated: 0, stalls: [], state: null,
-                sentAt: omni.sentAt, heardAt: null, text: ''};
+                sentAt: inCall ? null : omni.sentAt, heardAt: null, text: '', latency: null, arrivedAt: null};
   omni.history.push(omni.reply);
   if (omni.history.length > KEEP) omni.history.shift();  // a long session does not keep every reply
   return omni.reply;
@@ -65,7 +66,10 @@ function schedule(reply, samples, rate) {
     if (index >= 0) reply.sources.splice(index, 1);
   };
   source.start(start);
-  if (reply.heardAt === null) reply.heardAt = performance.now() + (start - now + (ctx.outputLatency || 0)) * 1000;
+  if (reply.heardAt === null) {
+    reply.heardAt = performance.now() + (start - now + (ctx.outputLatency || 0)) * 1000;
+    if (reply.latency && window.omniCall) window.omniCall.heard(reply);
+  }
   reply.segments.push([start, buffer.duration]);
   reply.sources.push(source);
   reply.end = start + buffer.duration;
@@ -80,14 +84,19 @@ omni.position = function () {
   return reply.segments.reduce((s, [start, d]) => s + Math.min(Math.max(now - start, 0), d), 0);
 };
 
+// Silence a reply at once: what is scheduled never plays, what still arrives stays silent.
+function cut(reply) {
+  omni.stopped.add(reply.id);
+  if (omni.ctx && reply.stoppedAt === undefined) reply.stoppedAt = omni.ctx.currentTime;
+  reply.sources.forEach(s => { try { s.stop(); } catch (e) { /* not started */ } });
+  reply.sources = [];
+}
+
 omni.stop = function () {
   const reply = omni.reply;
   if (!reply) return;
-  omni.stopped.add(reply.id);
-  if (omni.ctx) reply.stoppedAt = omni.ctx.currentTime;
-  reply.sources.forEach(s => { try { s.stop(); } catch (e) { /* not started */ } });
-  reply.sources = [];
-  if (!['done', 'stopped', 'error'].includes(reply.state)) setState(reply, 'stopped', 'Stopped.');
+  cut(reply);
+  if (!['done', 'stopped', 'error', 'interrupted'].includes(reply.state)) setState(reply, 'stopped', 'Stopped.');
 };
 
 // A reply replayed from the chat never plays over the live one, and the other way round.
@@ -117,7 +126,7 @@ function render() {
   const reply = omni.reply;
   if (!reply) return;
   let line = reply.text;
-  if (reply.generated > 0 && ['speaking', 'done', 'stopped'].includes(reply.state)) {
+  if (reply.generated > 0 && ['speaking', 'done', 'stopped', 'interrupted'].includes(reply.state)) {
     const played = omni.position();
     line = `${reply.state === 'speaking' || played < reply.generated - 0.05 && !reply.stoppedAt
       ? 'Speaking' : reply.text.replace(/\.$/, '')} · ${played.toFixed(1)} s played of ${reply.generated.toFixed(1)} s`;
@@ -153,6 +162,7 @@ function toast(text) {
 
 function receive(message) {
   if (message && message.notice) return toast(message.notice);
+  if (message && message.call) return window.omniCall && window.omniCall.control(message.call);
   if (!message || !message.reply) return;
   // [page ms, seq, state, seconds of audio, ms from the server making it to its arrival here]
   omni.arrivals.push([performance.now(), message.seq, message.state,
@@ -160,8 +170,13 @@ function receive(message) {
                       message.made_at ? Date.now() - message.made_at * 1000 : null]);
   if (omni.arrivals.length > 50 * KEEP) omni.arrivals.splice(0, 10 * KEEP);
   if (omni.stopped.has(message.reply)) return;  // Stop was pressed: what is still in flight stays silent
-  const reply = omni.reply && omni.reply.id === message.reply ? omni.reply : newReply(message.reply);
+  const reply = omni.reply && omni.reply.id === message.reply ? omni.reply : newReply(message.reply, message.in_call);
+  if (message.latency) {  // a call's first audio: the server's part of the wait since the user stopped speaking
+    reply.latency = {...message.latency, transit: message.made_at ? Date.now() - message.made_at * 1000 : null};
+    reply.arrivedAt = performance.now();
+  }
   if (message.pcm) schedule(reply, pcmToFloat(message.pcm), message.rate);
+  if (message.state === 'interrupted') cut(reply);  // barge-in: the user speaks, the reply stops at once
   if (message.state) setState(reply, message.state, message.text || '');
 }
 
@@ -183,4 +198,6 @@ document.addEventListener('click', e => {
   }
 }, true);
 
+omni.unlock = () => context(SAMPLE_RATE);  // call inside a user gesture (autoplay rules)
+omni.toast = toast;
 watch('value', () => receive(props.value));

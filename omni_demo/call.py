@@ -1,0 +1,395 @@
+"""A voice call: the microphone streams in, turns are taken by voice activity, replies stream out,
+and speaking over a reply interrupts it (barge-in).
+
+One `VoiceCall` per call. The page's microphone handler calls `feed(rate, pcm)` for every chunk
+it receives; the call's own generator, `run()`, is one loop that Gradio iterates in the queue:
+
+    hear: the chunks that arrived → TurnDetector → SpeechStarted / TurnEnded
+        SpeechStarted while a reply runs or plays → cancel it (barge-in); start listening
+        TurnEnded → the user's turn; the reply starts
+    reply: one engine event (a text delta or an audio chunk) → yield it
+
+so a barge-in stops generation within one decode step or audio chunk of being heard. While the
+user speaks, the engine listens (`backend.listen`, omni_demo.listening) when the backend has it.
+Imports no torch itself (the detector loads Silero lazily), like the UI that drives it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import INPUT_SAMPLE_RATE, SAMPLE_RATE, GenerationOptions
+from .errors import InputError
+from .events import AudioChunk, ContextTrimmed, Finished, TextDelta
+from .turns import SpeechStarted, TurnConfig, TurnDetector, TurnEnded
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.2  # the loop yields at least this often, so Gradio can end it (End call, a closed page)
+MAX_QUEUED_S = 30.0  # microphone audio waiting for the loop beyond this is dropped (oldest first)
+
+
+@dataclass(frozen=True)
+class CallConfig:
+    turns: TurnConfig = field(default_factory=TurnConfig)
+    max_call_s: float = 600.0  # a call ends after this long
+    max_idle_s: float = 120.0  # ... or after this long with nobody speaking
+    mic_timeout_s: float = 8.0  # no microphone audio for this long: the page is gone or the mic is off
+    player_lead_s: float = 0.3  # the page's player buffers this much before it plays (web/player.js)
+
+    def __post_init__(self):
+        if min(self.max_call_s, self.max_idle_s, self.mic_timeout_s) <= 0 or self.player_lead_s < 0:
+            raise ValueError(f"invalid call settings: {self}")
+
+
+# -- what a call yields ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Status:
+    state: str  # "listening", "hearing", "thinking", "speaking"
+    text: str
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Nothing new: the loop hands control back, so that Gradio can end it."""
+
+
+@dataclass(frozen=True)
+class UserTurn:
+    audio: np.ndarray  # float32 16 kHz: what the model hears as the user's turn
+    path: str | None  # the same as a wav file, when the call was given `save_audio`
+    start_s: float  # where the speech began, seconds into the call's audio
+    end_s: float  # where it ended
+
+
+@dataclass
+class TurnLatency:
+    """One turn's wait, on the server's clock (Unix seconds). The player's part is the page's."""
+
+    speech_end_at: float  # when the user stopped speaking (the audio's own clock, mapped to arrival)
+    decided_at: float  # when the pause made the end certain
+    first_text_at: float | None = None
+    first_audio_at: float | None = None
+
+    def as_dict(self) -> dict:
+        def since(t):
+            return None if t is None else round(t - self.decided_at, 3)
+
+        return {"vad_s": round(self.decided_at - self.speech_end_at, 3), "first_text_s": since(self.first_text_at),
+                "first_audio_s": since(self.first_audio_at),
+                "speech_end_to_audio_s": None if self.first_audio_at is None
+                else round(self.first_audio_at - self.speech_end_at, 3)}
+
+
+@dataclass(frozen=True)
+class ReplyText:
+    text: str  # the reply so far
+
+
+@dataclass(frozen=True)
+class ReplyAudio:
+    chunk: AudioChunk
+    latency: TurnLatency | None  # on the reply's first chunk
+
+
+@dataclass(frozen=True)
+class ReplyEnded:
+    text: str  # what was generated (cut where it was interrupted)
+    chunks: list  # float32 24 kHz chunks generated
+    finished: Finished | None
+    interrupted: bool
+    latency: TurnLatency
+
+
+@dataclass(frozen=True)
+class PlaybackInterrupted:
+    """The user spoke while the last reply, fully generated, was still playing."""
+
+
+@dataclass(frozen=True)
+class TurnFailed:
+    message: str  # for the user; the call goes on
+
+
+@dataclass(frozen=True)
+class Trimmed:
+    event: ContextTrimmed
+
+
+@dataclass(frozen=True)
+class CallEnded:
+    reason: str
+
+
+CallEvent = Status | Tick | UserTurn | ReplyText | ReplyAudio | ReplyEnded | PlaybackInterrupted | TurnFailed | Trimmed | CallEnded
+
+
+# -- the call ----------------------------------------------------------------------------------
+
+@dataclass
+class _Reply:
+    events: object  # the backend's event iterator
+    cancel: threading.Event
+    latency: TurnLatency
+    text: str = ""
+    chunks: list = field(default_factory=list)
+    finished: Finished | None = None
+
+
+class _Microphone:
+    """The call's microphone audio, from the page's handler to the loop: resampled to 16 kHz
+    mono float32, each chunk with the time it arrived."""
+
+    def __init__(self):
+        self.chunks: queue.Queue = queue.Queue()
+        self.queued = 0  # samples waiting in `chunks`
+        self.resampler = None
+        self.rate = None
+        self.lock = threading.Lock()
+        self.last_at: float | None = None  # arrival of the newest chunk (Unix s)
+
+    def put(self, rate: int, pcm: np.ndarray) -> None:
+        import soxr
+
+        pcm = np.asarray(pcm)
+        if pcm.dtype.kind in "iu":
+            pcm = pcm.astype(np.float32) / float(np.iinfo(pcm.dtype).max)
+        pcm = pcm.astype(np.float32).reshape(len(pcm), -1).mean(axis=1)  # [n] mono
+        with self.lock:
+            if rate != self.rate:
+                self.rate, self.resampler = rate, soxr.ResampleStream(rate, INPUT_SAMPLE_RATE, 1, dtype="float32")
+            samples = self.resampler.resample_chunk(pcm)
+            self.last_at = time.time()
+            while self.queued + len(samples) > MAX_QUEUED_S * INPUT_SAMPLE_RATE and not self.chunks.empty():
+                self.queued -= len(self.chunks.get_nowait()[1])  # the loop is stuck: hear the newest
+            self.chunks.put((self.last_at, samples))
+            self.queued += len(samples)
+
+    def take(self, wait_s: float) -> list[tuple[float, np.ndarray]]:
+        """The chunks that arrived, waiting up to `wait_s` for the first."""
+        taken = []
+        try:
+            taken.append(self.chunks.get(timeout=wait_s) if wait_s > 0 else self.chunks.get_nowait())
+            while True:
+                taken.append(self.chunks.get_nowait())
+        except queue.Empty:
+            pass
+        with self.lock:
+            self.queued -= sum(len(samples) for _, samples in taken)
+        return taken
+
+
+class VoiceCall:
+    """One voice call over `backend` (anything with the engine's `stream`; `listen` if it can)."""
+
+    def __init__(self, backend, history: list[dict], options: GenerationOptions, config: CallConfig | None = None, *,
+                 ended: threading.Event | None = None, save_audio=None, vad=None):
+        """`history`: the conversation before the call (Qwen messages); `ended`: set to end the call
+        (End call, Stop, Clear); `save_audio(samples) -> path`: keep each user turn as a file (a
+        backend that cannot listen is sent that file); `vad`: a Silero model of this call's own."""
+        self.backend = backend
+        self.save_audio = save_audio
+        self.conversation = list(history)  # the model's view: the call's user turns are audio arrays
+        self.options = options
+        self.config = config or CallConfig()
+        self.detector = TurnDetector(self.config.turns, vad)
+        self.mic = _Microphone()
+        self.ended = ended or threading.Event()
+        self.heard = 0  # samples fed to the detector (the call's audio clock)
+        self.arrivals = collections.deque(maxlen=512)  # (samples heard through a chunk, its arrival)
+        self.listener = None  # the engine listening to the turn being spoken
+        self.listener_fed = 0  # samples of the turn given to it
+        self.reply: _Reply | None = None
+        self.playing_until = 0.0  # when the page's player runs out of the last reply's audio (estimate)
+        self.started_at = self.last_activity = time.time()
+        self.turns = 0
+
+    def feed(self, rate: int, pcm: np.ndarray) -> None:
+        """A microphone chunk (any rate, int or float PCM, mono or [n, channels]); thread-safe."""
+        self.mic.put(rate, pcm)
+
+    def end(self) -> None:
+        self.ended.set()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self):
+        """The call, as CallEvents, until it ends (End call, a limit, the microphone gone)."""
+        yield Status("listening", "Listening… speak, then pause: the reply starts when you stop.")
+        reason = None
+        try:
+            while (reason := self._over()) is None:
+                for chunk_at, samples in self.mic.take(wait_s=0 if self.reply else TICK_S):
+                    yield from self._hear(chunk_at, samples)
+                if self.reply is not None:
+                    yield from self._reply_step()
+                else:
+                    yield Tick()
+            if self.reply is not None:
+                yield from self._interrupt()
+        finally:
+            self._close_reply()
+        yield CallEnded(reason)
+
+    def _over(self) -> str | None:
+        now, config = time.time(), self.config
+        if self.ended.is_set():
+            return "You ended the call."
+        if now - self.started_at > config.max_call_s:
+            return f"The call reached its time limit ({config.max_call_s / 60:g} min)."
+        quiet_since = max(self.last_activity, self.playing_until)
+        if self.reply is None and not self.detector.speaking and now - quiet_since > config.max_idle_s:
+            return f"Nobody spoke for {config.max_idle_s:g} s: the call ended."
+        if now - (self.mic.last_at or self.started_at) > config.mic_timeout_s:
+            return ("No sound from the microphone: the call ended. Allow microphone access (the page must be "
+                    "https or localhost)." if self.mic.last_at is None else
+                    "The microphone stopped sending audio (page closed or connection lost): the call ended.")
+        return None
+
+    def _hear(self, chunk_at: float, samples: np.ndarray):
+        self.heard += len(samples)
+        self.arrivals.append((self.heard, chunk_at))
+        for event in self.detector.feed(samples, playing=time.time() < self.playing_until):
+            if isinstance(event, SpeechStarted):
+                yield from self._speech_started()
+            elif isinstance(event, TurnEnded):
+                yield from self._turn_ended(event)
+        if self.listener is not None and self.detector.speaking:
+            self._listen(self.detector.turn_audio(self.listener_fed))
+
+    def _speech_started(self):
+        self.last_activity = time.time()
+        if self.reply is not None:
+            yield from self._interrupt()
+        elif time.time() < self.playing_until:
+            self.playing_until = 0.0
+            yield PlaybackInterrupted()
+        yield Status("hearing", "Hearing you…")
+        self.listener, self.listener_fed = None, 0
+        if hasattr(self.backend, "listen"):
+            try:
+                self.listener = self.backend.listen(self.conversation, self.options)
+            except Exception:  # listening only saves time: the turn is then read whole
+                log.exception("could not listen to this turn")
+        self._listen(self.detector.turn_audio())
+
+    def _listen(self, samples: np.ndarray) -> None:
+        if self.listener is None or not len(samples):
+            return
+        try:
+            self.listener.feed_audio(samples)
+            self.listener_fed += len(samples)
+        except Exception as exc:  # over its audio limit, or a failure: the turn is then read whole
+            log.warning("stopped listening to this turn: %s", exc)
+            self.listener = None
+
+    def _turn_ended(self, event: TurnEnded):
+        now = time.time()
+        latency = TurnLatency(speech_end_at=self._wall_time(event.end_s), decided_at=now)
+        self.last_activity = now
+        messages = None
+        if self.listener is not None:
+            self._listen(event.audio[self.listener_fed:])  # what the last chunk added before the pause
+            try:
+                messages = self.listener.end_turn()
+            except Exception:
+                log.exception("listening failed at the end of the turn; reading it whole")
+        self.listener = None
+        audio = event.audio if messages is None else messages[-1]["content"][0]["audio"]
+        path = self.save_audio(audio) if self.save_audio else None
+        if messages is None:  # not listened to: the turn is read whole, from its file where there is one
+            messages = self.conversation + [{"role": "user", "content": [{"type": "audio", "audio": path or audio}]}]
+        self.turns += 1
+        yield UserTurn(audio, path, event.start_s, event.end_s)
+        yield Status("thinking", "Thinking…")
+        self.conversation = messages
+        cancel = threading.Event()
+        self.reply = _Reply(self.backend.stream(messages, self.options, cancel), cancel, latency)
+
+    def _wall_time(self, at_s: float) -> float:
+        """When the sample `at_s` seconds into the call's audio was heard: the arrival of the chunk
+        that carried it, less the audio after it in that chunk (upload time is not counted)."""
+        sample = at_s * INPUT_SAMPLE_RATE
+        for heard, arrived in self.arrivals:
+            if heard >= sample:
+                return arrived - (heard - sample) / INPUT_SAMPLE_RATE
+        return time.time()
+
+    # -- the reply -----------------------------------------------------------------------------
+
+    def _reply_step(self):
+        reply = self.reply
+        try:
+            event = next(reply.events)
+        except StopIteration:
+            yield from self._reply_done(interrupted=reply.cancel.is_set())
+            return
+        except InputError as exc:
+            yield from self._reply_failed(str(exc))
+            return
+        except Exception as exc:
+            log.exception("a call's reply failed")
+            yield from self._reply_failed(f"the reply failed ({type(exc).__name__}); the call goes on")
+            return
+        now = time.time()
+        if isinstance(event, TextDelta):
+            reply.text += event.text
+            if reply.latency.first_text_at is None:
+                reply.latency.first_text_at = now
+            yield ReplyText(reply.text)
+        elif isinstance(event, AudioChunk):
+            first = not reply.chunks
+            reply.chunks.append(event.samples)
+            if first:
+                reply.latency.first_audio_at = now
+                yield Status("speaking", "Speaking… (talk to interrupt)")
+            starts = max(self.playing_until, now + (self.config.player_lead_s if first else 0.0))
+            self.playing_until = starts + len(event.samples) / SAMPLE_RATE
+            yield ReplyAudio(event, reply.latency if first else None)
+        elif isinstance(event, ContextTrimmed):
+            yield Trimmed(event)
+        elif isinstance(event, Finished):
+            reply.finished = event
+
+    def _interrupt(self):
+        """Barge-in: cancel the reply (the engine stops within one decode step) and end it."""
+        self.reply.cancel.set()
+        try:
+            for event in self.reply.events:  # what remains is its Finished
+                if isinstance(event, Finished):
+                    self.reply.finished = event
+        except Exception:
+            log.exception("a cancelled reply failed")
+        self.playing_until = 0.0
+        yield from self._reply_done(interrupted=True)
+
+    def _reply_done(self, interrupted: bool):
+        reply, self.reply = self.reply, None
+        reply.events.close()
+        if reply.text:
+            self.conversation = self.conversation + [{"role": "assistant", "content": [{"type": "text",
+                                                                                        "text": reply.text}]}]
+        self.last_activity = time.time()
+        yield ReplyEnded(reply.text, reply.chunks, reply.finished, interrupted, reply.latency)
+        yield Status("listening", "Listening…")
+
+    def _reply_failed(self, message: str):
+        reply, self.reply = self.reply, None
+        reply.events.close()
+        self.conversation = self.conversation[:-1]  # the turn the model could not answer is not kept
+        yield TurnFailed(message)
+        yield Status("listening", "Listening…")
+
+    def _close_reply(self) -> None:
+        if self.reply is not None:
+            self.reply.cancel.set()
+            self.reply.events.close()
+            self.reply = None
