@@ -239,7 +239,7 @@ class CallHandler:
             if not isinstance(turn, CallTurn):
                 return CallView()
             turn.set()
-            if turn.started:
-                return CallView(status="📴 **Ending the call…**")
+            if turn.started:  # its loop says so within a step (an update here could land after its own)
+                return CallView()
             del self.chats.turns[request.session_hash]
         return ended_view("You left the line.")

@@ -1,0 +1,218 @@
+"""The voice call's loop (omni_demo.call) on the tiny engine and Silero VAD: a microphone played in
+real time (48 kHz int16 chunks of 0.25 s, as the page sends them) from espeak-ng speech, turns
+found, replies streamed, barge-in during generation and during playback, the call's limits; and
+the page handlers' rules (one call per session, a typed message waits for the call)."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from omni_demo.call import (CallConfig, CallEnded, PlaybackInterrupted, ReplyAudio, ReplyEnded, ReplyText, Status,
+                            UserTurn, VoiceCall)
+from omni_demo.config import GenerationOptions
+from omni_demo.conversation import INTERRUPTED_MARK, STOPPED_MARK, chat_to_conversation
+from omni_demo.events import Finished
+from omni_demo.turns import SAMPLE_RATE, TurnConfig
+
+from .speech import click, compose, needs_espeak, silence, speak
+from .test_ui import MESSAGE, SETTINGS, OneWordModel, Request
+
+pytestmark = needs_espeak
+
+CHUNK_S = 0.25  # the page's stream_every
+MIC_RATE = 48_000
+START_TOLERANCE_S = 0.2
+END_TOLERANCE_S = 0.3
+LONG = GenerationOptions(max_new_tokens=512, max_audio_tokens=3000, seed=11)  # far longer than any test waits
+
+
+@pytest.fixture(scope="module")
+def sentences(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("speech")
+    return [speak(text, folder) for text in ("Hello, can you hear me?", "Wait, tell me about the sea instead.")]
+
+
+class Microphone(threading.Thread):
+    """Plays a script into a call in real time: arrays are spoken, an Event is waited for (with
+    silence going on meanwhile, as a real microphone's), a number is seconds of silence."""
+
+    def __init__(self, call: VoiceCall, *script):
+        super().__init__(daemon=True)
+        self.call, self.script, self.stopped = call, script, threading.Event()
+        self.fed_s = 0.0  # seconds of audio fed so far
+
+    def run(self):
+        quiet = silence(CHUNK_S)
+        start = time.monotonic()
+        for piece in self.script:
+            if isinstance(piece, threading.Event):
+                while not piece.is_set() and not self.stopped.is_set():
+                    self._chunk(quiet, start)
+                continue
+            audio = silence(piece) if isinstance(piece, (int, float)) else piece
+            for at in range(0, len(audio), int(CHUNK_S * SAMPLE_RATE)):
+                if self.stopped.is_set():
+                    return
+                self._chunk(audio[at : at + int(CHUNK_S * SAMPLE_RATE)], start)
+
+    def _chunk(self, samples: np.ndarray, start: float) -> None:
+        self.fed_s += len(samples) / SAMPLE_RATE
+        time.sleep(max(0.0, start + self.fed_s - time.monotonic()))  # a chunk is sent once it was recorded
+        up = np.interp(np.arange(len(samples) * 3) / 3, np.arange(len(samples)), samples)  # 16 -> 48 kHz
+        self.call.feed(MIC_RATE, (up * 32767).astype(np.int16))
+
+
+def run_call(call: VoiceCall, mic: Microphone, timeout_s: float = 60, on_event=None) -> list:
+    """The call's events until it ends (or the timeout ends it)."""
+    mic.start()
+    events, deadline = [], time.monotonic() + timeout_s
+    try:
+        for event in call.run():
+            events.append(event)
+            if on_event is not None:
+                on_event(event)
+            if time.monotonic() > deadline:
+                call.end()
+    finally:
+        mic.stopped.set()
+    return events
+
+
+def of(events, kind) -> list:
+    return [event for event in events if isinstance(event, kind)]
+
+
+def test_a_call_hears_turns_and_a_voice_over_the_reply_cancels_it(engine, sentences):
+    """A click is no turn; a sentence is; the second sentence, spoken while the first reply is
+    being generated, cancels it at once (the engine stops: "cancelled"), the cut reply stays in
+    the history, and the second sentence is the next turn, answered from the conversation cache."""
+    first_audio, second_done = threading.Event(), threading.Event()
+    call = VoiceCall(engine, [], LONG, CallConfig(max_idle_s=30))
+    mic = Microphone(call, 0.8, click()[0], 1.0, sentences[0][0], first_audio, 0.3, sentences[1][0], 1.0, second_done)
+    replies = []
+
+    def follow(event):
+        if isinstance(event, ReplyAudio):
+            first_audio.set()
+        if isinstance(event, ReplyEnded):
+            replies.append(event)
+        if isinstance(event, ReplyAudio) and len(replies) == 1:
+            call.end()  # the second reply speaks: enough
+
+    events = run_call(call, mic, on_event=follow)
+    turns = of(events, UserTurn)
+    assert len(turns) == 2, [type(e).__name__ for e in events if not isinstance(e, Status)]
+    spoken_at = 0.8 + len(click()[0]) / SAMPLE_RATE + 1.0
+    assert abs(turns[0].start_s - (spoken_at + sentences[0][1])) <= START_TOLERANCE_S
+    assert abs(turns[0].end_s - (spoken_at + sentences[0][2])) <= END_TOLERANCE_S
+    assert len(turns[0].audio) / SAMPLE_RATE >= sentences[0][2] - sentences[0][1]  # the whole sentence is heard
+
+    first, second = replies
+    assert first.interrupted and first.finished.stop_reason == "cancelled"  # generation stopped, not only sound
+    assert 0 < len(first.finished.codec_token_ids) < LONG.max_audio_tokens
+    assert first.text and first.text == first.finished.text  # the text as far as it was generated
+    cut = next(i for i, e in enumerate(events) if e is first)
+    assert events[cut + 2] == Status("hearing", "Hearing you…")  # cut as the voice was heard, nothing after it
+    assert second.interrupted and second.finished.stop_reason == "cancelled"  # End call during the reply
+    # the history: each spoken turn, then what the model said to it (cut where it was cut)
+    roles = [(m["role"], m["content"][0]["type"]) for m in call.conversation]
+    assert roles == [("user", "audio"), ("assistant", "text"), ("user", "audio"), ("assistant", "text")]
+    assert call.conversation[1]["content"][0]["text"] == first.text
+    assert isinstance(call.conversation[2]["content"][0]["audio"], np.ndarray)  # listened to while spoken
+    assert second.finished.stats.reused_prompt_tokens > 0  # the first turn came from the cache
+    # the latency parts, in the order they happen
+    for reply in replies:
+        latency = reply.latency.as_dict()
+        assert 0.5 <= latency["vad_s"] <= 0.6 + 2 * CHUNK_S + 0.5, latency  # the pause, and a chunk's wait
+        assert 0 < latency["first_text_s"] <= latency["first_audio_s"]
+        assert latency["speech_end_to_audio_s"] == pytest.approx(latency["vad_s"] + latency["first_audio_s"], abs=2e-3)
+    assert of(events, CallEnded)[-1].reason == "You ended the call."
+
+
+def test_speaking_while_the_last_reply_still_plays_stops_the_player(engine, sentences):
+    """The reply is fully generated but its audio still plays in the page: a voice then is a
+    barge-in too (PlaybackInterrupted: the page stops the player), and the next turn."""
+    done, second_turn = threading.Event(), threading.Event()
+    options = GenerationOptions(max_new_tokens=16, max_audio_tokens=400, seed=11)  # 8 s of speech
+    # The player is taken to buffer 5 s before it plays: it still plays when the reply is made,
+    # on any machine (the page's player buffers 0.3 s, and replies are made faster than played).
+    call = VoiceCall(engine, [], options, CallConfig(max_idle_s=30, player_lead_s=5.0))
+    mic = Microphone(call, 0.5, sentences[0][0], done, sentences[1][0], second_turn)
+
+    def follow(event):
+        if isinstance(event, ReplyEnded) and not done.is_set():
+            assert not event.interrupted  # the first reply was made whole
+            done.set()
+        if isinstance(event, UserTurn) and done.is_set():
+            second_turn.set()
+            call.end()
+
+    events = run_call(call, mic, on_event=follow)
+    kinds = [type(e) for e in events if not isinstance(e, Status) and type(e).__name__ != "Tick"]
+    assert PlaybackInterrupted in kinds
+    assert kinds.index(PlaybackInterrupted) > kinds.index(ReplyEnded)
+    assert kinds.count(UserTurn) == 2 and kinds.index(UserTurn, kinds.index(PlaybackInterrupted)) > 0
+
+
+def test_the_call_ends_itself_idle_without_a_microphone_or_at_its_time_limit(engine):
+    quick = dict(turns=TurnConfig(), max_call_s=30, max_idle_s=30, mic_timeout_s=30)
+    cases = [
+        (CallConfig(**{**quick, "max_idle_s": 1.0}), [3.0], "Nobody spoke"),
+        (CallConfig(**{**quick, "mic_timeout_s": 1.0}), [], "No sound from the microphone"),
+        (CallConfig(**{**quick, "mic_timeout_s": 1.0}), [0.5], "stopped sending audio"),
+        (CallConfig(**{**quick, "max_call_s": 1.0}), [3.0], "time limit"),
+    ]
+    for config, script, reason in cases:
+        call = VoiceCall(engine, [], LONG, config)
+        started = time.monotonic()
+        events = run_call(call, Microphone(call, *script), timeout_s=10)
+        assert reason in events[-1].reason, (reason, events[-1])
+        assert time.monotonic() - started < 4
+        assert not of(events, UserTurn)
+
+
+def test_marks_of_cut_replies_stay_out_of_the_models_history():
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"Hello th {INTERRUPTED_MARK}"},
+            {"role": "user", "content": "again"}, {"role": "assistant", "content": f"Once {STOPPED_MARK}"},
+            {"role": "assistant", "content": INTERRUPTED_MARK}]
+    texts = [m["content"][0]["text"] for m in chat_to_conversation(chat, "")]
+    assert texts == ["hi", "Hello th", "again", "Once"]
+
+
+def test_one_call_per_session_and_typed_messages_wait_for_it():
+    from omni_demo.call_ui import CallHandler, CallView
+    from omni_demo.ui import ChatHandler
+
+    chats = ChatHandler(OneWordModel())
+    calls = CallHandler(chats)
+    pending, *view = calls.accept([], Request("a"))
+    assert pending is not None and view[1]["call"] == "start"  # the page's microphone starts
+    again, *view = calls.accept([], Request("a"))
+    assert again is None and "already running" in view[1]["notice"]
+    typed, *outputs = chats.accept(MESSAGE, [], None, Request("a"))
+    assert typed is None and "voice call is running" in outputs[3]["notice"]
+    other, *view = calls.accept([], Request("b"))  # another session's call waits in line
+    assert other is not None and "In line: 1" in view[2]
+    # End call while it waits: forgotten at once, its loop never runs, the session is free
+    ended = calls.end(Request("b"))
+    assert ended.end["visible"] is False and ended.player["call"] == "stop"
+    assert list(calls.run(other, *SETTINGS, 0.6, 0.5, Request("b"))) == [CallView()]  # nothing shown
+    assert "b" not in chats.turns and calls.accept([], Request("b"))[0] is not None
+
+
+def test_call_settings_are_checked():
+    from omni_demo.call_ui import CallHandler
+    from omni_demo.errors import InputError
+    from omni_demo.ui import ChatHandler
+
+    calls = CallHandler(ChatHandler(OneWordModel()))
+    pending, *_ = calls.accept([], Request("a"))
+    views = list(calls.run(pending, *SETTINGS, 9.0, 0.5, Request("a")))  # a 9 s pause is out of range
+    assert "pause must be between" in views[-1].status and views[-1].start["visible"] is True
+    assert "a" not in calls.chats.turns
+    with pytest.raises(InputError):
+        from omni_demo.call_ui import call_config
+
+        call_config(0.6, float("nan"), CallConfig())

@@ -1,0 +1,124 @@
+"""The voice call in headless Chromium, its microphone a file (espeak-ng sentences with pauses,
+a click): turns found, replies streamed (text grows, speech plays), a second sentence spoken
+during a reply interrupts it (generation stops, the player stops, the chat marks it), no turn
+from the click or the silence; End call; a closed page or a denied microphone ends the call and
+frees the model."""
+
+import time
+
+import pytest
+
+from omni_demo.turns import SAMPLE_RATE
+
+from .apphelpers import AppServer
+from .browser import chromium_page, chromium_pages, fake_microphone, open_app, send, wait_state
+from .speech import click, compose, needs_espeak, speak, write_wav
+
+pytestmark = needs_espeak
+
+
+@pytest.fixture(scope="module")
+def app():
+    server = AppServer().wait()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def call_wav(tmp_path_factory):
+    """1 s of silence, a click, 1 s, a sentence, 2.5 s (the reply starts), a second sentence (it
+    cuts in), 14 s of silence."""
+    folder = tmp_path_factory.mktemp("call")
+    first, second = speak("Hello, can you hear me?", folder), speak("Wait, tell me about the sea instead.", folder)
+    audio, spans = compose(1.0, click(), 1.0, first, 2.5, second, 14.0)
+    return write_wav(folder / "call.wav", audio), spans
+
+
+def poll(page, script: str, until, timeout: float, every: float = 0.1):
+    """Evaluate `script` until `until(value)`; every value seen, in order."""
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen.append(page.evaluate(script))
+        if until(seen[-1]):
+            return seen
+        time.sleep(every)
+    raise AssertionError(f"timed out; last value {seen[-1] if seen else None!r}")
+
+
+# A message that is an audio clip shows its length ("0:02") as its only text.
+CHAT = """[...document.querySelectorAll('#chatbot .message')].map(m => ({
+  user: m.classList.contains('user'), audio: /^\\d+:\\d\\d$/.test(m.innerText.trim()), text: m.innerText.trim()}))"""
+PLAYER = """(() => { const p = window.omniPlayer; return p.history.map(r => ({id: r.id, state: r.state,
+  generated: r.generated, stopped: r.stoppedAt !== undefined, sources: r.sources.length,
+  played: r.stoppedAt === undefined ? null : r.segments.reduce((s, [t, d]) => s + Math.min(Math.max(r.stoppedAt - t, 0), d), 0)}))
+})()"""
+
+
+def user_turns(chat) -> int:
+    return sum(1 for m in chat if m["user"] and m["audio"])
+
+
+def test_a_call_takes_turns_streams_replies_and_is_interrupted_by_voice(app, call_wav):
+    wav, spans = call_wav
+    with chromium_page(args=fake_microphone(f"{wav}%noloop")) as page:
+        open_app(page, app.url, seed=11)  # replies of up to 512 tokens and 60 s of speech: long
+        page.click("#call-start")
+        page.wait_for_function("document.querySelector('#call-status').innerText.includes('Listening')",
+                               timeout=30_000)
+        # the first sentence is a turn; its reply streams, then the second sentence cuts in
+        chats = poll(page, CHAT, lambda chat: user_turns(chat) == 2, timeout=60)
+        replies = poll(page, PLAYER, lambda r: len(r) >= 2 and r[-1]["generated"] > 0.5, timeout=60)[-1]
+        first = replies[-2]
+        assert first["state"] == "interrupted" and first["stopped"] and first["sources"] == 0
+        assert first["played"] < first["generated"] or first["generated"] == 0  # stopped, not played out
+        texts = [next((m["text"] for m in chat if not m["user"] and not m["audio"]), "") for chat in chats]
+        assert len({text for text in texts if text}) >= 2  # the first reply's text grew while it streamed
+        chat = page.evaluate(CHAT)
+        assert any("interrupted" in m["text"] for m in chat if not m["user"])
+        # the second reply streams and plays; the click and the long silence made no turn
+        played = poll(page, "window.omniPlayer.position()", lambda p: p > 1.0, timeout=60)
+        assert played[-1] > 1.0
+        time.sleep(3)
+        assert user_turns(page.evaluate(CHAT)) == 2
+        # the latency readout: the end of speech to the first sound, and its parts
+        turns = page.evaluate("window.omniCall.turns")
+        assert len(turns) == 2 and all(0.5 < t["total"] < 10 and t["player"] > 0 and t["vad"] > 0.5 for t in turns)
+        assert "after you stopped speaking" in page.locator("#call-latency").inner_text()
+        # End call: the reply stops, the page gets its Start button and microphone back
+        page.click("#call-end")
+        page.wait_for_function("document.querySelector('#call-status').innerText.includes('Call ended')",
+                               timeout=10_000)
+        page.locator("#call-start").wait_for(state="visible", timeout=5_000)
+        page.wait_for_function("[...document.querySelectorAll('#call-mic button')].some(b => b.innerText.trim() === 'Record')",
+                               timeout=10_000)
+        # a typed message goes on from the call's conversation (its spoken turns are this session's)
+        send(page, "And now in writing?")
+        wait_state(page, "done", timeout=120)
+        assert "And now in writing?" in page.locator("#chatbot").inner_text()
+        assert "failed" not in page.locator("#chatbot").inner_text().lower()
+
+
+def test_a_closed_page_ends_its_call_and_frees_the_model(app, call_wav):
+    wav, _ = call_wav
+    with chromium_pages(2, args=fake_microphone(f"{wav}%noloop")) as (caller, other):
+        open_app(caller, app.url)
+        caller.click("#call-start")
+        caller.wait_for_function("document.querySelector('#call-status').innerText.includes('Listening')",
+                                 timeout=30_000)
+        caller.close()
+        open_app(other, app.url, max_speech_s=5)
+        started = time.monotonic()
+        send(other, "Is anyone else talking to you?")
+        wait_state(other, "speaking", "done", timeout=60)
+        assert time.monotonic() - started < 30  # the call ended with its page (at most its 8 s mic timeout)
+
+
+def test_a_denied_microphone_ends_the_call_with_a_clear_message(app):
+    # A fake device but no fake permission prompt: headless Chromium denies the microphone.
+    with chromium_page(args=["--use-fake-device-for-media-stream"]) as page:
+        open_app(page, app.url)
+        page.click("#call-start")
+        page.wait_for_function("document.querySelector('#call-status').innerText.includes('Call ended')",
+                               timeout=30_000)
+        assert "Allow microphone access" in page.locator("#call-status").inner_text()
+        page.locator("#call-start").wait_for(state="visible", timeout=5_000)
