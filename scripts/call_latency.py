@@ -1,0 +1,64 @@
+"""End of speech -> first reply sound in a voice call, measured in headless Chromium: the app on
+the tiny model, its microphone a file of N spoken sentences with pauses long enough for each
+reply to be heard, the page's own latency readout (window.omniCall.turns) printed per turn with
+its parts, then the median and the worst.
+
+    python scripts/call_latency.py [--turns 6] [--gap-s 7] [--max-speech-s 5]   (needs the --dev set-up)
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.apphelpers import AppServer  # noqa: E402
+from tests.browser import chromium_page, fake_microphone, open_app  # noqa: E402
+from tests.speech import compose, speak, write_wav  # noqa: E402
+
+SENTENCES = ["Hello, can you hear me?", "Tell me about the sea.", "What is your favourite colour?",
+             "Sing me a short song.", "How far away is the moon?", "Thank you, that is all."]
+PARTS = ["vad", "first_text", "first_audio", "network", "player"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--gap-s", type=float, default=7.0, help="silence after each sentence")
+    parser.add_argument("--max-speech-s", type=float, default=5.0, help="the replies' speech limit")
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="call-latency-"))
+    pieces = [1.0]
+    for index in range(args.turns):
+        pieces += [speak(SENTENCES[index % len(SENTENCES)], folder), args.gap_s]
+    audio, _ = compose(*pieces)
+    wav = write_wav(folder / "call.wav", audio)
+    app = AppServer().wait()
+    try:
+        with chromium_page(args=fake_microphone(f"{wav}%noloop")) as page:
+            open_app(page, app.url, max_speech_s=args.max_speech_s, seed=11)
+            page.click("#call-start")
+            deadline = time.monotonic() + len(audio) / 16000 + 60
+            while time.monotonic() < deadline and len(page.evaluate("window.omniCall.turns")) < args.turns:
+                time.sleep(0.5)
+            turns = page.evaluate("window.omniCall.turns")
+            page.click("#call-end")
+    finally:
+        app.stop()
+    print(f"{'turn':>4} {'total':>7} " + " ".join(f"{p:>11}" for p in PARTS))
+    for index, turn in enumerate(turns, 1):
+        print(f"{index:>4} {turn['total']:7.3f} " + " ".join(f"{turn[p] or 0:11.3f}" for p in PARTS))
+    totals = [turn["total"] for turn in turns]
+    if totals:
+        print(json.dumps({"turns": len(totals), "median_s": round(statistics.median(totals), 3),
+                          "worst_s": round(max(totals), 3),
+                          "median_parts_s": {p: round(statistics.median(t[p] or 0 for t in turns), 3) for p in PARTS}}))
+
+
+if __name__ == "__main__":
+    main()
