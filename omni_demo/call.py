@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.2  # the loop yields at least this often, so Gradio can end it (End call, a closed page)
 MAX_QUEUED_S = 30.0  # microphone audio waiting for the loop beyond this is dropped (oldest first)
+MIN_RATE, MAX_RATE = 8_000, 192_000  # microphone sample rates taken (Hz)
+MAX_CHUNK_S = 10.0  # the page sends 0.25 s chunks (more, joined, when an upload was slow)
 
 
 @dataclass(frozen=True)
@@ -157,15 +159,23 @@ class _Microphone:
         self.last_at: float | None = None  # arrival of the newest chunk (Unix s)
 
     def put(self, rate: int, pcm: np.ndarray) -> None:
+        """Raises InputError for a chunk no microphone sends (a rate out of range, over MAX_CHUNK_S)."""
         import soxr
 
         pcm = np.asarray(pcm)
+        if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or not MIN_RATE <= rate <= MAX_RATE:
+            raise InputError(f"microphone audio at {rate!r:.20} Hz: expected {MIN_RATE}-{MAX_RATE} Hz")
+        if pcm.ndim not in (1, 2) or pcm.dtype.kind not in "iuf" or len(pcm) > MAX_CHUNK_S * rate:
+            raise InputError(f"a microphone chunk must be at most {MAX_CHUNK_S:g} s of mono or multichannel PCM")
+        if not len(pcm):
+            return
         if pcm.dtype.kind in "iu":
             pcm = pcm.astype(np.float32) / float(np.iinfo(pcm.dtype).max)
-        pcm = pcm.astype(np.float32).reshape(len(pcm), -1).mean(axis=1)  # [n] mono
+        pcm = np.nan_to_num(pcm.astype(np.float32).reshape(len(pcm), -1).mean(axis=1), nan=0.0, posinf=0.0,
+                            neginf=0.0).clip(-1, 1)  # [n] mono
         with self.lock:
             if rate != self.rate:
-                self.rate, self.resampler = rate, soxr.ResampleStream(rate, INPUT_SAMPLE_RATE, 1, dtype="float32")
+                self.rate, self.resampler = rate, soxr.ResampleStream(int(rate), INPUT_SAMPLE_RATE, 1, dtype="float32")
             samples = self.resampler.resample_chunk(pcm)
             self.last_at = time.time()
             while self.queued + len(samples) > MAX_QUEUED_S * INPUT_SAMPLE_RATE and not self.chunks.empty():

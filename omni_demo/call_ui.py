@@ -229,7 +229,10 @@ class CallHandler:
         if audio is None or not isinstance(turn, CallTurn) or turn.call is None or turn.is_set():
             return
         rate, samples = audio
-        turn.call.feed(rate, samples)
+        try:
+            turn.call.feed(rate, samples)
+        except InputError as exc:  # a crafted request: the call goes on without it
+            log.warning("microphone chunk refused: %s", exc)
 
     def end(self, request: gr.Request) -> CallView:
         """End call: the running call ends at its next step (and says so); one still in line is

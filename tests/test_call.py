@@ -216,3 +216,21 @@ def test_call_settings_are_checked():
         from omni_demo.call_ui import call_config
 
         call_config(0.6, float("nan"), CallConfig())
+
+
+def test_the_microphone_takes_any_real_chunk_and_refuses_what_no_microphone_sends():
+    from omni_demo.call import _Microphone
+    from omni_demo.errors import InputError
+
+    mic = _Microphone()
+    mic.put(48_000, (np.random.default_rng(0).normal(0, 0.1, 12_000) * 32767).astype(np.int16))  # 0.25 s
+    mic.put(44_100, np.full((11_025, 2), np.nan, np.float32))  # stereo, NaN: read as silence
+    mic.put(16_000, np.zeros(0, np.int16))
+    taken = mic.take(wait_s=0)
+    assert all(np.isfinite(samples).all() and np.abs(samples).max(initial=0) <= 1 for _, samples in taken)
+    assert sum(len(samples) for _, samples in taken) == pytest.approx(0.5 * SAMPLE_RATE, abs=800)  # soxr's delay
+    for rate, pcm in [(1, np.zeros(10, np.int16)), (10**7, np.zeros(10, np.int16)), (48_000.5, np.zeros(10)),
+                      (48_000, np.zeros(48_000 * 11, np.int16)), (48_000, np.zeros((2, 2, 2))),
+                      (48_000, np.array(["a"]))]:
+        with pytest.raises(InputError):
+            mic.put(rate, pcm)
