@@ -33,6 +33,12 @@ from .turns import SpeechStarted, TurnConfig, TurnDetector, TurnEnded
 log = logging.getLogger(__name__)
 
 TICK_S = 0.2  # the loop yields at least this often, so Gradio can end it (End call, a closed page)
+STATES = {  # what the call is doing, as the page says it
+    "listening": "Listening… speak, then pause: the reply starts when you stop.",
+    "hearing": "Hearing you…",
+    "thinking": "Thinking…",
+    "speaking": "Speaking… (talk to interrupt)",
+}
 MAX_QUEUED_S = 30.0  # microphone audio waiting for the loop beyond this is dropped (oldest first)
 MIN_RATE, MAX_RATE = 8_000, 192_000  # microphone sample rates taken (Hz)
 MAX_CHUNK_S = 10.0  # the page sends 0.25 s chunks (more, joined, when an upload was slow)
@@ -55,7 +61,7 @@ class CallConfig:
 
 @dataclass(frozen=True)
 class Status:
-    state: str  # "listening", "hearing", "thinking", "speaking"
+    state: str  # a key of STATES: what the call is doing now
     text: str
 
 
@@ -221,6 +227,7 @@ class VoiceCall:
         self.playing_until = 0.0  # when the page's player runs out of the last reply's audio (estimate)
         self.started_at = self.last_activity = time.time()
         self.turns = 0
+        self.state = None  # the last Status yielded
 
     def feed(self, rate: int, pcm: np.ndarray) -> None:
         """A microphone chunk (any rate, int or float PCM, mono or [n, channels]); thread-safe."""
@@ -233,10 +240,12 @@ class VoiceCall:
 
     def run(self):
         """The call, as CallEvents, until it ends (End call, a limit, the microphone gone)."""
-        yield Status("listening", "Listening… speak, then pause: the reply starts when you stop.")
         reason = None
         try:
             while (reason := self._over()) is None:
+                if (state := self._state()) != self.state:
+                    self.state = state
+                    yield Status(state, STATES[state])
                 for chunk_at, samples in self.mic.take(wait_s=0 if self.reply else TICK_S):
                     yield from self._hear(chunk_at, samples)
                 if self.reply is not None:
@@ -248,6 +257,13 @@ class VoiceCall:
         finally:
             self._close_reply()
         yield CallEnded(reason)
+
+    def _state(self) -> str:
+        if self.detector.speaking:
+            return "hearing"
+        if self.reply is not None:
+            return "speaking" if self.reply.chunks else "thinking"
+        return "speaking" if time.time() < self.playing_until else "listening"
 
     def _over(self) -> str | None:
         now, config = time.time(), self.config
@@ -282,7 +298,6 @@ class VoiceCall:
         elif time.time() < self.playing_until:
             self.playing_until = 0.0
             yield PlaybackInterrupted()
-        yield Status("hearing", "Hearing you…")
         self.listener, self.listener_fed = None, 0
         if hasattr(self.backend, "listen"):
             try:
@@ -319,7 +334,6 @@ class VoiceCall:
             messages = self.conversation + [{"role": "user", "content": [{"type": "audio", "audio": path or audio}]}]
         self.turns += 1
         yield UserTurn(audio, path, event.start_s, event.end_s)
-        yield Status("thinking", "Thinking…")
         self.conversation = messages
         cancel = threading.Event()
         self.reply = _Reply(self.backend.stream(messages, self.options, cancel), cancel, latency)
@@ -360,7 +374,6 @@ class VoiceCall:
             reply.chunks.append(event.samples)
             if first:
                 reply.latency.first_audio_at = now
-                yield Status("speaking", "Speaking… (talk to interrupt)")
             starts = max(self.playing_until, now + (self.config.player_lead_s if first else 0.0))
             self.playing_until = starts + len(event.samples) / SAMPLE_RATE
             yield ReplyAudio(event, reply.latency if first else None)
@@ -389,14 +402,12 @@ class VoiceCall:
                                                                                         "text": reply.text}]}]
         self.last_activity = time.time()
         yield ReplyEnded(reply.text, reply.chunks, reply.finished, interrupted, reply.latency)
-        yield Status("listening", "Listening…")
 
     def _reply_failed(self, message: str):
         reply, self.reply = self.reply, None
         reply.events.close()
         self.conversation = self.conversation[:-1]  # the turn the model could not answer is not kept
         yield TurnFailed(message)
-        yield Status("listening", "Listening…")
 
     def _close_reply(self) -> None:
         if self.reply is not None:

@@ -23,12 +23,13 @@ from .config import INPUT_SAMPLE_RATE
 from .conversation import INTERRUPTED_MARK, chat_to_conversation, gradio_upload_dir
 from .errors import InputError
 from .turns import HYSTERESIS, TurnConfig
-from .ui import ChatHandler, PlayerMessages, Turn, finalize, public_message, refused, reply_options, system_text
+from .ui import TEXTBOX_PLACEHOLDER, ChatHandler, PlayerMessages, Turn, finalize, public_message, refused, reply_options, system_text
 
 log = logging.getLogger(__name__)
 
 STATE_ICONS = {"listening": "🟢", "hearing": "🎙️", "thinking": "💭", "speaking": "🔊"}
 MIC_CHUNK_S = 0.25  # the page sends the microphone this often (stream_every)
+CALL_PLACEHOLDER = "A voice call is running: just talk. End the call to type."
 
 
 class CallView(NamedTuple):
@@ -40,6 +41,7 @@ class CallView(NamedTuple):
     stats: Any = gr.skip()
     start: Any = gr.skip()
     end: Any = gr.skip()
+    textbox: Any = gr.skip()  # closed to typing while the call runs
 
 
 def control(command: str) -> dict:
@@ -52,8 +54,8 @@ def status_line(state: str, text: str) -> str:
 
 
 def ended_view(reason: str) -> CallView:
-    return CallView(player=control("stop"), status=f"📴 **Call ended.** {reason}",
-                    start=gr.update(visible=True), end=gr.update(visible=False))
+    return CallView(player=control("stop"), status=f"📴 **Call ended.** {reason}", start=gr.update(visible=True),
+                    end=gr.update(visible=False), textbox=gr.update(interactive=True, placeholder=TEXTBOX_PLACEHOLDER))
 
 
 def save_user_audio(samples: np.ndarray, session: str, uploads) -> str:
@@ -118,7 +120,7 @@ class CallScreen:
             return self._reply_ended(event)
         if isinstance(event, PlaybackInterrupted):
             self._mark_interrupted()
-            return CallView(chat=self.chat, player=self.player("interrupted", "Interrupted: listening."))
+            return CallView(chat=self.chat, player=self.player("interrupted", "Interrupted."))
         if isinstance(event, TurnFailed):
             gr.Warning(f"That turn failed: {event.message}")
             self.chat = self.chat + [{"role": "assistant", "content": f"⚠️ This reply failed: {event.message}"}]
@@ -136,17 +138,8 @@ class CallScreen:
         self.replied = bool(event.text)
         if event.interrupted:
             self._mark_interrupted()
-        latency = event.latency.as_dict()
-        cells = [f"pause detected **{latency['vad_s']:.2f} s** after your speech"]
-        if latency["first_text_s"] is not None:
-            cells.append(f"first text {latency['first_text_s']:.2f} s later")
-        if latency["first_audio_s"] is not None:
-            cells.append(f"first audio {latency['first_audio_s']:.2f} s later")
-        if event.finished is not None:
-            cells.append(f"context {event.finished.stats.prompt_tokens} tokens "
-                         f"({event.finished.stats.reused_prompt_tokens} reused)")
-        state = ("interrupted", "Interrupted: listening.") if event.interrupted else ("done", "Done: listening.")
-        return CallView(chat=self.chat, player=self.player(*state), stats="Server: " + " · ".join(cells))
+        state = ("interrupted", "Interrupted.") if event.interrupted else ("done", "Done.")
+        return CallView(chat=self.chat, player=self.player(*state))  # the wait: the page's call readout
 
     def _mark_interrupted(self) -> None:
         """The last reply's text, marked: the chat shows where the user cut in."""
@@ -185,7 +178,8 @@ class CallHandler:
                 "The call starts when the model is free." if ahead else "Connecting…")
         pending = {"history": list(history or []), "turn": turn.id}
         return (pending, *CallView(player=control("start"), status=f"⏳ **{line}**", stats="",
-                                   start=gr.update(visible=False), end=gr.update(visible=True)))
+                                   start=gr.update(visible=False), end=gr.update(visible=True),
+                                   textbox=gr.update(interactive=False, placeholder=CALL_PLACEHOLDER)))
 
     def run(self, pending, voice, speech, system_prompt, temperature, top_p, max_new_tokens, max_speech_s,
             use_audio_in_video, seed, pause_s, sensitivity, request: gr.Request):

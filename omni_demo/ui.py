@@ -57,7 +57,9 @@ SYSTEM_PROMPT_WARNING = (
 PLAYER_HTML = ('<div class="player-state" aria-hidden="true"></div>'
                '<div class="player-live sr-only" role="status" aria-live="polite"></div>')
 STOP_JS = "() => { if (window.omniPlayer) window.omniPlayer.stop(); return []; }"
-CALL_START_JS = "(chat) => { if (window.omniCall) window.omniCall.prepare(); return chat; }"
+TEXTBOX_PLACEHOLDER = "Type a message, record one with the microphone, or attach media…"
+# Returns its inputs as a list: a bare array (the chat's messages) would be read as one input each.
+CALL_START_JS = "(chat) => { if (window.omniCall) window.omniCall.prepare(); return [chat]; }"
 CALL_HINT = "Talk hands-free: pause and it answers; speak over the reply to interrupt it. Headphones help."
 
 
@@ -404,19 +406,19 @@ def build_demo(backend, *, title: str = "Qwen2.5-Omni, streaming") -> gr.Blocks:
                 player = gr.HTML(None, html_template=PLAYER_HTML, js_on_load=PAGE_JS, head=PAGE_HEAD,
                                  elem_id="player", label="Reply status")
                 textbox = gr.MultimodalTextbox(
-                    placeholder="Type a message, record one with the microphone, or attach media…",
+                    placeholder=TEXTBOX_PLACEHOLDER,
                     sources=["upload", "microphone"], file_types=["image", "audio", "video"],
                     file_count="multiple", elem_id="textbox", label="Message", show_label=False,
                     submit_btn="Send", stop_btn=False, autofocus=True,
                 )
                 with gr.Group(elem_id="call"):
-                    with gr.Row(equal_height=True):
+                    with gr.Row(equal_height=False, elem_id="call-bar"):
                         call_start = gr.Button("📞 Start voice call", variant="primary", size="sm", scale=0,
                                                min_width=170, elem_id="call-start")
                         call_end = gr.Button("End call", variant="stop", size="sm", scale=0, min_width=120,
                                              visible=False, elem_id="call-end")
-                        call_status = gr.Markdown(CALL_HINT, elem_id="call-status")
-                    gr.HTML(None, html_template='<div class="call-latency" role="status"></div>', elem_id="call-latency")
+                        call_status = gr.Markdown(CALL_HINT, elem_id="call-status", min_width=240)
+                    gr.HTML(None, html_template='<div class="call-latency"></div>', elem_id="call-latency")
                     # The call's microphone: started and stopped by the call (web/voice.js), hidden by style.css.
                     call_mic = gr.Audio(sources=["microphone"], streaming=True, type="numpy", elem_id="call-mic",
                                         label="Call microphone", show_label=False)
@@ -471,7 +473,7 @@ def build_demo(backend, *, title: str = "Qwen2.5-Omni, streaming") -> gr.Blocks:
 
         calls = CallHandler(handler)
         pending_call = gr.State(None)
-        call_outputs = [chatbot, player, call_status, stats, call_start, call_end]
+        call_outputs = [chatbot, player, call_status, stats, call_start, call_end, textbox]
         call_accepted = call_start.click(calls.accept, [chatbot], [pending_call, *call_outputs], js=CALL_START_JS,
                                          queue=False, show_progress="hidden", api_visibility="private")
         call_accepted.then(calls.run, [pending_call, *settings, call_pause, call_sensitivity], call_outputs,

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from omni_demo.call import (CallConfig, CallEnded, PlaybackInterrupted, ReplyAudio, ReplyEnded, ReplyText, Status,
+from omni_demo.call import (CallConfig, CallEnded, PlaybackInterrupted, ReplyAudio, ReplyEnded, Status, Tick,
                             UserTurn, VoiceCall)
 from omni_demo.config import GenerationOptions
 from omni_demo.conversation import INTERRUPTED_MARK, STOPPED_MARK, chat_to_conversation
@@ -114,7 +114,8 @@ def test_a_call_hears_turns_and_a_voice_over_the_reply_cancels_it(engine, senten
     assert 0 < len(first.finished.codec_token_ids) < LONG.max_audio_tokens
     assert first.text and first.text == first.finished.text  # the text as far as it was generated
     cut = next(i for i, e in enumerate(events) if e is first)
-    assert events[cut + 2] == Status("hearing", "Hearing you…")  # cut as the voice was heard, nothing after it
+    after = [e for e in events[cut + 1:] if not isinstance(e, Tick)][:2]  # cut as the voice was heard:
+    assert after[0] == Status("hearing", "Hearing you…") and isinstance(after[1], UserTurn)  # nothing of it after
     assert second.interrupted and second.finished.stop_reason == "cancelled"  # End call during the reply
     # the history: each spoken turn, then what the model said to it (cut where it was cut)
     roles = [(m["role"], m["content"][0]["type"]) for m in call.conversation]
@@ -150,10 +151,15 @@ def test_speaking_while_the_last_reply_still_plays_stops_the_player(engine, sent
             call.end()
 
     events = run_call(call, mic, on_event=follow)
-    kinds = [type(e) for e in events if not isinstance(e, Status) and type(e).__name__ != "Tick"]
+    kinds = [type(e) for e in events if not isinstance(e, (Status, Tick))]
     assert PlaybackInterrupted in kinds
     assert kinds.index(PlaybackInterrupted) > kinds.index(ReplyEnded)
     assert kinds.count(UserTurn) == 2 and kinds.index(UserTurn, kinds.index(PlaybackInterrupted)) > 0
+    # while the finished reply still played, the call said it was speaking, not listening
+    ended = next(i for i, e in enumerate(events) if isinstance(e, ReplyEnded))
+    cut = next(i for i, e in enumerate(events) if isinstance(e, PlaybackInterrupted))
+    assert not [e for e in events[ended:cut] if isinstance(e, Status)]
+    assert [e.state for e in events[:ended] if isinstance(e, Status)][-1] == "speaking"
 
 
 def test_the_call_ends_itself_idle_without_a_microphone_or_at_its_time_limit(engine):

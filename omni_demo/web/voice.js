@@ -36,19 +36,30 @@ document.addEventListener('click', async e => {
 // call's own hidden streaming microphone (#call-mic). Each reply's first audio message carries the
 // server's part of the wait; the player adds its own, and the readout shows the last turn and
 // the median and worst over the call.
-{
-  const media = navigator.mediaDevices;
-  if (media && media.getUserMedia) {
-    const getUserMedia = media.getUserMedia.bind(media);
-    media.getUserMedia = c => getUserMedia(c && c.audio === true
-      ? {...c, audio: {echoCancellation: true, noiseSuppression: true, autoGainControl: true}} : c);
-  }
-}
 const micButton = name => [...document.querySelectorAll('#call-mic button')]
   .find(b => b.textContent.trim() === name || b.getAttribute('aria-label') === name);
+const callEnd = () => {
+  const end = document.querySelector('#call-end');
+  return end && end.offsetParent !== null ? end : null;  // shown while a call runs or waits
+};
+
+// The hidden microphone is the call's: out of the tab order and of what screen readers read. The
+// call's status line is announced as it changes.
+waitFor(() => document.querySelector('#call-mic') && document.querySelector('#call-status'), 15000).then(() => {
+  const mic = document.querySelector('#call-mic');
+  if (!mic) return;
+  mic.setAttribute('aria-hidden', 'true');
+  const hide = () => mic.querySelectorAll('button, select, input, [tabindex]').forEach(e => { e.tabIndex = -1; });
+  hide();
+  new MutationObserver(hide).observe(mic, {childList: true, subtree: true});
+  const status = document.querySelector('#call-status');
+  status.setAttribute('role', 'status');
+  status.setAttribute('aria-live', 'polite');
+});
 
 window.omniCall = {
   turns: [],  // one per reply heard: {total, vad, first_text, first_audio, network, player} in seconds
+  starting: false,  // between Start call and the microphone running
   prepare() {
     window.omniPlayer.unlock();  // inside the click: the reply may play without another gesture
     this.turns = [];
@@ -56,17 +67,27 @@ window.omniCall = {
     if (!window.isSecureContext || !navigator.mediaDevices) {
       window.omniPlayer.toast('The voice call needs the microphone, which browsers allow only on https or '
                               + 'localhost pages. Open the app through its https share link or on this machine.');
-    } else if (navigator.permissions) {
-      navigator.permissions.query({name: 'microphone'}).then(p => {
-        if (p.state === 'denied') window.omniPlayer.toast('Microphone access is blocked for this page: allow it '
-                                                          + 'in the browser\'s site settings, then start the call again.');
-      }).catch(() => {});
     }
   },
   async control(command) {
-    const name = command === 'start' ? 'Record' : 'Stop';
-    const button = await waitFor(() => micButton(name), 5000);
+    if (command === 'stop') window.omniPlayer.stop();  // the call is over: so is its voice
+    this.starting = command === 'start';
+    const button = await waitFor(() => micButton(command === 'start' ? 'Record' : 'Stop'), 5000);
     if (button) button.click();
+    if (command === 'start') {
+      const end = await waitFor(callEnd, 3000);
+      if (end && document.activeElement === document.body) end.focus();  // Start is gone: focus goes to End
+    }
+  },
+  // The microphone could not be opened (denied, no device): say why and end the call now.
+  refused(error) {
+    if (!this.starting) return;
+    this.starting = false;
+    window.omniPlayer.toast(error && error.name === 'NotAllowedError'
+      ? 'The microphone is blocked for this page: allow it in the browser\'s site settings, then start the call again.'
+      : `The microphone could not be opened (${error && error.name || error}). The call has ended.`);
+    const end = callEnd();
+    if (end) end.click();
   },
   // The player heard a call reply's first sound: add the turn to the readout.
   heard(reply) {
@@ -78,6 +99,22 @@ window.omniCall = {
     renderLatency();
   },
 };
+{
+  const media = navigator.mediaDevices;
+  if (media && media.getUserMedia) {  // echo cancellation asked for; a refusal during Start ends the call
+    const getUserMedia = media.getUserMedia.bind(media);
+    media.getUserMedia = c => getUserMedia(c && c.audio === true
+      ? {...c, audio: {echoCancellation: true, noiseSuppression: true, autoGainControl: true}} : c)
+      .then(stream => { window.omniCall.starting = false; return stream; },
+            error => { window.omniCall.refused(error); throw error; });
+  }
+}
+
+// Esc during a call ends it (the reply stops with it).
+document.addEventListener('keydown', e => {
+  const end = e.key === 'Escape' && callEnd();
+  if (end) { e.preventDefault(); e.stopImmediatePropagation(); end.click(); }
+}, true);
 
 function renderLatency() {
   const box = document.querySelector('#call-latency .call-latency');
@@ -85,14 +122,15 @@ function renderLatency() {
   const turns = window.omniCall.turns;
   if (!turns.length) { box.textContent = ''; return; }
   const t = turns[turns.length - 1];
-  const s = v => v === null || v === undefined ? '–' : `${v.toFixed(2)} s`;
-  let text = `Last turn: first sound ${s(t.total)} after you stopped speaking (pause detection ${s(t.vad)}, `
-    + `first text ${s(t.first_text)}, first audio ${s(t.first_audio)}, network ${s(t.network)}, player ${s(t.player)}).`;
+  const s = v => v === null || v === undefined ? '–' : v.toFixed(2);
+  let text = `Last turn: first sound ${s(t.total)} s after you stopped speaking = pause detection ${s(t.vad)} + `
+    + `first audio ${s(t.first_audio)} + network ${s(t.network)} + player ${s(t.player)} s `
+    + `(the text began ${s(t.first_text)} s after the pause was detected).`;
   if (turns.length > 1) {
     const totals = turns.map(x => x.total).sort((a, b) => a - b);
     const mid = totals.length >> 1;
     const median = totals.length % 2 ? totals[mid] : (totals[mid - 1] + totals[mid]) / 2;
-    text += ` Over ${turns.length} turns: median ${s(median)}, worst ${s(totals[totals.length - 1])}.`;
+    text += ` Over ${turns.length} turns: median ${s(median)} s, worst ${s(totals[totals.length - 1])} s.`;
   }
   box.textContent = text;
 }
