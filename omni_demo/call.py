@@ -9,7 +9,8 @@ it receives; the call's own generator, `run()`, is one loop that Gradio iterates
         TurnEnded → the user's turn; the reply starts
     reply: one engine event (a text delta or an audio chunk) → yield it
 
-so a barge-in stops generation within one decode step or audio chunk of being heard. While the
+so a barge-in stops generation within one decode step or audio chunk of being heard (a prompt
+being prefilled finishes first; ZeroGPU's worker is given up after STOP_GRACE_S). While the
 user speaks, the engine listens (`backend.listen`, omni_demo.listening) when the backend has it.
 Imports no torch itself (the detector loads Silero lazily), like the UI that drives it.
 """
@@ -18,12 +19,12 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import soxr
 
 from .config import INPUT_SAMPLE_RATE, SAMPLE_RATE, GenerationOptions
 from .errors import InputError
@@ -41,6 +42,7 @@ STATES = {  # what the call is doing, as the page says it
 }
 MAX_QUEUED_S = 30.0  # microphone audio waiting for the loop beyond this is dropped (oldest first)
 MIN_RATE, MAX_RATE = 8_000, 192_000  # microphone sample rates taken (Hz)
+STOP_GRACE_S = 1.0  # a cancelled reply that has not ended by then is closed
 MAX_CHUNK_S = 10.0  # the page sends 0.25 s chunks (more, joined, when an upload was slow)
 
 
@@ -80,9 +82,9 @@ class UserTurn:
 
 @dataclass
 class TurnLatency:
-    """One turn's wait, on the server's clock (Unix seconds). The player's part is the page's."""
+    """One turn's wait, on the server's clock (time.monotonic). The player's part is the page's."""
 
-    speech_end_at: float  # when the user stopped speaking (the audio's own clock, mapped to arrival)
+    speech_end_at: float  # when the user's last words reached the server (the audio's clock, mapped)
     decided_at: float  # when the pause made the end certain
     first_text_at: float | None = None
     first_audio_at: float | None = None
@@ -137,8 +139,6 @@ class CallEnded:
     reason: str
 
 
-CallEvent = Status | Tick | UserTurn | ReplyText | ReplyAudio | ReplyEnded | PlaybackInterrupted | TurnFailed | Trimmed | CallEnded
-
 
 # -- the call ----------------------------------------------------------------------------------
 
@@ -150,24 +150,23 @@ class _Reply:
     text: str = ""
     chunks: list = field(default_factory=list)
     finished: Finished | None = None
+    started: bool = False  # its events were asked for (the backend began: prompt, prefill)
 
 
 class _Microphone:
     """The call's microphone audio, from the page's handler to the loop: resampled to 16 kHz
-    mono float32, each chunk with the time it arrived."""
+    mono float32, each chunk with the time it arrived (time.monotonic)."""
 
     def __init__(self):
-        self.chunks: queue.Queue = queue.Queue()
+        self.chunks: collections.deque = collections.deque()  # (arrived, samples), oldest first
         self.queued = 0  # samples waiting in `chunks`
         self.resampler = None
         self.rate = None
-        self.lock = threading.Lock()
-        self.last_at: float | None = None  # arrival of the newest chunk (Unix s)
+        self.arrived = threading.Condition()  # guards all of the above
+        self.last_at: float | None = None  # arrival of the newest chunk
 
     def put(self, rate: int, pcm: np.ndarray) -> None:
         """Raises InputError for a chunk no microphone sends (a rate out of range, over MAX_CHUNK_S)."""
-        import soxr
-
         pcm = np.asarray(pcm)
         if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or not MIN_RATE <= rate <= MAX_RATE:
             raise InputError(f"microphone audio at {rate!r:.20} Hz: expected {MIN_RATE}-{MAX_RATE} Hz")
@@ -179,27 +178,25 @@ class _Microphone:
             pcm = pcm.astype(np.float32) / float(np.iinfo(pcm.dtype).max)
         pcm = np.nan_to_num(pcm.astype(np.float32).reshape(len(pcm), -1).mean(axis=1), nan=0.0, posinf=0.0,
                             neginf=0.0).clip(-1, 1)  # [n] mono
-        with self.lock:
+        with self.arrived:
             if rate != self.rate:
                 self.rate, self.resampler = rate, soxr.ResampleStream(int(rate), INPUT_SAMPLE_RATE, 1, dtype="float32")
             samples = self.resampler.resample_chunk(pcm)
-            self.last_at = time.time()
-            while self.queued + len(samples) > MAX_QUEUED_S * INPUT_SAMPLE_RATE and not self.chunks.empty():
-                self.queued -= len(self.chunks.get_nowait()[1])  # the loop is stuck: hear the newest
-            self.chunks.put((self.last_at, samples))
+            self.last_at = time.monotonic()
+            while self.chunks and self.queued + len(samples) > MAX_QUEUED_S * INPUT_SAMPLE_RATE:
+                self.queued -= len(self.chunks.popleft()[1])  # the loop is stuck: hear the newest
+            self.chunks.append((self.last_at, samples))
             self.queued += len(samples)
+            self.arrived.notify()
 
     def take(self, wait_s: float) -> list[tuple[float, np.ndarray]]:
         """The chunks that arrived, waiting up to `wait_s` for the first."""
-        taken = []
-        try:
-            taken.append(self.chunks.get(timeout=wait_s) if wait_s > 0 else self.chunks.get_nowait())
-            while True:
-                taken.append(self.chunks.get_nowait())
-        except queue.Empty:
-            pass
-        with self.lock:
-            self.queued -= sum(len(samples) for _, samples in taken)
+        with self.arrived:
+            if not self.chunks and wait_s > 0:
+                self.arrived.wait(wait_s)
+            taken = list(self.chunks)
+            self.chunks.clear()
+            self.queued = 0
         return taken
 
 
@@ -225,8 +222,7 @@ class VoiceCall:
         self.listener_fed = 0  # samples of the turn given to it
         self.reply: _Reply | None = None
         self.playing_until = 0.0  # when the page's player runs out of the last reply's audio (estimate)
-        self.started_at = self.last_activity = time.time()
-        self.turns = 0
+        self.started_at = self.last_activity = time.monotonic()
         self.state = None  # the last Status yielded
 
     def feed(self, rate: int, pcm: np.ndarray) -> None:
@@ -263,10 +259,10 @@ class VoiceCall:
             return "hearing"
         if self.reply is not None:
             return "speaking" if self.reply.chunks else "thinking"
-        return "speaking" if time.time() < self.playing_until else "listening"
+        return "speaking" if time.monotonic() < self.playing_until else "listening"
 
     def _over(self) -> str | None:
-        now, config = time.time(), self.config
+        now, config = time.monotonic(), self.config
         if self.ended.is_set():
             return "You ended the call."
         if now - self.started_at > config.max_call_s:
@@ -283,7 +279,7 @@ class VoiceCall:
     def _hear(self, chunk_at: float, samples: np.ndarray):
         self.heard += len(samples)
         self.arrivals.append((self.heard, chunk_at))
-        for event in self.detector.feed(samples, playing=time.time() < self.playing_until):
+        for event in self.detector.feed(samples, playing=chunk_at < self.playing_until):  # as it was then
             if isinstance(event, SpeechStarted):
                 yield from self._speech_started()
             elif isinstance(event, TurnEnded):
@@ -292,10 +288,10 @@ class VoiceCall:
             self._listen(self.detector.turn_audio(self.listener_fed))
 
     def _speech_started(self):
-        self.last_activity = time.time()
+        self.last_activity = time.monotonic()
         if self.reply is not None:
             yield from self._interrupt()
-        elif time.time() < self.playing_until:
+        elif time.monotonic() < self.playing_until:
             self.playing_until = 0.0
             yield PlaybackInterrupted()
         self.listener, self.listener_fed = None, 0
@@ -312,19 +308,22 @@ class VoiceCall:
         try:
             self.listener.feed_audio(samples)
             self.listener_fed += len(samples)
-        except Exception as exc:  # over its audio limit, or a failure: the turn is then read whole
+        except InputError as exc:  # over its audio limit: the turn is then read whole
             log.warning("stopped listening to this turn: %s", exc)
+            self.listener = None
+        except Exception:  # listening only saves time
+            log.exception("listening failed; this turn will be read whole")
             self.listener = None
 
     def _turn_ended(self, event: TurnEnded):
-        now = time.time()
-        latency = TurnLatency(speech_end_at=self._wall_time(event.end_s), decided_at=now)
+        now = time.monotonic()
+        latency = TurnLatency(speech_end_at=self._heard_at(event.end_s), decided_at=now)
         self.last_activity = now
         messages = None
         if self.listener is not None:
             self._listen(event.audio[self.listener_fed:])  # what the last chunk added before the pause
-            try:
-                messages = self.listener.end_turn()
+            try:  # the turn as detected: its pre-roll to the end of the speech (not the pause after it)
+                messages = self.listener.end_turn(len(event.audio))
             except Exception:
                 log.exception("listening failed at the end of the turn; reading it whole")
         self.listener = None
@@ -332,25 +331,25 @@ class VoiceCall:
         path = self.save_audio(audio) if self.save_audio else None
         if messages is None:  # not listened to: the turn is read whole, from its file where there is one
             messages = self.conversation + [{"role": "user", "content": [{"type": "audio", "audio": path or audio}]}]
-        self.turns += 1
         yield UserTurn(audio, path, event.start_s, event.end_s)
         self.conversation = messages
         cancel = threading.Event()
         self.reply = _Reply(self.backend.stream(messages, self.options, cancel), cancel, latency)
 
-    def _wall_time(self, at_s: float) -> float:
+    def _heard_at(self, at_s: float) -> float:
         """When the sample `at_s` seconds into the call's audio was heard: the arrival of the chunk
         that carried it, less the audio after it in that chunk (upload time is not counted)."""
         sample = at_s * INPUT_SAMPLE_RATE
         for heard, arrived in self.arrivals:
             if heard >= sample:
                 return arrived - (heard - sample) / INPUT_SAMPLE_RATE
-        return time.time()
+        return time.monotonic()
 
     # -- the reply -----------------------------------------------------------------------------
 
     def _reply_step(self):
         reply = self.reply
+        reply.started = True
         try:
             event = next(reply.events)
         except StopIteration:
@@ -363,7 +362,7 @@ class VoiceCall:
             log.exception("a call's reply failed")
             yield from self._reply_failed(f"the reply failed ({type(exc).__name__}); the call goes on")
             return
-        now = time.time()
+        now = time.monotonic()
         if isinstance(event, TextDelta):
             reply.text += event.text
             if reply.latency.first_text_at is None:
@@ -383,14 +382,21 @@ class VoiceCall:
             reply.finished = event
 
     def _interrupt(self):
-        """Barge-in: cancel the reply (the engine stops within one decode step) and end it."""
-        self.reply.cancel.set()
-        try:
-            for event in self.reply.events:  # what remains is its Finished
-                if isinstance(event, Finished):
-                    self.reply.finished = event
-        except Exception:
-            log.exception("a cancelled reply failed")
+        """Barge-in: cancel the reply and end it. The engine stops within one decode step and
+        yields its Finished; a backend that goes on (ZeroGPU's worker) is closed after STOP_GRACE_S,
+        and a reply not begun yet is closed at once."""
+        reply = self.reply
+        reply.cancel.set()
+        if reply.started:
+            deadline = time.monotonic() + STOP_GRACE_S
+            try:
+                for event in reply.events:
+                    if isinstance(event, Finished):
+                        reply.finished = event
+                    if time.monotonic() > deadline:
+                        break
+            except Exception:
+                log.exception("a cancelled reply failed")
         self.playing_until = 0.0
         yield from self._reply_done(interrupted=True)
 
@@ -400,7 +406,7 @@ class VoiceCall:
         if reply.text:
             self.conversation = self.conversation + [{"role": "assistant", "content": [{"type": "text",
                                                                                         "text": reply.text}]}]
-        self.last_activity = time.time()
+        self.last_activity = time.monotonic()
         yield ReplyEnded(reply.text, reply.chunks, reply.finished, interrupted, reply.latency)
 
     def _reply_failed(self, message: str):

@@ -2,7 +2,7 @@
 starts the page's microphone; the call's loop (omni_demo.call, in the queue: it holds the model
 while it runs) turns its events into chat, player and status updates; the microphone's stream
 handler hands each chunk to the session's call. A call is the session's one activity, like a
-typed turn: Stop, Clear and End call end it, and a typed message waits for it to end.
+typed turn: End call, Esc and Clear end it, and typing waits for it to end.
 """
 
 from __future__ import annotations
@@ -11,19 +11,46 @@ import logging
 import math
 import time
 import uuid
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import gradio as gr
 import numpy as np
 import soundfile as sf
 
-from .call import (CallConfig, CallEnded, PlaybackInterrupted, ReplyAudio, ReplyEnded, ReplyText, Status, Tick,
-                   Trimmed, TurnFailed, UserTurn, VoiceCall)
+from .call import (
+    MAX_CHUNK_S,
+    MAX_RATE,
+    MIN_RATE,
+    CallConfig,
+    CallEnded,
+    PlaybackInterrupted,
+    ReplyAudio,
+    ReplyEnded,
+    ReplyText,
+    Status,
+    Tick,
+    Trimmed,
+    TurnFailed,
+    UserTurn,
+    VoiceCall,
+)
 from .config import INPUT_SAMPLE_RATE
-from .conversation import INTERRUPTED_MARK, chat_to_conversation, gradio_upload_dir
+from .conversation import INTERRUPTED_MARK, chat_to_conversation, gradio_upload_dir, user_file_paths
 from .errors import InputError
-from .turns import HYSTERESIS, TurnConfig
-from .ui import TEXTBOX_PLACEHOLDER, ChatHandler, PlayerMessages, Turn, finalize, public_message, refused, reply_options, system_text
+from .turns import HYSTERESIS
+from .ui import (
+    TEXTBOX_PLACEHOLDER,
+    ChatHandler,
+    PlayerMessages,
+    Turn,
+    finalize,
+    public_message,
+    refused,
+    reply_options,
+    system_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +72,10 @@ class CallView(NamedTuple):
 
 
 def control(command: str) -> dict:
-    """A message for the page's call controls (web/voice.js): "start" or "stop" the microphone."""
-    return {"call": command, "id": uuid.uuid4().hex[:12]}
+    """A message for the page's call controls (web/voice.js): "start" or "stop" the microphone.
+    `server_time` (Unix s) sets the page's estimate of the server's clock, against which it times
+    each reply's delivery (the two clocks need not agree)."""
+    return {"call": command, "id": uuid.uuid4().hex[:12], "server_time": time.time()}
 
 
 def status_line(state: str, text: str) -> str:
@@ -76,9 +105,31 @@ def call_config(pause_s, sensitivity, base: CallConfig) -> CallConfig:
                                                                                   and low <= value <= high):
             raise InputError(f"the call's {name} must be between {low:g} and {high:g}, not {value!r:.40}")
     threshold = max(1.0 - float(sensitivity), HYSTERESIS + 0.05)
-    turns = TurnConfig(**{**base.turns.__dict__, "pause_s": float(pause_s), "threshold": threshold,
-                          "playing_threshold": max(base.turns.playing_threshold, threshold)})
-    return CallConfig(**{**base.__dict__, "turns": turns})
+    turns = replace(base.turns, pause_s=float(pause_s), threshold=threshold,
+                    playing_threshold=max(base.turns.playing_threshold, threshold))
+    return replace(base, turns=turns)
+
+
+def read_chunk(path) -> tuple[int, np.ndarray] | None:
+    """A microphone chunk the page uploaded (a short WAV), checked from its header before it is
+    read, then deleted (a call uploads four a second). None for anything else."""
+    path = Path(path)
+    if not path.resolve().is_relative_to(gradio_upload_dir()):
+        return None
+    try:
+        info = sf.info(path)
+        if (info.format != "WAV" or not 1 <= info.channels <= 2 or not MIN_RATE <= info.samplerate <= MAX_RATE
+                or info.frames > MAX_CHUNK_S * info.samplerate):
+            log.warning("microphone chunk refused: %s, %d Hz, %d channels, %d frames", info.format,
+                        info.samplerate, info.channels, info.frames)
+            return None
+        samples, rate = sf.read(path, dtype="float32", always_2d=True)
+        return rate, samples
+    except (OSError, RuntimeError, ValueError) as exc:  # not a WAV soundfile can read
+        log.warning("microphone chunk refused: %s", type(exc).__name__)
+        return None
+    finally:
+        path.unlink(missing_ok=True)
 
 
 class CallTurn(Turn):
@@ -164,8 +215,8 @@ class CallHandler:
         self.config = config or CallConfig()
 
     def accept(self, history, request: gr.Request):
-        """Outside the queue: register the session's call, start the page's microphone and say
-        where the call stands in line. Returns (pending call or None, *CallView)."""
+        """Outside the queue: register the session's call and say where it stands in line (the
+        microphone starts when the call does). Returns (pending call or None, *CallView)."""
         session = request.session_hash
         with self.chats.lock:
             busy, ahead = self.chats.turns.get(session), len(self.chats.turns)
@@ -177,7 +228,7 @@ class CallHandler:
         line = (f"In line: {ahead} {'reply or call' if ahead == 1 else 'replies or calls'} before yours. "
                 "The call starts when the model is free." if ahead else "Connecting…")
         pending = {"history": list(history or []), "turn": turn.id}
-        return (pending, *CallView(player=control("start"), status=f"⏳ **{line}**", stats="",
+        return (pending, *CallView(status=f"⏳ **{line}**", stats="",
                                    start=gr.update(visible=False), end=gr.update(visible=True),
                                    textbox=gr.update(interactive=False, placeholder=CALL_PLACEHOLDER)))
 
@@ -188,14 +239,17 @@ class CallHandler:
             yield CallView()
             return
         session = request.session_hash
-        with self.chats.lock:
+        with self.chats.lock:  # claimed once: a second run of the same call is refused
             turn = self.chats.turns.get(session)
-            if isinstance(turn, CallTurn) and turn.id == pending["turn"]:
+            claimed = isinstance(turn, CallTurn) and turn.id == pending["turn"] and not turn.started
+            if claimed:
                 turn.started = True
-        if not isinstance(turn, CallTurn) or turn.id != pending["turn"]:  # ended while it waited in line
-            yield CallView()
+        if not claimed:  # ended (End, Clear) while it waited in line, or already running
+            if not (isinstance(turn, CallTurn) and turn.id == pending["turn"]):
+                yield ended_view("The call ended before it began.")._replace(chat=gr.skip())
             return
         try:
+            self.chats.uploads.check(session, user_file_paths(pending["history"]))  # as a typed turn's history
             options = reply_options(voice, speech, temperature, top_p, max_new_tokens, max_speech_s,
                                     use_audio_in_video, seed)
             config = call_config(pause_s, sensitivity, self.config)
@@ -203,6 +257,7 @@ class CallHandler:
             turn.call = VoiceCall(self.chats.backend, conversation, options, config, ended=turn,
                                   save_audio=lambda samples: save_user_audio(samples, session, self.chats.uploads))
             screen = CallScreen(pending["history"])
+            yield CallView(player=control("start"))  # the model is the call's now: so is the microphone
             for event in turn.call.run():
                 if turn.cleared:  # Clear: the emptied chat gets nothing more
                     yield ended_view("The chat was cleared.")._replace(chat=gr.skip())
@@ -215,25 +270,27 @@ class CallHandler:
             log.exception("the call failed")
             yield ended_view(f"The call failed: {public_message(exc)}")
         finally:
-            self.chats._end(session, turn)
+            self.chats.release(session, turn)
 
-    def hear(self, audio, request: gr.Request) -> None:
-        """The microphone's stream: each chunk to the session's running call (else dropped)."""
+    def hear(self, path, request: gr.Request) -> None:
+        """The microphone's stream: each chunk (a WAV file) to the session's running call; dropped,
+        unread, when there is none."""
         turn = self.chats.turns.get(request.session_hash)
-        if audio is None or not isinstance(turn, CallTurn) or turn.call is None or turn.is_set():
+        if not isinstance(path, str) or not isinstance(turn, CallTurn) or turn.call is None or turn.is_set():
+            if isinstance(path, str) and Path(path).resolve().is_relative_to(gradio_upload_dir()):
+                Path(path).unlink(missing_ok=True)
             return
-        rate, samples = audio
-        try:
-            turn.call.feed(rate, samples)
-        except InputError as exc:  # a crafted request: the call goes on without it
-            log.warning("microphone chunk refused: %s", exc)
+        chunk = read_chunk(path)
+        if chunk is not None:
+            turn.call.feed(*chunk)
 
-    def end(self, request: gr.Request) -> CallView:
-        """End call: the running call ends at its next step (and says so); one still in line is
-        forgotten here."""
+    def end(self, pending, request: gr.Request) -> CallView:
+        """End call (or the microphone stopped): the call `pending` names ends at its next step
+        (and says so); one still in line is forgotten here. Another call of the session (a late
+        event of an earlier one) is left alone."""
         with self.chats.lock:
             turn = self.chats.turns.get(request.session_hash)
-            if not isinstance(turn, CallTurn):
+            if not isinstance(turn, CallTurn) or pending is None or turn.id != pending.get("turn"):
                 return CallView()
             turn.set()
             if turn.started:  # its loop says so within a step (an update here could land after its own)

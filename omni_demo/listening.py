@@ -125,9 +125,14 @@ class Listener:
             finally:
                 self.engine._busy.release()
 
-    def end_turn(self) -> list[dict]:
+    def end_turn(self, length: int | None = None) -> list[dict]:
         """The turn is over: the conversation to reply to, its last user turn this clip (an array
-        part whose processed item, made of the windows heard, is in the engine's media cache)."""
+        part whose processed item, made of the windows heard, is in the engine's media cache).
+        `length`: the turn is its first `length` samples (what came after, e.g. the pause that
+        ended it, is left out, and so are the windows that read it)."""
+        if length is not None and length < self.heard:
+            self._chunks, self.heard = [self.samples[:length]], length
+            del self.windows[self._finished_windows():]
         if not self.heard:
             raise InputError("no audio was heard in this turn")
         part = {"type": "audio", "audio": self.samples}

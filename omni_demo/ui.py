@@ -31,10 +31,18 @@ import numpy as np
 import soundfile as sf
 
 from .config import DEFAULT_SYSTEM_PROMPT, MAX_SEED, SAMPLE_RATE, SAMPLES_PER_CODE, GenerationOptions, Limits
-from .conversation import ASSETS, STOPPED_MARK, UploadRegistry, chat_to_conversation, media_summary, new_upload_paths, user_turn
+from .conversation import (
+    ASSETS,
+    STOPPED_MARK,
+    UploadRegistry,
+    chat_to_conversation,
+    media_summary,
+    new_upload_paths,
+    user_turn,
+)
 from .errors import InputError, first_line
-from .inputs import check_request
 from .events import AudioChunk, ContextTrimmed, Finished, TextDelta
+from .inputs import check_request
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,7 @@ STOP_JS = "() => { if (window.omniPlayer) window.omniPlayer.stop(); return []; }
 TEXTBOX_PLACEHOLDER = "Type a message, record one with the microphone, or attach media…"
 # Returns its inputs as a list: a bare array (the chat's messages) would be read as one input each.
 CALL_START_JS = "(chat) => { if (window.omniCall) window.omniCall.prepare(); return [chat]; }"
+CALL_END_JS = "(call) => { if (window.omniPlayer) window.omniPlayer.stop(); return [call]; }"
 CALL_HINT = "Talk hands-free: pause and it answers; speak over the reply to interrupt it. Headphones help."
 
 
@@ -209,7 +218,8 @@ class ChatHandler:
             turn.started = True
             return turn
 
-    def _end(self, session: str, cancel: Turn) -> None:
+    def release(self, session: str, cancel: Turn) -> None:
+        """The session's turn `cancel` is over: the session may begin another."""
         with self.lock:
             if self.turns.get(session) is cancel:
                 del self.turns[session]
@@ -294,7 +304,7 @@ class ChatHandler:
             raise gr.Error(f"The reply failed ({type(exc).__name__}: {public_message(exc)}). "
                            "The chat is kept; try again.", print_exception=False) from exc
         finally:
-            self._end(request.session_hash, cancel)
+            self.release(request.session_hash, cancel)
 
     def accept(self, message, history, webcam, request: gr.Request):
         """Outside the queue (a queued step costs ~0.3-0.6 s before the reply's own): refuse gently
@@ -352,7 +362,7 @@ class ChatHandler:
             yield Reply(textbox=send_again, chat=shown + [failure_message(exc)],
                         audio=player("error", "The reply failed."))
         finally:
-            self._end(session, cancel)
+            self.release(session, cancel)
 
     def clear(self, request: gr.Request):
         self.stop(request, clear=True)
@@ -420,8 +430,9 @@ def build_demo(backend, *, title: str = "Qwen2.5-Omni, streaming") -> gr.Blocks:
                         call_status = gr.Markdown(CALL_HINT, elem_id="call-status", min_width=240)
                     gr.HTML(None, html_template='<div class="call-latency"></div>', elem_id="call-latency")
                     # The call's microphone: started and stopped by the call (web/voice.js), hidden by style.css.
-                    call_mic = gr.Audio(sources=["microphone"], streaming=True, type="numpy", elem_id="call-mic",
-                                        label="Call microphone", show_label=False)
+                    # type="filepath", format=None: Gradio hands over the upload as it is, unread (call_ui.read_chunk).
+                    call_mic = gr.Audio(sources=["microphone"], streaming=True, type="filepath", format=None,
+                                        elem_id="call-mic", label="Call microphone", show_label=False)
                 with gr.Row(elem_id="chips"):
                     chips = [(gr.Button(label, size="sm", variant="secondary"), value) for label, value in EXAMPLES]
                     clear = gr.Button("Clear chat", size="sm", variant="secondary", elem_id="clear")
@@ -482,8 +493,8 @@ def build_demo(backend, *, title: str = "Qwen2.5-Omni, streaming") -> gr.Blocks:
         call_mic.stream(calls.hear, [call_mic], None, stream_every=MIC_CHUNK_S,
                         time_limit=calls.config.max_call_s + 60, concurrency_limit=None, concurrency_id="call-mic",
                         show_progress="hidden", api_visibility="private")
-        call_end.click(calls.end, None, call_outputs, js=STOP_JS, queue=False, api_visibility="private")
-        call_mic.stop_recording(calls.end, None, call_outputs, queue=False, api_visibility="private")
+        call_end.click(calls.end, [pending_call], call_outputs, js=CALL_END_JS, queue=False, api_visibility="private")
+        call_mic.stop_recording(calls.end, [pending_call], call_outputs, queue=False, api_visibility="private")
         for control in (system_prompt, speech):
             control.change(system_prompt_notice, [system_prompt, speech], notice, api_name=False)
     return demo

@@ -17,9 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.apphelpers import AppServer  # noqa: E402
-from tests.browser import chromium_page, fake_microphone, open_app  # noqa: E402
-from tests.speech import compose, speak, write_wav  # noqa: E402
+from tests.apphelpers import AppServer
+from tests.browser import chromium_page, fake_microphone, open_app
+from tests.speech import compose, speak, write_wav
 
 SENTENCES = ["Hello, can you hear me?", "Tell me about the sea.", "What is your favourite colour?",
              "Sing me a short song.", "How far away is the moon?", "Thank you, that is all."]

@@ -8,8 +8,6 @@ import time
 
 import pytest
 
-from omni_demo.turns import SAMPLE_RATE
-
 from .apphelpers import AppServer
 from .browser import chromium_page, chromium_pages, fake_microphone, open_app, send, wait_state
 from .speech import click, compose, needs_espeak, speak, write_wav
@@ -30,8 +28,8 @@ def call_wav(tmp_path_factory):
     cuts in), 14 s of silence."""
     folder = tmp_path_factory.mktemp("call")
     first, second = speak("Hello, can you hear me?", folder), speak("Wait, tell me about the sea instead.", folder)
-    audio, spans = compose(1.0, click(), 1.0, first, 2.5, second, 14.0)
-    return write_wav(folder / "call.wav", audio), spans
+    audio, _ = compose(1.0, click(), 1.0, first, 2.5, second, 14.0)
+    return write_wav(folder / "call.wav", audio)
 
 
 def poll(page, script: str, until, timeout: float, every: float = 0.1):
@@ -59,7 +57,7 @@ def user_turns(chat) -> int:
 
 
 def test_a_call_takes_turns_streams_replies_and_is_interrupted_by_voice(app, call_wav):
-    wav, spans = call_wav
+    wav = call_wav
     with chromium_page(args=fake_microphone(f"{wav}%noloop")) as page:
         open_app(page, app.url, seed=11)  # replies of up to 512 tokens and 60 s of speech: long
         page.click("#call-start")
@@ -76,7 +74,11 @@ def test_a_call_takes_turns_streams_replies_and_is_interrupted_by_voice(app, cal
         texts = [next((m["text"] for m in chat if not m["user"] and not m["audio"]), "") for chat in chats]
         assert len({text for text in texts if text}) >= 2  # the first reply's text grew while it streamed
         chat = page.evaluate(CHAT)
-        assert any("interrupted" in m["text"] for m in chat if not m["user"])
+        cut = next(i for i, m in enumerate(chat) if not m["user"] and "interrupted" in m["text"])
+        # generation stopped there: the reply's audio in the chat is what had been made, far short of
+        # the 60 s it was allowed
+        minutes, seconds = chat[cut + 1]["text"].split(":")
+        assert not chat[cut + 1]["user"] and chat[cut + 1]["audio"] and int(minutes) * 60 + int(seconds) < 30
         # the second reply streams and plays; the click and the long silence made no turn
         played = poll(page, "window.omniPlayer.position()", lambda p: p > 1.0, timeout=60)
         assert played[-1] > 1.0
@@ -84,7 +86,7 @@ def test_a_call_takes_turns_streams_replies_and_is_interrupted_by_voice(app, cal
         assert user_turns(page.evaluate(CHAT)) == 2
         # the latency readout: the end of speech to the first sound, and its parts
         turns = page.evaluate("window.omniCall.turns")
-        assert len(turns) == 2 and all(0.5 < t["total"] < 10 and t["player"] > 0 and t["vad"] > 0.5 for t in turns)
+        assert len(turns) == 2 and all(0.5 < t["total"] < 10 and t["player"] > 0 and t["vad"] > 0.3 for t in turns)
         assert "after you stopped speaking" in page.locator("#call-latency").inner_text()
         # End call: the reply stops, the page gets its Start button and microphone back
         page.click("#call-end")
@@ -103,7 +105,7 @@ def test_a_call_takes_turns_streams_replies_and_is_interrupted_by_voice(app, cal
 
 def test_a_call_after_typed_turns_and_a_closed_page_ends_it_and_frees_the_model(app, call_wav):
     """A call goes on from a typed conversation; closing its page ends it and frees the model."""
-    wav, _ = call_wav
+    wav = call_wav
     with chromium_pages(2, args=fake_microphone(f"{wav}%noloop")) as (caller, other):
         open_app(caller, app.url, max_speech_s=5)
         send(caller, "Hello, I will call you next.")

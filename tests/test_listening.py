@@ -152,3 +152,19 @@ def test_the_clip_heard_is_the_item_the_processor_makes(engines, seconds, window
     ours, theirs = item_features(thinker, heard)[audio_token], item_features(thinker, whole)[audio_token]
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert listener.windows_kept == len(listener.windows) == windows
+
+
+def test_a_turn_cut_at_its_end_is_the_shorter_clip_processed_whole(engines, history):
+    """A voice call hears the pause that ends a turn, but the turn is the speech before it:
+    end_turn(length) leaves the rest out, with the windows that read it, and the reply is the
+    reply to the shorter clip processed whole."""
+    history, _ = history
+    clip = np.concatenate([utterance(4.5), np.zeros(int(1.8 * 16_000), np.float32)])  # 2 windows, then the pause
+    listener = engines[0].listen(history, OPTIONS)
+    for start in range(0, len(clip), CHUNK):
+        listener.feed_audio(clip[start : start + CHUNK])
+    assert len(listener.windows) == 3  # the third one is mostly the pause
+    length = int(4.5 * 16_000)
+    messages = listener.end_turn(length)
+    assert len(messages[-1]["content"][0]["audio"]) == length and listener.windows_kept == 2
+    assert_same_reply(engines, history, clip[:length], listener, messages)

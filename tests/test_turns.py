@@ -95,7 +95,7 @@ def test_the_turns_do_not_depend_on_the_chunk_size(vad, sentences):
 
 
 def test_a_turn_over_the_time_limit_ends_there(vad, sentences):
-    audio, spans = compose(0.5, sentences[1], 1.0)
+    audio, _ = compose(0.5, sentences[1], 1.0)
     turns = turns_of(detect(vad, audio, config=TurnConfig(max_turn_s=1.0)))
     assert len(turns) >= 2 and turns[0].end_s - turns[0].start_s == pytest.approx(1.0, abs=0.033)
     # the speech goes on: the next turn takes up where the cut was, no audio sent twice

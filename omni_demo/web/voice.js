@@ -69,8 +69,10 @@ window.omniCall = {
                               + 'localhost pages. Open the app through its https share link or on this machine.');
     }
   },
-  async control(command) {
+  clockOffset: 0,  // server clock - page clock, ms, as of the call's start (one delivery late)
+  async control(command, serverTime) {
     if (command === 'stop') window.omniPlayer.stop();  // the call is over: so is its voice
+    if (command === 'start' && serverTime) this.clockOffset = serverTime * 1000 - Date.now();
     this.starting = command === 'start';
     const button = await waitFor(() => micButton(command === 'start' ? 'Record' : 'Stop'), 5000);
     if (button) button.click();
@@ -93,7 +95,8 @@ window.omniCall = {
   heard(reply) {
     const l = reply.latency;
     const player = (reply.heardAt - reply.arrivedAt) / 1000;
-    const network = l.transit !== null && l.transit >= 0 && l.transit < 5000 ? l.transit / 1000 : 0;
+    // Delivery time beyond that of the start message (the clocks differ by an unknown offset).
+    const network = l.transit === null ? 0 : Math.max(0, l.transit + this.clockOffset) / 1000;
     this.turns.push({total: l.speech_end_to_audio_s + network + player, vad: l.vad_s, first_text: l.first_text_s,
                      first_audio: l.first_audio_s, network, player});
     renderLatency();
@@ -103,10 +106,13 @@ window.omniCall = {
   const media = navigator.mediaDevices;
   if (media && media.getUserMedia) {  // echo cancellation asked for; a refusal during Start ends the call
     const getUserMedia = media.getUserMedia.bind(media);
-    media.getUserMedia = c => getUserMedia(c && c.audio === true
-      ? {...c, audio: {echoCancellation: true, noiseSuppression: true, autoGainControl: true}} : c)
-      .then(stream => { window.omniCall.starting = false; return stream; },
-            error => { window.omniCall.refused(error); throw error; });
+    media.getUserMedia = c => {
+      if (!window.omniCall.starting) return getUserMedia(c);  // voice messages, the webcam: as they ask
+      return getUserMedia(c && c.audio === true
+        ? {...c, audio: {echoCancellation: true, noiseSuppression: true, autoGainControl: true}} : c)
+        .then(stream => { window.omniCall.starting = false; return stream; },
+              error => { window.omniCall.refused(error); throw error; });
+    };
   }
 }
 
