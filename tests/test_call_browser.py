@@ -130,3 +130,33 @@ def test_a_denied_microphone_ends_the_call_with_a_clear_message(app):
                                timeout=15_000)
         assert "microphone is blocked" in page.locator("#omni-toasts").inner_text()
         page.locator("#call-start").wait_for(state="visible", timeout=5_000)
+
+
+def lan_address() -> str | None:
+    """This machine's address on its network (a page there over plain http is not a secure context)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+            address = sock.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_a_call_over_plain_http_says_it_needs_https():
+    address = lan_address()
+    if address is None:
+        pytest.skip("this machine has no network address other than loopback")
+    server = AppServer("--host", "0.0.0.0").wait()
+    try:
+        with chromium_page(args=fake_microphone("/dev/null")) as page:
+            open_app(page, server.url.replace("127.0.0.1", address), seed=None)
+            assert not page.evaluate("window.isSecureContext")
+            page.click("#call-start")
+            page.wait_for_function("document.querySelector('#call-status').innerText.includes('Call ended')",
+                                   timeout=15_000)
+            assert "only on https or localhost" in page.locator("#omni-toasts").inner_text()
+    finally:
+        server.stop()

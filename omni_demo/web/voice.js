@@ -64,16 +64,13 @@ window.omniCall = {
     window.omniPlayer.unlock();  // inside the click: the reply may play without another gesture
     this.turns = [];
     renderLatency();
-    if (!window.isSecureContext || !navigator.mediaDevices) {
-      window.omniPlayer.toast('The voice call needs the microphone, which browsers allow only on https or '
-                              + 'localhost pages. Open the app through its https share link or on this machine.');
-    }
   },
   clockOffset: 0,  // server clock - page clock, ms, as of the call's start (one delivery late)
   async control(command, serverTime) {
     if (command === 'stop') window.omniPlayer.stop();  // the call is over: so is its voice
     if (command === 'start' && serverTime) this.clockOffset = serverTime * 1000 - Date.now();
     this.starting = command === 'start';
+    if (this.starting && (!window.isSecureContext || !navigator.mediaDevices)) return this.refused({name: 'NotSecure'});
     const button = await waitFor(() => micButton(command === 'start' ? 'Record' : 'Stop'), 5000);
     if (button) button.click();
     if (command === 'start') {
@@ -85,9 +82,13 @@ window.omniCall = {
   refused(error) {
     if (!this.starting) return;
     this.starting = false;
-    window.omniPlayer.toast(error && error.name === 'NotAllowedError'
-      ? 'The microphone is blocked for this page: allow it in the browser\'s site settings, then start the call again.'
-      : `The microphone could not be opened (${error && error.name || error}). The call has ended.`);
+    const name = error && error.name;
+    window.omniPlayer.toast(
+      name === 'NotSecure' ? 'The voice call needs the microphone, which browsers allow only on https or localhost '
+        + 'pages. Open the app through its https share link, or on this machine.'
+      : name === 'NotAllowedError' ? 'The microphone is blocked for this page: allow it in the browser\'s site '
+        + 'settings, then start the call again.'
+      : `The microphone could not be opened (${name || error}). The call has ended.`);
     const end = callEnd();
     if (end) end.click();
   },
