@@ -69,7 +69,7 @@ TEXTBOX_PLACEHOLDER = "Type a message, record one with the microphone, or attach
 # Returns its inputs as a list: a bare array (the chat's messages) would be read as one input each.
 CALL_START_JS = "(chat) => { if (window.omniCall) window.omniCall.prepare(); return [chat]; }"
 CALL_END_JS = "(call) => { if (window.omniPlayer) window.omniPlayer.stop(); return [call]; }"
-CALL_HINT = "Talk hands-free: pause and it answers; speak over the reply to interrupt it. Headphones help."
+CALL_HINT = "Hands-free: pause and it answers, talk over it to interrupt."
 
 
 class Reply(NamedTuple):
@@ -424,10 +424,10 @@ def build_demo(backend, *, title: str = "Qwen2.5-Omni, streaming") -> gr.Blocks:
                 with gr.Group(elem_id="call"):
                     with gr.Row(equal_height=False, elem_id="call-bar"):
                         call_start = gr.Button("📞 Start voice call", variant="primary", size="sm", scale=0,
-                                               min_width=170, elem_id="call-start")
+                                               min_width=160, elem_id="call-start")
                         call_end = gr.Button("End call", variant="stop", size="sm", scale=0, min_width=120,
                                              visible=False, elem_id="call-end")
-                        call_status = gr.Markdown(CALL_HINT, elem_id="call-status", min_width=240)
+                        call_status = gr.Markdown(CALL_HINT, elem_id="call-status", min_width=160)
                     gr.HTML(None, html_template='<div class="call-latency"></div>', elem_id="call-latency")
                     # The call's microphone: started and stopped by the call (web/voice.js), hidden by style.css.
                     # type="filepath", format=None: Gradio hands over the upload as it is, unread (call_ui.read_chunk).
