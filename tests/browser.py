@@ -1,10 +1,19 @@
 """Headless Debian Chromium through Playwright (its own browser download is not used), and how
 a test drives the app's page."""
 
+import os
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 CHROMIUM = "/usr/bin/chromium"
+# Screenshots of each state land here (docs/screens/ holds a copy of them).
+ARTIFACTS = Path(os.environ.get("OMNI_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "out"))
+
+
+def shot(page, name):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
 
 
 def fake_microphone(wav) -> list[str]:

@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 
 from .apphelpers import AppServer
-from .browser import (CHROMIUM, chromium_page, chromium_pages, fake_microphone, open_app, playback_figures, send,
+from .browser import (CHROMIUM, chromium_page, chromium_pages, fake_microphone, open_app, playback_figures, send, shot,
                       wait_state)
 from .conftest import ASSETS
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
 SEED = 11  # fixed: an unseeded random reply can be too short to be seen growing
-ARTIFACTS = Path(os.environ.get("OMNI_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "out"))
 DESKTOP, PHONE = (1400, 1000), (390, 844)
 LEAD_S = 0.3  # the player's start-up buffer (omni_demo/web/player.js)
 FIRST_SOUND_GOAL_S = 0.5  # engine's first audio chunk -> sound in the browser
@@ -29,11 +28,6 @@ def server(tiny_dir):
     app = AppServer().wait()
     yield app
     app.stop()
-
-
-def shot(page, name):
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
 
 
 def error_panels(page) -> int:

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from .apphelpers import AppServer
-from .browser import chromium_page, chromium_pages, fake_microphone, open_app, send, wait_state
+from .browser import chromium_page, chromium_pages, fake_microphone, open_app, send, shot, wait_state
 from .speech import click, compose, needs_espeak, speak, write_wav
 
 pytestmark = needs_espeak
@@ -82,6 +82,7 @@ def test_a_call_takes_turns_streams_replies_and_is_interrupted_by_voice(app, cal
         # the second reply streams and plays; the click and the long silence made no turn
         played = poll(page, "window.omniPlayer.position()", lambda p: p > 1.0, timeout=60)
         assert played[-1] > 1.0
+        shot(page, "call-interrupted")
         time.sleep(3)
         assert user_turns(page.evaluate(CHAT)) == 2
         # the latency readout: the end of speech to the first sound, and its parts
