@@ -1,7 +1,7 @@
-"""The voice call's page handlers: Start call (outside the queue) registers the session's call and
-starts the page's microphone; the call's loop (omni_demo.call, in the queue: it holds the model
-while it runs) turns its events into chat, player and status updates; the microphone's stream
-handler hands each chunk to the session's call. A call is the session's one activity, like a
+"""The voice call's page handlers: Start call (outside the queue) registers the session's call; the
+call's loop (omni_demo.call, in the queue: it holds the model while it runs) starts the page's
+microphone and turns the call's events into chat, player and status updates; the microphone's
+stream handler hands each chunk to the session's call. A call is the session's one activity, like a
 typed turn: End call, Esc and Clear end it, and typing waits for it to end.
 """
 
@@ -19,23 +19,8 @@ import gradio as gr
 import numpy as np
 import soundfile as sf
 
-from .call import (
-    MAX_CHUNK_S,
-    MAX_RATE,
-    MIN_RATE,
-    CallConfig,
-    CallEnded,
-    PlaybackInterrupted,
-    ReplyAudio,
-    ReplyEnded,
-    ReplyText,
-    Status,
-    Tick,
-    Trimmed,
-    TurnFailed,
-    UserTurn,
-    VoiceCall,
-)
+from .call import (MAX_CHUNK_S, MAX_RATE, MIN_RATE, CallConfig, CallEnded, PlaybackInterrupted, ReplyAudio, ReplyEnded,
+                   ReplyText, Status, Tick, Trimmed, TurnFailed, UserTurn, VoiceCall)
 from .config import INPUT_SAMPLE_RATE
 from .conversation import INTERRUPTED_MARK, chat_to_conversation, gradio_upload_dir, user_file_paths
 from .errors import InputError

@@ -11,17 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from omni_demo.call import (
-    CallConfig,
-    CallEnded,
-    PlaybackInterrupted,
-    ReplyAudio,
-    ReplyEnded,
-    Status,
-    Tick,
-    UserTurn,
-    VoiceCall,
-)
+from omni_demo.call import (CallConfig, CallEnded, PlaybackInterrupted, ReplyAudio, ReplyEnded, Status, Tick, UserTurn,
+                            VoiceCall)
 from omni_demo.config import GenerationOptions
 from omni_demo.conversation import INTERRUPTED_MARK, STOPPED_MARK, chat_to_conversation, gradio_upload_dir
 from omni_demo.turns import SAMPLE_RATE, TurnConfig
