@@ -25,17 +25,8 @@ from .config import INPUT_SAMPLE_RATE
 from .conversation import INTERRUPTED_MARK, chat_to_conversation, gradio_upload_dir, user_file_paths
 from .errors import InputError
 from .turns import HYSTERESIS
-from .ui import (
-    TEXTBOX_PLACEHOLDER,
-    ChatHandler,
-    PlayerMessages,
-    Turn,
-    finalize,
-    public_message,
-    refused,
-    reply_options,
-    system_text,
-)
+from .ui import (TEXTBOX_PLACEHOLDER, ChatHandler, PlayerMessages, Turn, finalize, public_message, refused,
+                 reply_options, system_text)
 
 log = logging.getLogger(__name__)
 
