@@ -31,15 +31,8 @@ import numpy as np
 import soundfile as sf
 
 from .config import DEFAULT_SYSTEM_PROMPT, MAX_SEED, SAMPLE_RATE, SAMPLES_PER_CODE, GenerationOptions, Limits
-from .conversation import (
-    ASSETS,
-    STOPPED_MARK,
-    UploadRegistry,
-    chat_to_conversation,
-    media_summary,
-    new_upload_paths,
-    user_turn,
-)
+from .conversation import (ASSETS, STOPPED_MARK, UploadRegistry, chat_to_conversation, media_summary, new_upload_paths,
+                           user_turn)
 from .errors import InputError, first_line
 from .events import AudioChunk, ContextTrimmed, Finished, TextDelta
 from .inputs import check_request
