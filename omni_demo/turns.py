@@ -60,10 +60,18 @@ class TurnEnded:
 
 
 def load_vad():
-    """Silero VAD (the package's bundled weights: nothing is downloaded)."""
-    from silero_vad import load_silero_vad
+    """Silero VAD (the package's bundled weights: nothing is downloaded). Importing silero_vad sets
+    torch's thread count to 1 for the whole process (silero_vad/model.py), which would halve the
+    engine's speed on a CPU and change its float rounding: the count is put back."""
+    import torch
 
-    return load_silero_vad()
+    threads = torch.get_num_threads()
+    try:
+        from silero_vad import load_silero_vad
+
+        return load_silero_vad()
+    finally:
+        torch.set_num_threads(threads)
 
 
 class TurnDetector:

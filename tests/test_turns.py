@@ -111,3 +111,14 @@ def test_while_a_reply_plays_only_clear_speech_interrupts(vad, sentences):
         TurnConfig(threshold=1.5)
     with pytest.raises(ValueError, match="invalid turn settings"):
         TurnConfig(pause_s=0.01)  # under one 32 ms frame
+
+
+def test_loading_the_vad_leaves_torchs_threads_alone():
+    """silero_vad sets torch's thread count to 1 when imported: the engine in the same process
+    would run on one core (and round differently, so its audio would differ from a server's)."""
+    import subprocess
+    import sys
+
+    script = ("import torch; torch.set_num_threads(2); from omni_demo.turns import load_vad; load_vad(); "
+              "print(torch.get_num_threads())")
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip() == "2"
