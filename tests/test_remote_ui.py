@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from .apphelpers import AppServer
-from .browser import CHROMIUM, chromium_page, open_app, playback_figures, send, state
+from .browser import ARTIFACTS, CHROMIUM, chromium_page, open_app, playback_figures, send, state
 from .serverhelpers import API_KEY
-from .test_browser import ARTIFACTS, SEED, bot_messages
+from .test_browser import SEED, bot_messages
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
 
