@@ -8,7 +8,6 @@ typed turn: End call, Esc and Clear end it, and typing waits for it to end.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
 from dataclasses import replace
@@ -26,7 +25,7 @@ from .conversation import INTERRUPTED_MARK, chat_to_conversation, gradio_upload_
 from .errors import InputError
 from .turns import HYSTERESIS
 from .ui import (TEXTBOX_PLACEHOLDER, ChatHandler, PlayerMessages, Turn, finalize, public_message, refused,
-                 reply_options, system_text)
+                 reply_options, setting, system_text)
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +75,9 @@ def save_user_audio(samples: np.ndarray, session: str, uploads) -> str:
 
 def call_config(pause_s, sensitivity, base: CallConfig) -> CallConfig:
     """The call settings as a CallConfig. Sensitivity is 1 - the VAD's speech threshold."""
-    for name, value, low, high in (("pause", pause_s, 0.2, 3.0), ("sensitivity", sensitivity, 0.1, 0.8)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value)
-                                                                                  and low <= value <= high):
-            raise InputError(f"the call's {name} must be between {low:g} and {high:g}, not {value!r:.40}")
-    threshold = max(1.0 - float(sensitivity), HYSTERESIS + 0.05)
-    turns = replace(base.turns, pause_s=float(pause_s), threshold=threshold,
+    pause_s, sensitivity = setting("call_pause", pause_s), setting("call_sensitivity", sensitivity)
+    threshold = max(1.0 - sensitivity, HYSTERESIS + 0.05)
+    turns = replace(base.turns, pause_s=pause_s, threshold=threshold,
                     playing_threshold=max(base.turns.playing_threshold, threshold))
     return replace(base, turns=turns)
 

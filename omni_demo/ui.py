@@ -132,7 +132,8 @@ def save_reply_audio(chunks: list[np.ndarray], keep: int = 256) -> str:
 
 # The settings a request may send, as (low, high, whole number); the sliders show the same ranges.
 SETTING_RANGES = {"temperature": (0.05, 1.5, False), "top_p": (0.05, 1.0, False), "max_new_tokens": (16, 2048, True),
-                  "max_speech_s": (5, 80, False), "seed": (0, MAX_SEED, True)}
+                  "max_speech_s": (5, 80, False), "seed": (0, MAX_SEED, True), "call_pause": (0.2, 3.0, False),
+                  "call_sensitivity": (0.1, 0.8, False)}
 
 
 def setting(name: str, value) -> int | float:
