@@ -4,14 +4,19 @@ and speaking over a reply interrupts it (barge-in).
 One `VoiceCall` per call. The page's microphone handler calls `feed(rate, pcm)` for every chunk
 it receives; the call's own generator, `run()`, is one loop that Gradio iterates in the queue:
 
-    hear: the chunks that arrived → TurnDetector → SpeechStarted / TurnEnded
+    hear: the chunks that arrived → TurnDetector → SpeechStarted / SpeechPaused / SpeechResumed / TurnEnded
         SpeechStarted while a reply runs or plays → cancel it (barge-in); start listening
-        TurnEnded → the user's turn; the reply starts
-    reply: one engine event (a text delta or an audio chunk) → yield it
+        SpeechPaused → an early reply starts, its events held back (the turn may be over)
+        SpeechResumed → the early reply is cancelled: the user goes on
+        TurnEnded → the user's turn; its reply is the early one, held events first, or starts now
+    reply: one engine event (a text delta or an audio chunk) → yield it (early: hold it, up to its
+        first audio chunk)
 
 so a barge-in stops generation within one decode step or audio chunk of being heard (a prompt
 being prefilled finishes first; ZeroGPU's worker is given up after STOP_GRACE_S). While the
-user speaks, the engine listens (`backend.listen`, omni_demo.listening) when the backend has it.
+user speaks, the engine listens (`backend.listen`, omni_demo.listening) when the backend has it,
+and only then does a reply start early: such a backend is this process's engine, which stops
+within a decode step when the user goes on after all.
 Imports no torch itself (the detector loads Silero lazily), like the UI that drives it.
 """
 
@@ -29,7 +34,7 @@ import soxr
 from .config import INPUT_SAMPLE_RATE, SAMPLE_RATE, GenerationOptions
 from .errors import InputError
 from .events import AudioChunk, ContextTrimmed, Finished, TextDelta
-from .turns import SpeechStarted, TurnConfig, TurnDetector, TurnEnded
+from .turns import SpeechPaused, SpeechResumed, SpeechStarted, TurnConfig, TurnDetector, TurnEnded
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +91,16 @@ class TurnLatency:
 
     speech_end_at: float  # when the user's last words reached the server (the audio's clock, mapped)
     decided_at: float  # when the pause made the end certain
-    first_text_at: float | None = None
+    first_text_at: float | None = None  # when the call gave them out (never before decided_at)
     first_audio_at: float | None = None
+    early_s: float = 0.0  # how long before decided_at the reply began (SpeechPaused)
 
     def as_dict(self) -> dict:
         def since(t):
             return None if t is None else round(t - self.decided_at, 3)
 
         return {"vad_s": round(self.decided_at - self.speech_end_at, 3), "first_text_s": since(self.first_text_at),
-                "first_audio_s": since(self.first_audio_at),
+                "first_audio_s": since(self.first_audio_at), "early_s": round(self.early_s, 3),
                 "speech_end_to_audio_s": None if self.first_audio_at is None
                 else round(self.first_audio_at - self.speech_end_at, 3)}
 
@@ -151,6 +157,30 @@ class _Reply:
     chunks: list = field(default_factory=list)
     finished: Finished | None = None
     started: bool = False  # its events were asked for (the backend began: prompt, prefill)
+
+
+@dataclass
+class _EarlyReply:
+    """A reply begun at a SpeechPaused, before the turn's end is certain: its engine events are
+    held back until TurnEnded (then they go out first) or SpeechResumed (then it is cancelled)."""
+
+    turn: SpeechPaused
+    messages: list[dict]  # the conversation it answers
+    events: object
+    cancel: threading.Event
+    began_at: float
+    held: list = field(default_factory=list)  # engine events, through the first audio chunk
+    started: bool = False
+    ended: bool = False  # its events ran out
+    failure: Exception | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Nothing more to do before the turn is certain: its first audio is here, or it ended."""
+        return self.ended or self.failure is not None or any(isinstance(e, AudioChunk) for e in self.held[-1:])
+
+    def answers(self, turn: TurnEnded) -> bool:
+        return (self.turn.start_s, self.turn.end_s, len(self.turn.audio)) == (turn.start_s, turn.end_s, len(turn.audio))
 
 
 class _Microphone:
@@ -221,6 +251,7 @@ class VoiceCall:
         self.listener = None  # the engine listening to the turn being spoken
         self.listener_fed = 0  # samples of the turn given to it
         self.reply: _Reply | None = None
+        self.early: _EarlyReply | None = None  # at most one of reply and early is set
         self.playing_until = 0.0  # when the page's player runs out of the last reply's audio (estimate)
         self.started_at = self.last_activity = time.monotonic()
         self.state = None  # the last Status yielded
@@ -242,11 +273,14 @@ class VoiceCall:
                 if (state := self._state()) != self.state:
                     self.state = state
                     yield Status(state, STATES[state])
-                for chunk_at, samples in self.mic.take(wait_s=0 if self.reply else TICK_S):
+                working = self.reply is not None or (self.early is not None and not self.early.ready)
+                for chunk_at, samples in self.mic.take(wait_s=0 if working else TICK_S):
                     yield from self._hear(chunk_at, samples)
                 if self.reply is not None:
                     yield from self._reply_step()
                 else:
+                    if self.early is not None and not self.early.ready:
+                        self._early_step()
                     yield Tick()
             if self.reply is not None:
                 yield from self._interrupt()
@@ -282,6 +316,10 @@ class VoiceCall:
         for event in self.detector.feed(samples, playing=chunk_at < self.playing_until):  # as it was then
             if isinstance(event, SpeechStarted):
                 yield from self._speech_started()
+            elif isinstance(event, SpeechPaused):
+                self._start_early(event)
+            elif isinstance(event, SpeechResumed):
+                self._drop_early()
             elif isinstance(event, TurnEnded):
                 yield from self._turn_ended(event)
         if self.listener is not None and self.detector.speaking:
@@ -315,12 +353,46 @@ class VoiceCall:
             log.exception("listening failed; this turn will be read whole")
             self.listener = None
 
+    def _start_early(self, turn: SpeechPaused) -> None:
+        """The user paused: start the reply to the turn so far, in case the pause goes on."""
+        if self.listener is None:  # a backend that cannot listen may not stop at once either
+            return
+        self._listen(turn.audio[self.listener_fed:])  # what the last chunk added before the pause
+        try:
+            messages = self.listener.end_turn(len(turn.audio))
+        except Exception:
+            log.exception("listening failed at a pause; the turn will be read whole at its end")
+            return
+        cancel = threading.Event()
+        self.early = _EarlyReply(turn, messages, self.backend.stream(messages, self.options, cancel), cancel,
+                                 time.monotonic())
+
+    def _early_step(self) -> None:
+        early = self.early
+        early.started = True
+        try:
+            early.held.append(next(early.events))
+        except StopIteration:
+            early.ended = True
+        except Exception as exc:  # told when the turn is certain, as a reply begun then would be
+            early.failure = exc
+
+    def _drop_early(self) -> None:
+        """The user went on speaking (or the turn ended elsewhere): the early reply is cancelled."""
+        early, self.early = self.early, None
+        if early is not None:
+            _stop(early.events, early.cancel, early.started)
+
     def _turn_ended(self, event: TurnEnded):
         now = time.monotonic()
         latency = TurnLatency(speech_end_at=self._heard_at(event.end_s), decided_at=now)
         self.last_activity = now
-        messages = None
-        if self.listener is not None:
+        early, self.early = self.early, None
+        if early is not None and not early.answers(event):  # the turn changed since (a max_turn_s cut)
+            _stop(early.events, early.cancel, early.started)
+            early = None
+        messages = early.messages if early is not None else None
+        if messages is None and self.listener is not None:
             self._listen(event.audio[self.listener_fed:])  # what the last chunk added before the pause
             try:  # the turn as detected: its pre-roll to the end of the speech (not the pause after it)
                 messages = self.listener.end_turn(len(event.audio))
@@ -333,8 +405,22 @@ class VoiceCall:
             messages = self.conversation + [{"role": "user", "content": [{"type": "audio", "audio": path or audio}]}]
         yield UserTurn(audio, path, event.start_s, event.end_s)
         self.conversation = messages
-        cancel = threading.Event()
-        self.reply = _Reply(self.backend.stream(messages, self.options, cancel), cancel, latency)
+        if early is None:
+            cancel = threading.Event()
+            self.reply = _Reply(self.backend.stream(messages, self.options, cancel), cancel, latency)
+            return
+        latency.early_s = now - early.began_at
+        self.reply = _Reply(early.events, early.cancel, latency, started=early.started)
+        for index, held in enumerate(early.held):  # the text as one message, then its first audio chunk
+            if not (isinstance(held, TextDelta) and index + 1 < len(early.held)
+                    and isinstance(early.held[index + 1], TextDelta)):
+                yield from self._on_event(held)
+            else:
+                self.reply.text += held.text
+        if early.failure is not None:
+            yield from self._reply_failed(early.failure)
+        elif early.ended:
+            yield from self._reply_done(interrupted=False)
 
     def _heard_at(self, at_s: float) -> float:
         """When the sample `at_s` seconds into the call's audio was heard: the arrival of the chunk
@@ -355,14 +441,13 @@ class VoiceCall:
         except StopIteration:
             yield from self._reply_done(interrupted=reply.cancel.is_set())
             return
-        except InputError as exc:
-            yield from self._reply_failed(str(exc))
-            return
         except Exception as exc:
-            log.exception("a call's reply failed")
-            yield from self._reply_failed(f"the reply failed ({type(exc).__name__}); the call goes on")
+            yield from self._reply_failed(exc)
             return
-        now = time.monotonic()
+        yield from self._on_event(event)
+
+    def _on_event(self, event):
+        reply, now = self.reply, time.monotonic()
         if isinstance(event, TextDelta):
             reply.text += event.text
             if reply.latency.first_text_at is None:
@@ -382,21 +467,9 @@ class VoiceCall:
             reply.finished = event
 
     def _interrupt(self):
-        """Barge-in: cancel the reply and end it. The engine stops within one decode step and
-        yields its Finished; a backend that goes on (ZeroGPU's worker) is closed after STOP_GRACE_S,
-        and a reply not begun yet is closed at once."""
+        """Barge-in: cancel the reply (within one decode step: `_stop`) and end it."""
         reply = self.reply
-        reply.cancel.set()
-        if reply.started:
-            deadline = time.monotonic() + STOP_GRACE_S
-            try:
-                for event in reply.events:
-                    if isinstance(event, Finished):
-                        reply.finished = event
-                    if time.monotonic() > deadline:
-                        break
-            except Exception:
-                log.exception("a cancelled reply failed")
+        reply.finished = _stop(reply.events, reply.cancel, reply.started) or reply.finished
         self.playing_until = 0.0
         yield from self._reply_done(interrupted=True)
 
@@ -409,14 +482,39 @@ class VoiceCall:
         self.last_activity = time.monotonic()
         yield ReplyEnded(reply.text, reply.chunks, reply.finished, interrupted, reply.latency)
 
-    def _reply_failed(self, message: str):
+    def _reply_failed(self, exc: Exception):
         reply, self.reply = self.reply, None
         reply.events.close()
         self.conversation = self.conversation[:-1]  # the turn the model could not answer is not kept
-        yield TurnFailed(message)
+        if isinstance(exc, InputError):
+            yield TurnFailed(str(exc))
+        else:
+            log.error("a call's reply failed", exc_info=exc)
+            yield TurnFailed(f"the reply failed ({type(exc).__name__}); the call goes on")
 
     def _close_reply(self) -> None:
-        if self.reply is not None:
-            self.reply.cancel.set()
-            self.reply.events.close()
-            self.reply = None
+        for reply in (self.reply, self.early):
+            if reply is not None:
+                reply.cancel.set()
+                reply.events.close()
+        self.reply = self.early = None
+
+
+def _stop(events, cancel: threading.Event, started: bool) -> Finished | None:
+    """Cancel a reply and close it. The engine stops within one decode step and yields its
+    Finished; a backend that goes on (ZeroGPU's worker) is closed after STOP_GRACE_S, and a reply
+    not begun yet is closed at once."""
+    cancel.set()
+    finished = None
+    if started:
+        deadline = time.monotonic() + STOP_GRACE_S
+        try:
+            for event in events:
+                if isinstance(event, Finished):
+                    finished = event
+                if time.monotonic() > deadline:
+                    break
+        except Exception:
+            log.exception("a cancelled reply failed")
+    events.close()
+    return finished

@@ -129,16 +129,17 @@ class Listener:
         """The turn is over: the conversation to reply to, its last user turn this clip (an array
         part whose processed item, made of the windows heard, is in the engine's media cache).
         `length`: the turn is its first `length` samples (what came after, e.g. the pause that
-        ended it, is left out, and so are the windows that read it)."""
-        if length is not None and length < self.heard:
-            self._chunks, self.heard = [self.samples[:length]], length
-            del self.windows[self._finished_windows():]
-        if not self.heard:
+        ended it, is left out, and so are the windows that read it). The listener itself is left
+        as it was: if the user goes on speaking after all, feed it and end the turn again (a voice
+        call starts its reply at a short pause, before the turn's end is certain)."""
+        samples = self.samples[:length]
+        if not len(samples):
             raise InputError("no audio was heard in this turn")
-        part = {"type": "audio", "audio": self.samples}
-        if self.windows and self.engine._busy.acquire(timeout=BUSY_WAIT_S):  # else: processed whole, as ever
+        part = {"type": "audio", "audio": samples}
+        windows = self.windows[: self._finished_windows(len(samples))]
+        if windows and self.engine._busy.acquire(timeout=BUSY_WAIT_S):  # else: processed whole, as ever
             try:
-                item = self._whole_item(part)
+                item = self._whole_item(part, windows)
                 if self.changed_values:  # not the item the processor makes of this clip: its own key
                     part["listened"] = "floor"
                     item.key = media_key(part, with_audio=False)
@@ -149,11 +150,12 @@ class Listener:
 
     # -- windows ----------------------------------------------------------------------------
 
-    def _finished_windows(self) -> int:
-        """Windows whose frames are final: every sample a frame's STFT reads (n_fft / 2 on each
-        side of its centre) has arrived. The last window is left for end_turn."""
+    def _finished_windows(self, heard: int | None = None) -> int:
+        """Windows whose frames are final once `heard` samples (all so far, by default) have
+        arrived: every sample a frame's STFT reads (n_fft / 2 on each side of its centre) is
+        there. The last window is left for end_turn."""
         reach = self.extractor.n_fft // 2
-        final_frames = max(0, (self.heard - reach) // self.hop)
+        final_frames = max(0, ((self.heard if heard is None else heard) - reach) // self.hop)
         return final_frames // self.window_frames
 
     def _log_mel(self, samples: np.ndarray) -> torch.Tensor:
@@ -193,15 +195,17 @@ class Listener:
             segments=[(window.digest, len(window.output)) for window in self.windows],
         )
 
-    def _whole_item(self, part: dict) -> MediaItem:
-        """The clip as process_media would read it, its encoder output taken from the windows
-        heard as long as their features equal the whole clip's, and computed for the rest."""
+    def _whole_item(self, part: dict, windows: list[Window]) -> MediaItem:
+        """The clip (`part`'s audio) as process_media would read it, its encoder output taken from
+        `windows` as long as their features equal the whole clip's, and computed for the rest."""
         key = media_key(part, with_audio=False)
-        frames = -(-self.heard // self.hop)  # the processor's feature_attention_mask counts these
-        features = self._log_mel(self.samples)[:, :frames]
+        samples = part["audio"]
+        frames = -(-len(samples) // self.hop)  # the processor's feature_attention_mask counts these
+        features = self._log_mel(samples)[:, :frames]
         floor = features.min()  # where the whole clip clamps (its loudest value minus 8, normalized)
         kept = []
-        for index, window in enumerate(self.windows):
+        self.changed_values, self.max_difference = 0, 0.0
+        for index, window in enumerate(windows):
             theirs = features[:, index * self.window_frames : (index + 1) * self.window_frames]
             differs = window.frames != theirs
             if differs.any():
@@ -218,7 +222,7 @@ class Listener:
             outputs.append(rest)
             segments.append((f"{key}:from-frame-{done}", len(rest)))
         encoded = torch.cat(outputs)
-        padded = audio_feature_samples(self.extractor, self.heard) // self.hop  # as process_media pads
+        padded = audio_feature_samples(self.extractor, len(samples)) // self.hop  # as process_media pads
         mask = torch.zeros(1, padded, dtype=torch.long)
         mask[0, :frames] = 1
         # Without input_features: the encoder outputs are here, and nothing else reads them.

@@ -8,7 +8,10 @@ when the user starts to speak (a barge-in, while a reply plays) and when a turn 
 
 The model decides on 32 ms frames (512 samples). Speech starts once the frames over `threshold`
 add up to `min_speech_s` with no pause between them, so a click or a cough is no turn; it ends
-after `pause_s` under the lower threshold (hysteresis, as Silero's own iterator has). While the
+after `pause_s` under the lower threshold (hysteresis, as Silero's own iterator has). Halfway
+there, after `early_reply_s`, SpeechPaused says the turn may be over and carries its audio, so
+that a reply can start before the pause is certain; SpeechResumed takes that back if the user goes
+on. While the
 assistant's voice plays, `playing_threshold` applies instead: the browser's echo cancellation
 removes most of the assistant's voice from the microphone, and what leaks through must be clear
 speech to interrupt. Times are seconds of audio fed, so a test knows exactly what to expect.
@@ -34,6 +37,7 @@ class TurnConfig:
     min_speech_s: float = 0.25  # speech shorter than this is no turn (clicks, coughs, a door)
     playing_threshold: float = 0.8  # while the assistant's voice plays
     pre_roll_s: float = 0.3  # audio kept from before the detected start: onsets are soft
+    early_reply_s: float | None = 0.2  # silence after which SpeechPaused comes (None, or >= pause_s: never)
     max_turn_s: float = 60.0  # a turn this long ends here, pause or not
 
     def __post_init__(self):
@@ -41,7 +45,8 @@ class TurnConfig:
             if not HYSTERESIS < getattr(self, name) < 1:
                 raise ValueError(f"{name} must be between {HYSTERESIS} and 1, not {getattr(self, name)}")
         if (self.pause_s < FRAME / SAMPLE_RATE or self.min_speech_s < 0 or self.pre_roll_s < 0
-                or self.max_turn_s <= self.min_speech_s):
+                or self.max_turn_s <= self.min_speech_s
+                or (self.early_reply_s is not None and self.early_reply_s < FRAME / SAMPLE_RATE)):
             raise ValueError(f"invalid turn settings: {self}")
 
 
@@ -49,6 +54,24 @@ class TurnConfig:
 class SpeechStarted:
     start_s: float  # where the speech began (its first frame over the threshold)
     decided_s: float  # when that was certain: min_speech_s of speech later
+
+
+@dataclass(frozen=True)
+class SpeechPaused:
+    """`early_reply_s` of silence: the turn may be over. If no SpeechResumed follows, the
+    TurnEnded to come has this start, end and audio."""
+
+    start_s: float
+    end_s: float  # the end of the last frame of speech
+    decided_s: float  # end_s + early_reply_s
+    audio: np.ndarray  # float32 16 kHz: pre_roll_s before start_s to end_s
+
+
+@dataclass(frozen=True)
+class SpeechResumed:
+    """Speech again after a SpeechPaused, before the pause ended the turn: the turn goes on."""
+
+    at_s: float
 
 
 @dataclass(frozen=True)
@@ -91,13 +114,15 @@ class TurnDetector:
         self.voiced = 0  # frames over the threshold since `start`
         self.last_voiced = 0  # last frame over the lower threshold
         self.speaking = False  # SpeechStarted was emitted and TurnEnded not yet
+        self.paused = False  # SpeechPaused was emitted and neither SpeechResumed nor TurnEnded yet
         self.sent = -1  # last frame of the last turn: a turn cut at max_turn_s does not repeat it
 
     @staticmethod
     def seconds(frames: int) -> float:
         return frames * FRAME / SAMPLE_RATE
 
-    def feed(self, pcm: np.ndarray, playing: bool = False) -> list[SpeechStarted | TurnEnded]:
+    def feed(self, pcm: np.ndarray, playing: bool = False) -> list[SpeechStarted | SpeechPaused | SpeechResumed
+                                                                      | TurnEnded]:
         """Samples in; the events they decide out."""
         import torch
 
@@ -131,9 +156,18 @@ class TurnDetector:
                 events.append(SpeechStarted(self.seconds(self.start), self.seconds(index + 1)))
             elif index - self.last_voiced >= pause:  # too short to be a turn: forget it
                 self.start = None
-        if self.speaking and (index - self.last_voiced >= pause
-                              or self.seconds(index + 1 - self.start) >= config.max_turn_s):
-            events.append(self._end_turn(index))
+        if self.speaking:
+            silent = index - self.last_voiced
+            if self.paused and silent == 0:
+                self.paused = False
+                events.append(SpeechResumed(self.seconds(index)))
+            if silent >= pause or self.seconds(index + 1 - self.start) >= config.max_turn_s:
+                events.append(self._end_turn(index))
+            elif config.early_reply_s is not None and not self.paused and silent == round(
+                    config.early_reply_s * SAMPLE_RATE / FRAME):
+                self.paused = True
+                events.append(SpeechPaused(self.seconds(self.start), self.seconds(self.last_voiced + 1),
+                                           self.seconds(index + 1), self._turn_audio_to(self.last_voiced)))
         self._trim()
         return events
 
@@ -151,13 +185,16 @@ class TurnDetector:
         pre_roll = round(self.config.pre_roll_s * SAMPLE_RATE / FRAME)
         return max(self.audio_start, self.sent + 1, self.start - pre_roll)
 
+    def _turn_audio_to(self, last: int) -> np.ndarray:
+        """The turn being heard, from its pre-roll through frame `last`."""
+        return np.concatenate(self.audio[self._turn_first() - self.audio_start : last + 1 - self.audio_start])
+
     def _end_turn(self, index: int) -> TurnEnded:
         config = self.config
-        first = self._turn_first()
         last = self.last_voiced if index - self.last_voiced >= round(config.pause_s * SAMPLE_RATE / FRAME) else index
-        audio = np.concatenate(self.audio[first - self.audio_start : last + 1 - self.audio_start])
-        turn = TurnEnded(self.seconds(self.start), self.seconds(last + 1), self.seconds(index + 1), audio)
-        self.start, self.speaking, self.voiced, self.sent = None, False, 0, last
+        turn = TurnEnded(self.seconds(self.start), self.seconds(last + 1), self.seconds(index + 1),
+                         self._turn_audio_to(last))
+        self.start, self.speaking, self.paused, self.voiced, self.sent = None, False, False, 0, last
         return turn
 
     def _trim(self) -> None:

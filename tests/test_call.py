@@ -14,6 +14,7 @@ import soundfile as sf
 from omni_demo.call import (CallConfig, CallEnded, PlaybackInterrupted, ReplyAudio, ReplyEnded, Status, Tick, UserTurn,
                             VoiceCall)
 from omni_demo.config import GenerationOptions
+from omni_demo.events import TextDelta
 from omni_demo.conversation import INTERRUPTED_MARK, STOPPED_MARK, chat_to_conversation, gradio_upload_dir
 from omni_demo.turns import SAMPLE_RATE, TurnConfig
 
@@ -129,13 +130,56 @@ def test_a_call_hears_turns_and_a_voice_over_the_reply_cancels_it(engine, senten
     assert len(listeners) == 2 and listeners[1].windows_kept >= 1
     assert [len(m["content"][0]["audio"]) for m in call.conversation[::2]] == [len(t.audio) for t in turns]
     assert second.finished.stats.reused_prompt_tokens > 0  # the first turn came from the cache
-    # the latency parts, in the order they happen
+    # the latency parts, in the order they happen; each reply began at a short pause, before the
+    # turn's end was certain (its first text and audio were held for that moment)
     for reply in replies:
         latency = reply.latency.as_dict()
         assert 0.2 <= latency["vad_s"] <= 0.6 + 2 * CHUNK_S + 0.5, latency  # the pause, and a chunk's wait
-        assert 0 < latency["first_text_s"] <= latency["first_audio_s"]
+        assert latency["early_s"] > 0 and 0 <= latency["first_text_s"] <= latency["first_audio_s"]
         assert latency["speech_end_to_audio_s"] == pytest.approx(latency["vad_s"] + latency["first_audio_s"], abs=2e-3)
     assert of(events, CallEnded)[-1].reason == "You ended the call."
+
+
+def test_a_reply_begun_at_a_short_pause_is_dropped_when_the_user_goes_on(engine, sentences, monkeypatch):
+    """A reply starts at a short pause (SpeechPaused), held back. The user goes on: it is cancelled,
+    nothing of it is shown, and the turn is both sentences. At the turn's end, the reply begun at
+    its last pause is the one given, and it is the engine's reply to the whole turn."""
+    streams, stream = [], engine.stream
+
+    def recorded(messages, options=None, cancel=None):
+        streams.append((messages, cancel))
+        return stream(messages, options, cancel)
+
+    monkeypatch.setattr(engine, "stream", recorded)
+    call = VoiceCall(engine, [], LONG, CallConfig(max_idle_s=30))
+    # 0.35 s between the sentences: over early_reply_s (0.2 s), under the pause that ends a turn (0.6 s)
+    mic = Microphone(call, 0.5, sentences[0][0], 0.35, sentences[1][0], 3.0)
+
+    def follow(event):
+        if isinstance(event, ReplyAudio):
+            call.end()
+
+    events = run_call(call, mic, on_event=follow)
+    turns = of(events, UserTurn)
+    assert len(turns) == 1, [type(e).__name__ for e in events if not isinstance(e, (Status, Tick))]
+    spoken = (len(sentences[0][0]) + 0.35 * SAMPLE_RATE + sentences[1][2] * SAMPLE_RATE) / SAMPLE_RATE
+    assert len(turns[0].audio) / SAMPLE_RATE >= spoken - 0.5 - END_TOLERANCE_S  # both sentences
+    # replies begun at the pauses inside the turn were cancelled; the last one was given
+    assert len(streams) >= 2 and all(cancel.is_set() for _, cancel in streams[:-1])
+    assert all(len(messages[-1]["content"][0]["audio"]) < len(turns[0].audio) for messages, _ in streams[:-1])
+    messages, _ = streams[-1]
+    np.testing.assert_array_equal(messages[-1]["content"][0]["audio"], turns[0].audio)
+    kinds = [type(e) for e in events if not isinstance(e, (Status, Tick))]
+    assert kinds[: kinds.index(UserTurn)] == []  # nothing of a reply before its turn was certain
+    reply = of(events, ReplyEnded)[0]
+    assert reply.latency.early_s > 0 and len(reply.text) >= 8
+    again, events = "", stream(messages, LONG)  # the same turn, its reply begun at the turn's end
+    for event in events:
+        again += event.text if isinstance(event, TextDelta) else ""
+        if len(again) > len(reply.text):
+            break
+    events.close()
+    assert again.startswith(reply.text)
 
 
 def test_speaking_while_the_last_reply_still_plays_stops_the_player(engine, sentences):

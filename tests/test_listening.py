@@ -168,3 +168,25 @@ def test_a_turn_cut_at_its_end_is_the_shorter_clip_processed_whole(engines, hist
     messages = listener.end_turn(length)
     assert len(messages[-1]["content"][0]["audio"]) == length and listener.windows_kept == 2
     assert_same_reply(engines, history, clip[:length], listener, messages)
+
+
+def test_a_turn_ended_early_goes_on_when_the_user_does(engines, history):
+    """A voice call ends the turn at a short pause to start its reply early; if the user goes on,
+    the listener is fed on and the turn ended again: the reply is then the reply to the whole,
+    longer clip processed whole (nothing of the first ending is left in the listener)."""
+    history, _ = history
+    speech = utterance(3.0)
+    clip = np.concatenate([speech, np.zeros(int(0.3 * 16_000), np.float32), utterance(3.5, seed=1)])
+    listener = engines[0].listen(history, OPTIONS)
+    paused = len(speech) + int(0.3 * 16_000)
+    for start in range(0, paused, CHUNK):
+        listener.feed_audio(clip[start : start + CHUNK])
+    early = listener.end_turn(len(speech))
+    assert len(early[-1]["content"][0]["audio"]) == len(speech) and listener.windows_kept == 1
+    finished(engines[0], early)  # the early reply runs (the call cancels it; a whole one is as good here)
+    for start in range(paused, len(clip), CHUNK):
+        listener.feed_audio(clip[start : start + CHUNK])
+    assert listener.heard == len(clip) and len(listener.windows) == 3
+    messages = listener.end_turn()
+    assert listener.windows_kept == 3
+    assert_same_reply(engines, history, clip, listener, messages)

@@ -1,11 +1,13 @@
 """Turn detection on recorded speech (espeak-ng sentences with pauses between them): exact turn
 boundaries within a tolerance, no turn from silence, clicks or noise, the same turns whatever the
-chunk size."""
+chunk size; a short pause says the turn may be over (SpeechPaused) with the audio the turn will
+have, and speech after it takes that back (SpeechResumed)."""
 
 import numpy as np
 import pytest
 
-from omni_demo.turns import SAMPLE_RATE, SpeechStarted, TurnConfig, TurnDetector, TurnEnded, load_vad
+from omni_demo.turns import (SAMPLE_RATE, SpeechPaused, SpeechResumed, SpeechStarted, TurnConfig, TurnDetector,
+                              TurnEnded, load_vad)
 
 from .speech import compose, needs_espeak, silence, speak
 
@@ -39,6 +41,25 @@ def turns_of(events) -> list[TurnEnded]:
     return [e for e in events if isinstance(e, TurnEnded)]
 
 
+def summary(events) -> list[tuple]:
+    return [(type(e).__name__, getattr(e, "start_s", getattr(e, "at_s", None)), getattr(e, "end_s", None))
+            for e in events]
+
+
+def assert_pauses_foretell_turns(events, config=TurnConfig()) -> None:
+    """Each turn's end was foretold: the SpeechPaused just before it has its start, end and
+    audio, early_reply_s after its end; every other SpeechPaused was taken back by a
+    SpeechResumed before anything else happened."""
+    for before, event in zip(events, events[1:]):
+        if isinstance(event, TurnEnded):
+            assert isinstance(before, SpeechPaused), summary(events)
+            assert (before.start_s, before.end_s) == (event.start_s, event.end_s)
+            np.testing.assert_array_equal(before.audio, event.audio)
+            assert before.decided_s == pytest.approx(event.end_s + config.early_reply_s, abs=0.033)
+        elif isinstance(before, SpeechPaused):
+            assert isinstance(event, SpeechResumed) and event.at_s >= before.end_s, summary(events)
+
+
 def test_two_sentences_with_a_long_pause_are_two_turns_with_their_boundaries(vad, sentences):
     audio, spans = compose(0.8, sentences[0], 1.5, sentences[1], 1.5)
     events = detect(vad, audio)
@@ -53,13 +74,22 @@ def test_two_sentences_with_a_long_pause_are_two_turns_with_their_boundaries(vad
     starts = [e for e in events if isinstance(e, SpeechStarted)]
     assert [round(s.start_s, 3) for s in starts] == [round(t.start_s, 3) for t in turns]
     assert all(0.25 <= s.decided_s - s.start_s <= 0.5 for s in starts)
-    assert [type(e) for e in events] == [SpeechStarted, TurnEnded] * 2
+    foretold = [type(e) for e in events if not isinstance(e, (SpeechPaused, SpeechResumed))]
+    assert foretold == [SpeechStarted, TurnEnded] * 2
+    assert_pauses_foretell_turns(events)
 
 
 def test_a_pause_shorter_than_the_setting_keeps_one_turn(vad, sentences):
     audio, spans = compose(0.5, sentences[0], 0.3, sentences[1], 1.0)  # 0.4 s from sound to sound
-    turns = turns_of(detect(vad, audio))
+    events = detect(vad, audio)
+    turns = turns_of(events)
     assert len(turns) == 1
+    # the gap was long enough for the turn to maybe be over, and the second sentence went on with it
+    paused_at_gap = [e for e in events if isinstance(e, SpeechPaused) and abs(e.end_s - spans[0][1]) <= END_TOLERANCE_S]
+    assert len(paused_at_gap) == 1 and len(paused_at_gap[0].audio) < len(turns[0].audio)
+    assert_pauses_foretell_turns(events)
+    assert not any(isinstance(e, (SpeechPaused, SpeechResumed))  # an early reply can be turned off
+                   for e in detect(vad, audio, config=TurnConfig(early_reply_s=None)))
     assert abs(turns[0].start_s - spans[0][0]) <= START_TOLERANCE_S
     assert abs(turns[0].end_s - spans[1][1]) <= END_TOLERANCE_S
     # the same recording with a 0.2 s pause setting: a turn ends with the first sentence (its
@@ -89,9 +119,9 @@ def test_speech_over_noise_is_still_found(vad, sentences):
 
 def test_the_turns_do_not_depend_on_the_chunk_size(vad, sentences):
     audio, _ = compose(0.8, sentences[0], 1.5, sentences[1], 1.5)
-    reference = [(type(e), e.start_s, getattr(e, "end_s", None)) for e in detect(vad, audio, chunk=1600)]
+    reference = summary(detect(vad, audio, chunk=1600))
     for chunk in (333, 512, 4800):
-        assert [(type(e), e.start_s, getattr(e, "end_s", None)) for e in detect(vad, audio, chunk=chunk)] == reference
+        assert summary(detect(vad, audio, chunk=chunk)) == reference
 
 
 def test_a_turn_over_the_time_limit_ends_there(vad, sentences):
