@@ -177,7 +177,7 @@ class _EarlyReply:
     @property
     def ready(self) -> bool:
         """Nothing more to do before the turn is certain: its first audio is here, or it ended."""
-        return self.ended or self.failure is not None or any(isinstance(e, AudioChunk) for e in self.held[-1:])
+        return self.ended or self.failure is not None or (bool(self.held) and isinstance(self.held[-1], AudioChunk))
 
     def answers(self, turn: TurnEnded) -> bool:
         return (self.turn.start_s, self.turn.end_s, len(self.turn.audio)) == (turn.start_s, turn.end_s, len(turn.audio))
@@ -355,6 +355,7 @@ class VoiceCall:
 
     def _start_early(self, turn: SpeechPaused) -> None:
         """The user paused: start the reply to the turn so far, in case the pause goes on."""
+        self._drop_early()  # (the detector takes a pause back before it tells another)
         if self.listener is None:  # a backend that cannot listen may not stop at once either
             return
         self._listen(turn.audio[self.listener_fed:])  # what the last chunk added before the pause

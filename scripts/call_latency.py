@@ -23,7 +23,8 @@ from tests.speech import compose, speak, write_wav
 
 SENTENCES = ["Hello, can you hear me?", "Tell me about the sea.", "What is your favourite colour?",
              "Sing me a short song.", "How far away is the moon?", "Thank you, that is all."]
-PARTS = ["vad", "first_text", "first_audio", "network", "player"]
+PARTS = ["vad", "first_text", "first_audio", "network", "player"]  # total = vad + first_audio + network + player
+COLUMNS = [*PARTS, "early"]  # early: how long before the pause was detected the reply began
 
 
 def main() -> None:
@@ -50,14 +51,14 @@ def main() -> None:
             page.click("#call-end")
     finally:
         app.stop()
-    print(f"{'turn':>4} {'total':>7} " + " ".join(f"{p:>11}" for p in PARTS))
+    print(f"{'turn':>4} {'total':>7} " + " ".join(f"{p:>11}" for p in COLUMNS))
     for index, turn in enumerate(turns, 1):
-        print(f"{index:>4} {turn['total']:7.3f} " + " ".join(f"{turn[p] or 0:11.3f}" for p in PARTS))
+        print(f"{index:>4} {turn['total']:7.3f} " + " ".join(f"{turn[p] or 0:11.3f}" for p in COLUMNS))
     totals = [turn["total"] for turn in turns]
     if totals:
         print(json.dumps({"turns": len(totals), "median_s": round(statistics.median(totals), 3),
                           "worst_s": round(max(totals), 3),
-                          "median_parts_s": {p: round(statistics.median(t[p] or 0 for t in turns), 3) for p in PARTS}}))
+                          "median_parts_s": {p: round(statistics.median(t[p] or 0 for t in turns), 3) for p in COLUMNS}}))
 
 
 if __name__ == "__main__":
