@@ -363,6 +363,12 @@ class ChatHandler:
         return Reply(textbox=gr.update(value=None, submit_btn="Send", stop_btn=False), chat=[], webcam=None,
                      audio=None, stats="")
 
+    def page_closed(self, request: gr.Request) -> None:
+        """Gradio's unload: the session's page was closed or reloaded. Its turn ends as after
+        Clear; one still in line is forgotten at once (Gradio drops its queued event without
+        calling it), so that it no longer counts in other users' "In line"."""
+        self.stop(request, clear=True)
+
 
 def notice(text: str) -> dict:
     """A toast from the player (Gradio's own toasts need the queue, which would delay every Send)."""
@@ -491,4 +497,5 @@ def build_demo(backend, *, title: str = "Qwen2.5-Omni, streaming") -> gr.Blocks:
         call_mic.stop_recording(calls.end, [pending_call], call_outputs, queue=False, api_visibility="private")
         for control in (system_prompt, speech):
             control.change(system_prompt_notice, [system_prompt, speech], notice, api_name=False)
+        demo.unload(handler.page_closed)
     return demo

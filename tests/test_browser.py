@@ -13,7 +13,7 @@ import pytest
 
 from .apphelpers import AppServer
 from .browser import (CHROMIUM, chromium_page, chromium_pages, fake_microphone, open_app, playback_figures, send, shot,
-                      wait_state)
+                      state, wait_state)
 from .conftest import ASSETS
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
@@ -134,6 +134,27 @@ def test_stop_silences_at_once_and_keeps_the_partial_reply_and_queue_shows_the_m
         assert played_then - stop_at <= 0.3 and silent_at <= after and active == 0
         wait_state(second, "thinking", "speaking", "done", timeout=120)  # the queued turn runs next
         wait_state(second, "done", timeout=120)
+
+
+def test_a_page_closed_while_in_line_no_longer_counts_for_the_next_user(server):
+    """A turn waits in line; its page is closed (Gradio drops the queued event without calling it):
+    the next user's "In line" counts only the reply actually running."""
+    with chromium_pages(3, *DESKTOP) as (first, second, third):
+        for page in (first, second, third):
+            open_app(page, server.url, max_speech_s=60)
+        send(first, "Talk for a long time")
+        wait_state(first, "speaking")
+        send(second, "Are you there?")
+        wait_state(second, "queued")
+        assert "1 reply before yours" in second.locator("#player").inner_text()
+        second.close()
+        time.sleep(3)  # the page's heartbeat connection closes; Gradio calls unload
+        assert state(first) == "speaking"  # the first reply is still running
+        send(third, "And me?")
+        wait_state(third, "queued")
+        assert "1 reply before yours" in third.locator("#player").inner_text()
+        first.keyboard.press("Escape")
+        wait_state(third, "done", timeout=120)
 
 
 @pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
