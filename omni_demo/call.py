@@ -93,14 +93,16 @@ class TurnLatency:
     decided_at: float  # when the pause made the end certain
     first_text_at: float | None = None  # when the call gave them out (never before decided_at)
     first_audio_at: float | None = None
-    early_s: float = 0.0  # how long before decided_at the reply began (SpeechPaused)
+    early_s: float | None = None  # begun at a SpeechPaused: how long before decided_at it began working
+
 
     def as_dict(self) -> dict:
         def since(t):
             return None if t is None else round(t - self.decided_at, 3)
 
         return {"vad_s": round(self.decided_at - self.speech_end_at, 3), "first_text_s": since(self.first_text_at),
-                "first_audio_s": since(self.first_audio_at), "early_s": round(self.early_s, 3),
+                "first_audio_s": since(self.first_audio_at),
+                "early_s": None if self.early_s is None else round(self.early_s, 3),
                 "speech_end_to_audio_s": None if self.first_audio_at is None
                 else round(self.first_audio_at - self.speech_end_at, 3)}
 
@@ -168,9 +170,8 @@ class _EarlyReply:
     messages: list[dict]  # the conversation it answers
     events: object
     cancel: threading.Event
-    began_at: float
     held: list = field(default_factory=list)  # engine events, through the first audio chunk
-    started: bool = False
+    began_at: float | None = None  # its first step (prompt, prefill)
     ended: bool = False  # its events ran out
     failure: Exception | None = None
 
@@ -180,7 +181,16 @@ class _EarlyReply:
         return self.ended or self.failure is not None or (bool(self.held) and isinstance(self.held[-1], AudioChunk))
 
     def answers(self, turn: TurnEnded) -> bool:
-        return (self.turn.start_s, self.turn.end_s, len(self.turn.audio)) == (turn.start_s, turn.end_s, len(turn.audio))
+        return (self.turn.start_s, self.turn.end_s) == (turn.start_s, turn.end_s) and _same_audio(self.messages, turn)
+
+    def drop(self) -> None:
+        """Closed where it stands, not cancelled: nothing of a reply to words that went on is kept
+        (the engine keeps a cancelled reply in its conversation cache), and one not begun never
+        prefills."""
+        if self.failure is not None:
+            log.warning("an early reply failed before it was dropped", exc_info=self.failure)
+        self.cancel.set()
+        self.events.close()
 
 
 class _Microphone:
@@ -354,9 +364,10 @@ class VoiceCall:
             self.listener = None
 
     def _start_early(self, turn: SpeechPaused) -> None:
-        """The user paused: start the reply to the turn so far, in case the pause goes on."""
+        """The user paused: start the reply to the turn so far, in case the pause goes on. Only
+        while listening: that backend is this process's engine, whose generator closes at once."""
         self._drop_early()  # (the detector takes a pause back before it tells another)
-        if self.listener is None:  # a backend that cannot listen may not stop at once either
+        if self.listener is None:
             return
         self._listen(turn.audio[self.listener_fed:])  # what the last chunk added before the pause
         try:
@@ -365,12 +376,11 @@ class VoiceCall:
             log.exception("listening failed at a pause; the turn will be read whole at its end")
             return
         cancel = threading.Event()
-        self.early = _EarlyReply(turn, messages, self.backend.stream(messages, self.options, cancel), cancel,
-                                 time.monotonic())
+        self.early = _EarlyReply(turn, messages, self.backend.stream(messages, self.options, cancel), cancel)
 
     def _early_step(self) -> None:
         early = self.early
-        early.started = True
+        early.began_at = early.began_at or time.monotonic()
         try:
             early.held.append(next(early.events))
         except StopIteration:
@@ -382,7 +392,7 @@ class VoiceCall:
         """The user went on speaking (or the turn ended elsewhere): the early reply is cancelled."""
         early, self.early = self.early, None
         if early is not None:
-            _stop(early.events, early.cancel, early.started)
+            early.drop()
 
     def _turn_ended(self, event: TurnEnded):
         now = time.monotonic()
@@ -390,7 +400,7 @@ class VoiceCall:
         self.last_activity = now
         early, self.early = self.early, None
         if early is not None and not early.answers(event):  # the turn changed since (a max_turn_s cut)
-            _stop(early.events, early.cancel, early.started)
+            early.drop()
             early = None
         messages = early.messages if early is not None else None
         if messages is None and self.listener is not None:
@@ -399,6 +409,9 @@ class VoiceCall:
                 messages = self.listener.end_turn(len(event.audio))
             except Exception:
                 log.exception("listening failed at the end of the turn; reading it whole")
+            if messages is not None and not _same_audio(messages, event):  # fed another turn's audio (one
+                log.warning("the audio listened to is not the turn's; reading it whole")  # upload held both)
+                messages = None
         self.listener = None
         audio = event.audio if messages is None else messages[-1]["content"][0]["audio"]
         path = self.save_audio(audio) if self.save_audio else None
@@ -410,8 +423,8 @@ class VoiceCall:
             cancel = threading.Event()
             self.reply = _Reply(self.backend.stream(messages, self.options, cancel), cancel, latency)
             return
-        latency.early_s = now - early.began_at
-        self.reply = _Reply(early.events, early.cancel, latency, started=early.started)
+        latency.early_s = 0.0 if early.began_at is None else now - early.began_at
+        self.reply = _Reply(early.events, early.cancel, latency, started=early.began_at is not None)
         for index, held in enumerate(early.held):  # the text as one message, then its first audio chunk
             if not (isinstance(held, TextDelta) and index + 1 < len(early.held)
                     and isinstance(early.held[index + 1], TextDelta)):
@@ -494,11 +507,16 @@ class VoiceCall:
             yield TurnFailed(f"the reply failed ({type(exc).__name__}); the call goes on")
 
     def _close_reply(self) -> None:
-        for reply in (self.reply, self.early):
-            if reply is not None:
-                reply.cancel.set()
-                reply.events.close()
-        self.reply = self.early = None
+        if self.reply is not None:
+            self.reply.cancel.set()
+            self.reply.events.close()
+        self._drop_early()
+        self.reply = None
+
+
+def _same_audio(messages: list[dict], turn) -> bool:
+    """Whether the last user turn of `messages` is `turn`'s audio, sample for sample."""
+    return np.array_equal(messages[-1]["content"][0]["audio"], turn.audio)
 
 
 def _stop(events, cancel: threading.Event, started: bool) -> Finished | None:

@@ -8,11 +8,10 @@ when the user starts to speak (a barge-in, while a reply plays) and when a turn 
 
 The model decides on 32 ms frames (512 samples). Speech starts once the frames over `threshold`
 add up to `min_speech_s` with no pause between them, so a click or a cough is no turn; it ends
-after `pause_s` under the lower threshold (hysteresis, as Silero's own iterator has). Halfway
-there, after `early_reply_s`, SpeechPaused says the turn may be over and carries its audio, so
-that a reply can start before the pause is certain; SpeechResumed takes that back if the user goes
-on. While the
-assistant's voice plays, `playing_threshold` applies instead: the browser's echo cancellation
+after `pause_s` under the lower threshold (hysteresis, as Silero's own iterator has). Sooner,
+after `early_reply_s`, SpeechPaused says the turn may be over and carries its audio, so that a
+reply can start before the pause is certain; SpeechResumed takes that back if the user goes on.
+While the assistant's voice plays, `playing_threshold` applies instead: the browser's echo cancellation
 removes most of the assistant's voice from the microphone, and what leaks through must be clear
 speech to interrupt. Times are seconds of audio fed, so a test knows exactly what to expect.
 """

@@ -99,7 +99,7 @@ window.omniCall = {
     // Delivery time beyond that of the start message (the clocks differ by an unknown offset).
     const network = l.transit === null ? 0 : Math.max(0, l.transit + this.clockOffset) / 1000;
     this.turns.push({total: l.speech_end_to_audio_s + network + player, vad: l.vad_s, first_text: l.first_text_s,
-                     first_audio: l.first_audio_s, early: l.early_s || 0, network, player});
+                     first_audio: l.first_audio_s, early: l.early_s ?? null, network, player});
     renderLatency();
   },
 };
@@ -132,7 +132,7 @@ function renderLatency() {
   const s = v => v === null || v === undefined ? '–' : v.toFixed(2);
   let text = `Last turn: first sound ${s(t.total)} s after you stopped speaking = pause detection ${s(t.vad)} + `
     + `first audio ${s(t.first_audio)} + network ${s(t.network)} + player ${s(t.player)} s `
-    + (t.early > 0 ? `(the reply began ${s(t.early)} s before the pause was detected, as your voice paused).`
+    + (t.early !== null ? `(the reply began ${s(t.early)} s before the pause was detected, as your voice paused).`
       : `(the text began ${s(t.first_text)} s after the pause was detected).`);
   if (turns.length > 1) {
     const totals = turns.map(x => x.total).sort((a, b) => a - b);
