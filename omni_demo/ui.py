@@ -364,10 +364,11 @@ class ChatHandler:
                      audio=None, stats="")
 
     def page_closed(self, request: gr.Request) -> None:
-        """Gradio's unload: the session's page was closed or reloaded. Its turn ends as after
-        Clear; one still in line is forgotten at once (Gradio drops its queued event without
-        calling it), so that it no longer counts in other users' "In line"."""
-        self.stop(request, clear=True)
+        """Gradio's unload: the session's page was closed or reloaded (its heartbeat connection
+        closed). A turn still in line is forgotten at once (Gradio drops its queued event without
+        calling it), so that it no longer counts in other users' "In line"; a running reply or call
+        stops as with Stop, its reply kept (for a page whose connection only dropped)."""
+        self.stop(request)
 
 
 def notice(text: str) -> dict:
