@@ -7,7 +7,7 @@ it receives; the call's own generator, `run()`, is one loop that Gradio iterates
     hear: the chunks that arrived → TurnDetector → SpeechStarted / SpeechPaused / SpeechResumed / TurnEnded
         SpeechStarted while a reply runs or plays → cancel it (barge-in); start listening
         SpeechPaused → an early reply starts, its events held back (the turn may be over)
-        SpeechResumed → the early reply is cancelled: the user goes on
+        SpeechResumed → the early reply is closed, unseen: the user goes on
         TurnEnded → the user's turn; its reply is the early one, held events first, or starts now
     reply: one engine event (a text delta or an audio chunk) → yield it (early: hold it, up to its
         first audio chunk)
@@ -95,7 +95,6 @@ class TurnLatency:
     first_audio_at: float | None = None
     early_s: float | None = None  # begun at a SpeechPaused: how long before decided_at it began working
 
-
     def as_dict(self) -> dict:
         def since(t):
             return None if t is None else round(t - self.decided_at, 3)
@@ -164,7 +163,7 @@ class _Reply:
 @dataclass
 class _EarlyReply:
     """A reply begun at a SpeechPaused, before the turn's end is certain: its engine events are
-    held back until TurnEnded (then they go out first) or SpeechResumed (then it is cancelled)."""
+    held back until TurnEnded (then they go out first) or SpeechResumed (then it is closed)."""
 
     turn: SpeechPaused
     messages: list[dict]  # the conversation it answers
@@ -389,7 +388,7 @@ class VoiceCall:
             early.failure = exc
 
     def _drop_early(self) -> None:
-        """The user went on speaking (or the turn ended elsewhere): the early reply is cancelled."""
+        """The user went on speaking (or the call ends): the early reply is closed."""
         early, self.early = self.early, None
         if early is not None:
             early.drop()
