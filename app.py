@@ -17,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-from omni_demo.cli import add_model_arguments, model_config
+from omni_demo.flags import add_model_arguments, model_config
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -40,25 +40,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-upload-mb", type=float, default=float(env("OMNI_MAX_UPLOAD_MB", 100)))
     parser.add_argument("--auth", default=env("OMNI_AUTH", None), help="user:password for share links")
     parser.add_argument("--backend", default=env("OMNI_BACKEND", None),
-                        help="URL of an OpenAI-compatible omni_demo.serve (…/v1): no model (and no torch) here")
+                        help="URL of an OpenAI-compatible omni_demo.serve (…/v1): no model here")
     parser.add_argument("--api-key", default=env("OMNI_API_KEY", None), help="the --backend server's API key")
     return parser.parse_args(argv)
 
 
+def voice_activity_model():
+    """Each voice call's own VAD. Imported with the first call: a --backend UI that never starts a
+    call never imports torch."""
+    from omni_demo.call.vad import load_vad
+
+    return load_vad()
+
+
 def build_app(args):
     """Load the model (or connect to --backend) and return the configured Blocks (not launched)."""
-    if args.backend:  # the UI alone, in front of `python -m omni_demo.serve`: torch is never imported
-        from omni_demo.remote import RemoteBackend
-        from omni_demo.ui import build_demo
+    from omni_demo.app.page import build_demo
+
+    if args.backend:  # the UI alone, in front of `python -m omni_demo.serve`: no model here
+        from omni_demo.backends.remote import RemoteBackend
 
         backend = RemoteBackend(args.backend, args.api_key)
-        return build_demo(backend).queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
-    from omni_demo.cli import quiet_libraries
+        return build_demo(backend, voice_activity_model).queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
+    from omni_demo.backends.zerogpu import ZeroGPUBackend, on_zerogpu
     from omni_demo.config import CacheConfig
-    from omni_demo.engine import OmniEngine
-    from omni_demo.loading import load_model
-    from omni_demo.ui import build_demo
-    from omni_demo.zerogpu import ZeroGPUBackend, on_zerogpu
+    from omni_demo.engine.omni_engine import OmniEngine
+    from omni_demo.models.loading import load_model, quiet_libraries
 
     quiet_libraries()
     loaded = load_model(model_config(args))
@@ -66,7 +73,7 @@ def build_app(args):
     # ZeroGPU lends the GPU per reply: state kept on it between replies would not be there next time.
     engine = OmniEngine(loaded, lean=args.lean, cache=CacheConfig(enabled=not zerogpu))
     backend = ZeroGPUBackend(engine) if zerogpu else engine
-    demo = build_demo(backend)
+    demo = build_demo(backend, voice_activity_model)
     if args.concurrency > 1:
         logging.getLogger("app").warning("one engine serves one reply at a time; extra concurrent replies will be "
                                          "refused with a message. Keep --concurrency 1 on one GPU.")
@@ -88,8 +95,8 @@ def _interrupt(*_):
 
 
 def main(argv=None) -> int:
+    from omni_demo.backends.remote import RemoteError
     from omni_demo.errors import ModelLoadError
-    from omni_demo.remote import RemoteError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from .config import (ATTN_IMPLEMENTATIONS, DEFAULT_MODEL, DEFAULT_SYSTEM_PROMPT, DTYPES, SAMPLE_RATE,
-                     GenerationOptions, ModelConfig)
-from .inputs import system_message
+from omni_demo.config import DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, GenerationOptions
+from omni_demo.flags import add_model_arguments, model_config
+from omni_demo.inputs.messages import system_message
 
 
 def build_messages(prompt: str | None, system: str, images=(), audios=(), videos=()) -> list[dict]:
@@ -23,24 +22,6 @@ def build_messages(prompt: str | None, system: str, images=(), audios=(), videos
     if prompt:
         content.append({"type": "text", "text": prompt})
     return ([system_message(system)] if system else []) + [{"role": "user", "content": content}]
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model flags of the app, the terminal client and the bench; each has an environment variable."""
-    env = os.environ.get
-    parser.add_argument("--model", default=env("OMNI_MODEL", DEFAULT_MODEL),
-                        help="hub id, local directory, or 'tiny' (offline, random weights) (default %(default)s)")
-    parser.add_argument("--device", default=env("OMNI_DEVICE", "auto"), help="cuda, cuda:1, cpu (default: auto)")
-    parser.add_argument("--dtype", default=env("OMNI_DTYPE", "auto"), choices=DTYPES,
-                        help="auto: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--attn", default=env("OMNI_ATTN", "auto"), choices=ATTN_IMPLEMENTATIONS,
-                        help="auto: flash_attention_2 where installed on CUDA, else sdpa")
-    parser.add_argument("--lean", action=argparse.BooleanOptionalAction, default=env("OMNI_LEAN", "1") != "0",
-                        help="lean decode steps: static KV cache, fused matmuls, CUDA graphs on CUDA (default on)")
-
-
-def model_config(args) -> ModelConfig:
-    return ModelConfig(model=args.model, device=args.device, dtype=args.dtype, attn=args.attn)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,9 +52,9 @@ def run(args) -> dict:
     import numpy as np
     import soundfile as sf
 
-    from .engine import OmniEngine
-    from .events import AudioChunk, Finished, TextDelta
-    from .loading import load_model
+    from omni_demo.engine.omni_engine import OmniEngine
+    from omni_demo.events import AudioChunk, Finished, TextDelta
+    from omni_demo.models.loading import load_model
 
     options = GenerationOptions(  # checked before the model loads: a bad value fails at once
         voice=args.voice, speech=not args.no_audio, greedy=args.greedy, seed=args.seed,
@@ -111,7 +92,8 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from .errors import InputError, ModelLoadError
+    from omni_demo.errors import InputError, ModelLoadError
+    from omni_demo.models.loading import quiet_libraries
 
     args = parse_args(argv)
     quiet_libraries()
@@ -123,15 +105,3 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result))
     return 0
-
-
-def quiet_libraries() -> None:
-    """Keep transformers' config chatter and progress bars off the user's terminal."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-Omni-7B"
 TINY_MODEL = "tiny"
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # "auto": bfloat16 on CUDA, float32 on CPU
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # "auto": flash_attention_2 if installed on CUDA
-SAMPLE_RATE = 24_000
+SAMPLE_RATE = 24_000  # the spoken reply (Token2Wav's output)
 INPUT_SAMPLE_RATE = 16_000  # what the audio feature extractor (and the VAD) read
 SAMPLES_PER_CODE = 480
 MEL_FRAMES_PER_CODE = 2
 MAX_TOKENS = 1 << 20  # longest reply any request may ask for, in tokens (far beyond any window)
+ASSETS = Path(__file__).resolve().parent.parent / "assets"  # example media the app and the bench use
+STOP_GRACE_S = 1.0  # after a cancel, how long to wait for the reply's Finished (the engine sends it within a step)
 MAX_SEED = 2**32 - 1  # torch and numpy generators both take it; seed + 1 is used for the talker
 
 # Qwen2.5-Omni only speaks when it is given this exact system prompt (model card).
@@ -47,7 +50,7 @@ class ModelConfig:
 class StreamingConfig:
     """Chunk geometry of the streaming Token2Wav, in codec tokens unless named otherwise.
 
-    DiT block attention is counted from the window start, so omni_demo.token2wav rounds every
+    DiT block attention is counted from the window start, so omni_demo.engine.token2wav rounds every
     window start down to a DiT block (24 mel frames = 12 codes); the fields need not be multiples.
     """
 
@@ -132,7 +135,7 @@ class GenerationOptions:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """What the engine keeps between turns (omni_demo.prefix_cache, omni_demo.prompt.MediaCache)."""
+    """What the engine keeps between turns (omni_demo.engine.conversation_cache, omni_demo.inputs.prompt.MediaCache)."""
 
     enabled: bool = True  # False: every turn is computed from scratch
     max_prefixes: int = 8  # conversation prefixes kept, each with its thinker and talker KV caches
@@ -146,7 +149,7 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask of the server, decided before any media is decoded (omni_demo.media);
+    """What one request may ask of the server, decided before any media is decoded (omni_demo.inputs.media);
     over a limit the user is told which one and by how much. The last turn must fit; older turns
     over a per-conversation budget are left out, oldest first, as for the context window."""
 

@@ -3,6 +3,7 @@ processes, as ZeroGPU requires)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +42,33 @@ class Stats:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+@dataclass
+class ReplyClock:
+    """One reply's times (time.perf_counter): its start and its first text and audio, then its Stats."""
+
+    start: float = field(default_factory=time.perf_counter)
+    first_text: float | None = None
+    first_audio: float | None = None
+
+    def mark(self, event: TextDelta | AudioChunk) -> None:
+        """Note the time of the reply's first text delta or audio chunk."""
+        now = time.perf_counter()
+        if isinstance(event, TextDelta) and self.first_text is None:
+            self.first_text = now
+        elif isinstance(event, AudioChunk) and self.first_audio is None:
+            self.first_audio = now
+
+    def stats(self, *, audio_s: float, prompt_tokens: int, reused_prompt_tokens: int, text_tokens: int,
+              audio_tokens: int) -> Stats:
+        """The reply's Stats, now that it has ended."""
+        total = time.perf_counter() - self.start
+        since = lambda mark: None if mark is None else mark - self.start  # noqa: E731
+        return Stats(time_to_first_text_s=since(self.first_text), time_to_first_audio_s=since(self.first_audio),
+                     total_s=total, audio_s=audio_s, rtf=total / audio_s if audio_s else None,
+                     prompt_tokens=prompt_tokens, reused_prompt_tokens=reused_prompt_tokens, text_tokens=text_tokens,
+                     audio_tokens=audio_tokens)
 
 
 @dataclass(frozen=True)

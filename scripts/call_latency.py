@@ -62,15 +62,17 @@ def main() -> None:
 def loop_turns(pieces: list, timeout_s: float, args) -> list[dict]:
     """The call's loop on the tiny engine, the pieces played into it in real time: per turn, the
     server's latency parts (total: end of speech -> the first audio chunk given out)."""
-    from omni_demo.call import CallConfig, ReplyAudio, VoiceCall
+    from omni_demo.call.events import ReplyAudio
+    from omni_demo.call.vad import load_vad
+    from omni_demo.call.voice_call import CallConfig, VoiceCall
     from omni_demo.config import GenerationOptions, ModelConfig
-    from omni_demo.engine import OmniEngine
-    from omni_demo.loading import load_model
+    from omni_demo.engine.omni_engine import OmniEngine
+    from omni_demo.models.loading import load_model
     from tests.test_call import Microphone
 
     engine = OmniEngine(load_model(ModelConfig(model="tiny")))
     options = GenerationOptions(max_new_tokens=512, max_audio_tokens=round(args.max_speech_s * 50), seed=11)
-    call = VoiceCall(engine, [], options, CallConfig(max_idle_s=args.gap_s + 30))
+    call = VoiceCall(engine, [], options, CallConfig(max_idle_s=args.gap_s + 30), vad=load_vad())
     mic = Microphone(call, *[piece[0] if isinstance(piece, tuple) else piece for piece in pieces])
     mic.start()
     turns, deadline = [], time.monotonic() + timeout_s

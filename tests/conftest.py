@@ -13,7 +13,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it)")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    from omni_demo.cli import quiet_libraries
+    from omni_demo.models.loading import quiet_libraries
 
     quiet_libraries()
 
@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
-    from omni_demo.tiny import ensure_tiny_checkpoint
+    from omni_demo.models.tiny import ensure_tiny_checkpoint
 
     return ensure_tiny_checkpoint()
 
@@ -39,20 +39,20 @@ def tiny_dir() -> Path:
 @pytest.fixture(scope="session")
 def loaded(tiny_dir):
     from omni_demo.config import ModelConfig
-    from omni_demo.loading import load_model
+    from omni_demo.models.loading import load_model
 
     return load_model(ModelConfig(model="tiny", device="cpu"))
 
 
 @pytest.fixture(scope="session")
 def engine(loaded):
-    from omni_demo.engine import OmniEngine
+    from omni_demo.engine.omni_engine import OmniEngine
 
     return OmniEngine(loaded)
 
 
 def text_messages(text: str = "Hello there, tell me a story", system: str = "You are Qwen, a virtual human"):
-    from omni_demo.inputs import system_message
+    from omni_demo.inputs.messages import system_message
 
     return [system_message(system), {"role": "user", "content": [{"type": "text", "text": text}]}]
 

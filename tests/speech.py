@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from omni_demo.turns import SAMPLE_RATE
+from omni_demo.config import INPUT_SAMPLE_RATE as SAMPLE_RATE
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
 

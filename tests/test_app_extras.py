@@ -19,7 +19,7 @@ from .conftest import ASSETS, text_messages
 def test_zerogpu_backend_runs_replies_under_spaces_gpu(engine, monkeypatch):
     import spaces
 
-    from omni_demo import zerogpu
+    from omni_demo.backends import zerogpu
 
     durations = []
     real_gpu = spaces.GPU
@@ -51,7 +51,7 @@ def test_app_without_hub_says_so_and_suggests_tiny(tmp_path):
 
 
 def test_system_prompt_warning_shows_only_when_it_matters():
-    from omni_demo.ui import system_prompt_notice
+    from omni_demo.app.page import system_prompt_notice
 
     assert system_prompt_notice(DEFAULT_SYSTEM_PROMPT, True)["visible"] is False
     assert system_prompt_notice("You are a pirate.", True)["visible"] is True

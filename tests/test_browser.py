@@ -12,14 +12,24 @@ from pathlib import Path
 import pytest
 
 from .apphelpers import AppServer
-from .browser import (CHROMIUM, chromium_page, chromium_pages, fake_microphone, open_app, playback_figures, send, shot,
-                      state, wait_state)
+from .browser import (
+    CHROMIUM,
+    chromium_page,
+    chromium_pages,
+    fake_microphone,
+    open_app,
+    playback_figures,
+    send,
+    shot,
+    state,
+    wait_state,
+)
 from .conftest import ASSETS
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
 SEED = 11  # fixed: an unseeded random reply can be too short to be seen growing
 DESKTOP, PHONE = (1400, 1000), (390, 844)
-LEAD_S = 0.3  # the player's start-up buffer (omni_demo/web/player.js)
+LEAD_S = 0.3  # the player's start-up buffer (omni_demo/app/web/player.js)
 FIRST_SOUND_GOAL_S = 0.5  # engine's first audio chunk -> sound in the browser
 
 

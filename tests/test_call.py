@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from omni_demo.call import (CallConfig, CallEnded, PlaybackInterrupted, ReplyAudio, ReplyEnded, Status, Tick, UserTurn,
-                            VoiceCall)
+from omni_demo.app.chat_history import INTERRUPTED_MARK, STOPPED_MARK, chat_to_conversation, gradio_upload_dir
+from omni_demo.call.events import CallEnded, PlaybackInterrupted, ReplyAudio, ReplyEnded, Status, Tick, UserTurn
+from omni_demo.call.turns import TurnConfig
+from omni_demo.call.vad import load_vad
+from omni_demo.call.voice_call import CallConfig, VoiceCall
+from omni_demo.config import INPUT_SAMPLE_RATE as SAMPLE_RATE
 from omni_demo.config import GenerationOptions
 from omni_demo.events import TextDelta
-from omni_demo.conversation import INTERRUPTED_MARK, STOPPED_MARK, chat_to_conversation, gradio_upload_dir
-from omni_demo.turns import SAMPLE_RATE, TurnConfig
 
 from .speech import click, needs_espeak, silence, speak
 from .test_ui import MESSAGE, SETTINGS, OneWordModel, Request
@@ -93,7 +95,7 @@ def test_a_call_hears_turns_and_a_voice_over_the_reply_cancels_it(engine, senten
     first_audio, second_done = threading.Event(), threading.Event()
     listeners, listen = [], engine.listen
     monkeypatch.setattr(engine, "listen", lambda *a, **k: listeners.append(listen(*a, **k)) or listeners[-1])
-    call = VoiceCall(engine, [], LONG, CallConfig(max_idle_s=30))
+    call = VoiceCall(engine, [], LONG, CallConfig(max_idle_s=30), vad=load_vad())
     mic = Microphone(call, 0.8, click()[0], 1.0, sentences[0][0], first_audio, 0.3, sentences[1][0], 1.0, second_done)
     replies = []
 
@@ -151,8 +153,8 @@ def test_a_reply_begun_at_a_short_pause_is_dropped_when_the_user_goes_on(engine,
         return stream(messages, options, cancel)
 
     monkeypatch.setattr(engine, "stream", recorded)
-    cache, first_new = engine.prefix_cache, engine.prefix_cache._next_id
-    call = VoiceCall(engine, [], LONG, CallConfig(max_idle_s=30))
+    cache, first_new = engine.conversation_cache, engine.conversation_cache._next_id
+    call = VoiceCall(engine, [], LONG, CallConfig(max_idle_s=30), vad=load_vad())
     # 0.35 s between the sentences: over early_reply_s (0.2 s), under the pause that ends a turn (0.6 s)
     mic = Microphone(call, 0.5, sentences[0][0], 0.35, sentences[1][0], 3.0)
 
@@ -194,7 +196,7 @@ def test_speaking_while_the_last_reply_still_plays_stops_the_player(engine, sent
     options = GenerationOptions(max_new_tokens=16, max_audio_tokens=400, seed=11)  # 8 s of speech
     # The player is taken to buffer 30 s before it plays: it still plays when the reply is made,
     # however slow the machine (the page's player buffers 0.3 s; replies are made faster than played).
-    call = VoiceCall(engine, [], options, CallConfig(max_idle_s=60, player_lead_s=30.0))
+    call = VoiceCall(engine, [], options, CallConfig(max_idle_s=60, player_lead_s=30.0), vad=load_vad())
     mic = Microphone(call, 0.5, sentences[0][0], done, sentences[1][0], second_turn)
 
     def follow(event):
@@ -226,7 +228,7 @@ def test_the_call_ends_itself_idle_without_a_microphone_or_at_its_time_limit(eng
         (CallConfig(**{**quick, "max_call_s": 1.0}), [3.0], "time limit"),
     ]
     for config, script, reason in cases:
-        call = VoiceCall(engine, [], LONG, config)
+        call = VoiceCall(engine, [], LONG, config, vad=load_vad())
         started = time.monotonic()
         events = run_call(call, Microphone(call, *script), timeout_s=10)
         assert reason in events[-1].reason, (reason, events[-1])
@@ -243,11 +245,11 @@ def test_marks_of_cut_replies_stay_out_of_the_models_history():
 
 
 def test_one_call_per_session_and_typed_messages_wait_for_it():
-    from omni_demo.call_ui import CallHandler, CallView
-    from omni_demo.ui import ChatHandler
+    from omni_demo.app.call_page import CallHandler, CallView
+    from omni_demo.app.chat import ChatHandler
 
     chats = ChatHandler(OneWordModel())
-    calls = CallHandler(chats)
+    calls = CallHandler(chats, load_vad)
     pending, *view = calls.accept([], Request("a"))
     assert pending is not None and "Connecting" in view[2]
     again, *view = calls.accept([], Request("a"))
@@ -261,10 +263,10 @@ def test_one_call_per_session_and_typed_messages_wait_for_it():
     assert ended.end["visible"] is False and ended.player["call"] == "stop"
     views = list(calls.run(other, *SETTINGS, 0.6, 0.5, Request("b")))
     assert len(views) == 1 and "ended before it began" in views[0].status and views[0].chat == CallView().chat
-    assert "b" not in chats.turns
+    assert chats.sessions.get("b") is None
     # a late End (the microphone of the earlier call stopping) leaves the session's next call alone
     newer, *_ = calls.accept([], Request("b"))
-    assert calls.end(other, Request("b")) == CallView() and not chats.turns["b"].is_set()
+    assert calls.end(other, Request("b")) == CallView() and not chats.sessions.get("b").is_set()
     # Clear while it waits: the page gets Start back when the queue reaches the call
     chats.clear(Request("b"))
     views = list(calls.run(newer, *SETTINGS, 0.6, 0.5, Request("b")))
@@ -272,25 +274,25 @@ def test_one_call_per_session_and_typed_messages_wait_for_it():
 
 
 def test_a_call_runs_once_and_only_on_its_own_sessions_files(engine):
-    from omni_demo.call_ui import CallHandler
-    from omni_demo.ui import ChatHandler
+    from omni_demo.app.call_page import CallHandler
+    from omni_demo.app.chat import ChatHandler
 
-    calls = CallHandler(ChatHandler(engine))
+    calls = CallHandler(ChatHandler(engine), load_vad)
     stranger = [{"role": "user", "content": {"path": str(Path(gradio_upload_dir()) / "x" / "theirs.wav")}}]
     pending, *_ = calls.accept(stranger, Request("a"))
     views = list(calls.run(pending, *SETTINGS, 0.6, 0.5, Request("a")))
-    assert "did not upload it" in views[-1].status and "a" not in calls.chats.turns
+    assert "did not upload it" in views[-1].status and calls.chats.sessions.get("a") is None
     pending, *_ = calls.accept([], Request("a"))
     first = calls.run(pending, *SETTINGS, 0.6, 0.5, Request("a"))
     assert next(first).player["call"] == "start"
     assert list(calls.run(pending, *SETTINGS, 0.6, 0.5, Request("a"))) == []  # the same call, run again
     calls.end(pending, Request("a"))
     assert "Call ended" in [view for view in first][-1].status
-    assert "a" not in calls.chats.turns
+    assert calls.chats.sessions.get("a") is None
 
 
 def test_microphone_chunks_are_read_from_checked_wav_uploads_only(tmp_path, monkeypatch):
-    from omni_demo.call_ui import read_chunk
+    from omni_demo.app.call_page import read_chunk
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
     wav, flac, long, outside = tmp_path / "c.wav", tmp_path / "c.flac", tmp_path / "l.wav", tmp_path.parent / "o.wav"
@@ -308,26 +310,26 @@ def test_microphone_chunks_are_read_from_checked_wav_uploads_only(tmp_path, monk
 
 
 def test_call_settings_are_checked():
-    from omni_demo.call_ui import CallHandler
+    from omni_demo.app.call_page import CallHandler
+    from omni_demo.app.chat import ChatHandler
     from omni_demo.errors import InputError
-    from omni_demo.ui import ChatHandler
 
-    calls = CallHandler(ChatHandler(OneWordModel()))
+    calls = CallHandler(ChatHandler(OneWordModel()), load_vad)
     pending, *_ = calls.accept([], Request("a"))
     views = list(calls.run(pending, *SETTINGS, 9.0, 0.5, Request("a")))  # a 9 s pause is out of range
     assert "pause must be between" in views[-1].status and views[-1].start["visible"] is True
-    assert "a" not in calls.chats.turns
+    assert calls.chats.sessions.get("a") is None
     with pytest.raises(InputError):
-        from omni_demo.call_ui import call_config
+        from omni_demo.app.settings import call_config
 
         call_config(0.6, float("nan"), CallConfig())
 
 
 def test_the_microphone_takes_any_real_chunk_and_refuses_what_no_microphone_sends():
-    from omni_demo.call import _Microphone
+    from omni_demo.call.microphone import Microphone
     from omni_demo.errors import InputError
 
-    mic = _Microphone()
+    mic = Microphone()
     mic.put(48_000, (np.random.default_rng(0).normal(0, 0.1, 12_000) * 32767).astype(np.int16))  # 0.25 s
     mic.put(44_100, np.full((11_025, 2), np.nan, np.float32))  # stereo, NaN: read as silence
     mic.put(16_000, np.zeros(0, np.int16))

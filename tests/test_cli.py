@@ -28,7 +28,7 @@ def test_cli_streams_text_writes_wav_and_json(tiny_dir, tmp_path):
     for key in ("messages", "text", "text_token_ids", "codec_token_ids", "audio_samples", "sample_rate",
                 "time_to_first_text_s", "time_to_first_audio_s", "total_s", "audio_s", "rtf"):
         assert key in data
-    image = data["messages"][-1]["content"][0]  # with the reading options its budget set (omni_demo.media)
+    image = data["messages"][-1]["content"][0]  # with the reading options its budget set (omni_demo.inputs.media)
     assert image["type"] == "image" and image["image"] == str(ASSETS / "shapes.png") and image["max_pixels"] > 0
     assert len(data["text_token_ids"]) == 16 and data["audio_samples"] == 480 * len(data["codec_token_ids"]) > 0
     wave, rate = sf.read(out)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from omni_demo.config import CacheConfig, GenerationOptions
-from omni_demo.engine import OmniEngine
+from omni_demo.engine.omni_engine import OmniEngine
 from omni_demo.events import AudioChunk, Finished, TextDelta
-from omni_demo.inputs import system_message
+from omni_demo.inputs.messages import system_message
 
 from .conftest import ASSETS
 
@@ -58,7 +58,7 @@ def play(cached, scratch, turns, options=OPTIONS, system="You are Qwen"):
 @pytest.mark.parametrize(("lean", "voice"), [(True, "Chelsie"), (True, "Ethan"), (False, "Chelsie")])
 def test_media_conversation_from_the_cache_equals_from_scratch(engines, lean, voice):
     cached, scratch = engines[lean]
-    cached.prefix_cache.clear()
+    cached.conversation_cache.clear()
     options = GenerationOptions(**{**OPTIONS.__dict__, "voice": voice})
     _, results = play(cached, scratch, MEDIA_TURNS, options)
     for previous, turn in zip(results, results[1:]):
@@ -70,7 +70,7 @@ def test_media_conversation_from_the_cache_equals_from_scratch(engines, lean, vo
 def with_reply_tokens(engine, conversation, reply: Finished):
     """The next turn's inputs with the reply's own tokens where its re-tokenized text stands, as a
     client that keeps token ids would send it (the reply must be the last assistant turn)."""
-    from omni_demo.inputs import PreparedInputs
+    from omni_demo.inputs.prepare import PreparedInputs
 
     inputs = engine.prepare(conversation, OPTIONS)
     ids = inputs.input_ids[0].tolist()
@@ -87,7 +87,7 @@ def with_reply_tokens(engine, conversation, reply: Finished):
 def test_reply_tokens_are_reused_with_their_talker_states(engines, lean):
     """The reply's own KV and talker states (not only the prompt's) serve the next turn."""
     cached, scratch = engines[lean]
-    cached.prefix_cache.clear()
+    cached.conversation_cache.clear()
     conversation, results = play(cached, scratch, MEDIA_TURNS[:2])
     reply = results[-1]
     conversation += [{"role": "user", "content": [{"type": "text", "text": "Say more"}]}]
@@ -137,7 +137,7 @@ def test_interleaved_sessions_new_system_prompt_and_clear(engines):
 @pytest.mark.parametrize("cancel_at", [TextDelta, AudioChunk])  # before the talker ran, and after
 def test_a_cancelled_reply_then_the_next_turn(engines, cancel_at):
     cached, scratch = engines[False]
-    cached.prefix_cache.clear()
+    cached.conversation_cache.clear()
     conversation = [system_message("You are Qwen"), {"role": "user", "content": "Tell me a long story"}]
     cancel, text = threading.Event(), ""
     long = GenerationOptions(greedy=True, max_new_tokens=200, min_new_tokens=200, max_audio_tokens=400)
@@ -155,7 +155,7 @@ def test_the_cache_stays_within_its_budget(loaded):
     engine = OmniEngine(loaded, cache=CacheConfig(max_prefixes=2))
     for topic in ("cats", "dogs", "birds"):
         finished(engine, [system_message("You are Qwen"), {"role": "user", "content": f"About {topic}"}])
-    assert len(engine.prefix_cache.prefixes) == 2
+    assert len(engine.conversation_cache.prefixes) == 2
     tight = OmniEngine(loaded, cache=CacheConfig(max_prefix_mb=0.001))
     finished(tight, [system_message("You are Qwen"), {"role": "user", "content": "About cats"}])
-    assert not tight.prefix_cache.prefixes
+    assert not tight.conversation_cache.prefixes

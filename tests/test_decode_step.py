@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from omni_demo.config import GenerationOptions, ModelConfig
-from omni_demo.engine import OmniEngine
+from omni_demo.engine.decode_step import graph_buckets
+from omni_demo.engine.omni_engine import OmniEngine
 from omni_demo.events import Finished
-from omni_demo.decode_step import graph_buckets
-from omni_demo.loading import load_model
+from omni_demo.models.loading import load_model
 
 from .conftest import run
 from .test_fidelity import CASES
@@ -42,17 +42,16 @@ def test_fused_weights_keep_the_plain_path_intact(engine, plain):
 
 
 def test_a_second_reply_waits_for_the_engine_and_then_runs(engine, monkeypatch):
-    from omni_demo import engine as engine_module
     from omni_demo.errors import EngineError
 
     hi = [{"role": "user", "content": "hi"}]
     first = engine.stream(hi, GenerationOptions(max_new_tokens=50, speech=False))
     next(first)
-    monkeypatch.setattr(engine_module, "BUSY_WAIT_S", 0.2)
+    monkeypatch.setattr(engine.model_lock, "wait_s", 0.2)
     with pytest.raises(EngineError, match="busy with another reply"):
         next(engine.stream(hi, GenerationOptions(max_new_tokens=5, speech=False)))
     # as after a Stop: the cancelled reply is closed while the next one is already waiting
-    monkeypatch.setattr(engine_module, "BUSY_WAIT_S", 10.0)
+    monkeypatch.setattr(engine.model_lock, "wait_s", 10.0)
     threading.Timer(0.3, first.close).start()
     assert isinstance(run(engine, hi, GenerationOptions(max_new_tokens=3, speech=False))[-1], Finished)
 

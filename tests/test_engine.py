@@ -7,9 +7,10 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from omni_demo.config import GenerationOptions
-from omni_demo.streams import TextDetokenizer
+from omni_demo.engine.sampling import talker_sampler
+from omni_demo.engine.streams import TextDetokenizer
+from omni_demo.errors import InputError
 from omni_demo.events import AudioChunk, Finished, TextDelta
-from omni_demo.inputs import InputError
 
 from .conftest import run, text_messages
 
@@ -116,7 +117,7 @@ def test_silent_video_with_audio_in_video_is_explained(engine, tmp_path):
 
 
 def test_talker_sampling_defaults_are_upstreams(engine):
-    sampler = engine._talker_sampler(GenerationOptions(), prompt_len=10)
+    sampler = talker_sampler(engine.model.talker, GenerationOptions(), 10, engine.loaded.device)
     kinds = {type(p): p for p in sampler.processors}
     assert kinds[RepetitionPenaltyLogitsProcessor].penalty == 1.05
     assert kinds[TemperatureLogitsWarper].temperature == 0.9

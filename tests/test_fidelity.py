@@ -2,14 +2,14 @@
 
 The reference runs on its intended path: the compared prompt is the longest row of a
 left-padded batch, so `generate` keeps the attention mask and the talker gets its codec pad/bos
-conditioning and 3-D positions (see omni_demo.reference).
+conditioning and 3-D positions (see omni_demo.tools.reference).
 """
 
 import pytest
 
 from omni_demo.config import GenerationOptions
 from omni_demo.events import AudioChunk, Finished, TextDelta
-from omni_demo.reference import reference_generate
+from omni_demo.tools.reference import reference_generate
 
 from .conftest import ASSETS, run, text_messages
 

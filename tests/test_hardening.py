@@ -11,8 +11,9 @@ import soundfile as sf
 import torch
 from gradio_client import Client
 
+from omni_demo.app.page import build_demo
+from omni_demo.call.vad import load_vad
 from omni_demo.events import Finished
-from omni_demo.ui import build_demo
 
 from .apphelpers import SETTINGS, assistant_text, collect, file_path, free_port, is_speech, send
 from .conftest import ASSETS
@@ -30,6 +31,10 @@ class RecordingBackend:
     voices = property(lambda self: self.engine.voices)
     model_name = property(lambda self: self.engine.model_name)
     is_random = property(lambda self: self.engine.is_random)
+    limits = property(lambda self: self.engine.limits)
+
+    def listen(self, history, options=None):
+        return None  # as a remote backend: each spoken turn arrives whole
 
     def stream(self, messages, options, cancel=None):
         record = {"prompt": messages[-1]["content"][-1].get("text"), "started": time.monotonic(),
@@ -66,7 +71,7 @@ class ForwardClock:
 
 def launch(backend, **launch_kwargs):
     max_size = launch_kwargs.pop("max_size", 16)
-    demo = build_demo(backend)
+    demo = build_demo(backend, load_vad)
     demo.queue(default_concurrency_limit=1, max_size=max_size)
     port = free_port()
     demo.launch(server_port=port, prevent_thread_lock=True, quiet=True, max_file_size="5mb", **launch_kwargs)

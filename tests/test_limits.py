@@ -3,9 +3,9 @@
 import pytest
 
 from omni_demo.config import GenerationOptions, Limits
-from omni_demo.engine import OmniEngine
+from omni_demo.engine.omni_engine import OmniEngine
+from omni_demo.errors import InputError
 from omni_demo.events import ContextTrimmed, Finished
-from omni_demo.inputs import InputError
 
 from .conftest import ASSETS, run
 
@@ -73,12 +73,12 @@ def test_long_conversation_drops_oldest_whole_turns_visibly(loaded):
 def test_fitting_a_long_conversation_is_one_count_and_one_preparation(loaded, monkeypatch, turns):
     """Linear whatever the length: every message is tokenized once (one batched call for the whole
     conversation), and only the kept turns are prepared, once."""
-    import omni_demo.engine as engine_module
+    import omni_demo.inputs.context as context_module
 
     calls = {"count_tokens": [], "prepare_inputs": []}
     for name in calls:
-        real = getattr(engine_module, name)
-        monkeypatch.setattr(engine_module, name, lambda *a, _real=real, _name=name, **k: calls[_name].append(
+        real = getattr(context_module, name)
+        monkeypatch.setattr(context_module, name, lambda *a, _real=real, _name=name, **k: calls[_name].append(
             len(a[1])) or _real(*a, **k))
     engine = limited(loaded, max_context_tokens=2000)
     inputs, dropped = engine.fit_context(conversation(turns), TEXT_ONLY)

@@ -5,12 +5,12 @@ same clip processed whole, whatever the clip's loudness does."""
 import numpy as np
 import pytest
 
-from omni_demo.bench import utterance
 from omni_demo.config import CacheConfig, GenerationOptions, Limits
-from omni_demo.engine import OmniEngine
+from omni_demo.engine.omni_engine import OmniEngine
 from omni_demo.errors import InputError
 from omni_demo.events import Finished
-from omni_demo.inputs import system_message
+from omni_demo.inputs.messages import system_message
+from omni_demo.tools.bench import utterance
 
 from .conftest import ASSETS
 
@@ -105,14 +105,11 @@ def test_while_another_reply_holds_the_model_listening_waits_and_stays_exact(eng
     history, _ = history
     listening, _ = engines
     clip = utterance(5.0, seed=1)
-    listening._busy.acquire()  # another reply is running
-    try:
+    with listening.model_lock.hold():  # another reply is running
         listener = listening.listen(history, OPTIONS)
         for start in range(0, len(clip), CHUNK):
             listener.feed_audio(clip[start : start + CHUNK])
         assert listener.windows == []
-    finally:
-        listening._busy.release()
     assert_same_reply(engines, history, clip, listener, listener.end_turn())
 
 
@@ -135,8 +132,8 @@ def test_the_clip_heard_is_the_item_the_processor_makes(engines, seconds, window
     it up to float rounding."""
     import torch
 
-    from omni_demo.decoders import item_features
-    from omni_demo.prompt import media_key, process_media
+    from omni_demo.engine.decoders import item_features
+    from omni_demo.inputs.prompt import media_key, process_media
 
     listening, _ = engines
     clip = utterance(seconds, seed=2)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from omni_demo.config import ModelConfig
-from omni_demo.loading import ModelLoadError, load_model, pick_attn, pick_device, pick_dtype
+from omni_demo.models.loading import ModelLoadError, load_model, pick_attn, pick_device, pick_dtype
 
 
 def test_defaults_on_cpu():

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from omni_demo.backends.remote import ChunkDecoder, request_body
 from omni_demo.config import DEFAULT_SYSTEM_PROMPT, GenerationOptions
 from omni_demo.events import AudioChunk, Finished, Stats, TextDelta, pcm16
-from omni_demo.openai_api import ApiError, ApiLimits, Media, ReplyFormat, parse_chat_request, write_media
-from omni_demo.remote import ReplyDecoder, request_body
+from omni_demo.serve.openai_protocol import ApiError, ApiLimits, ChunkEncoder, Media, parse_chat_request, write_media
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 VOICES = ["Chelsie", "Ethan"]
@@ -90,7 +90,7 @@ def finished(text="Hi there", codes=3) -> Finished:
 
 
 def test_chunks_carry_text_audio_and_usage():
-    fmt = ReplyFormat("tiny", "pcm16")
+    fmt = ChunkEncoder("tiny", "pcm16")
     text = fmt.text_chunk("Hi")["choices"][0]["delta"]
     assert text == {"content": "Hi", "audio": {"id": fmt.audio_id, "transcript": "Hi"}}
     samples = np.linspace(-1, 1, 960, dtype=np.float32)
@@ -98,8 +98,8 @@ def test_chunks_carry_text_audio_and_usage():
     assert np.array_equal(np.frombuffer(base64.b64decode(audio["data"]), "<i2"), pcm16(samples))
     last = fmt.last_chunk(finished())
     assert last["choices"][0]["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 7
-    assert ReplyFormat("tiny", None).text_chunk("Hi")["choices"][0]["delta"] == {"content": "Hi"}
-    whole = ReplyFormat("tiny", "wav").completion(finished(), samples)["choices"][0]["message"]
+    assert ChunkEncoder("tiny", None).text_chunk("Hi")["choices"][0]["delta"] == {"content": "Hi"}
+    whole = ChunkEncoder("tiny", "wav").completion(finished(), samples)["choices"][0]["message"]
     with wave.open(io.BytesIO(base64.b64decode(whole["audio"]["data"]))) as wav:
         assert wav.getframerate() == 24000 and wav.getnframes() == 960
 
@@ -122,8 +122,8 @@ def test_the_ui_client_sends_what_the_server_parses_back(tmp_path):
 
 
 def test_the_ui_client_decodes_chunks_into_engine_events():
-    fmt, samples = ReplyFormat("tiny", "pcm16"), np.sin(np.arange(1440, dtype=np.float32) / 10)
-    decoder = ReplyDecoder([], start=0.0)
+    fmt, samples = ChunkEncoder("tiny", "pcm16"), np.sin(np.arange(1440, dtype=np.float32) / 10)
+    decoder = ChunkDecoder([])
     events = [event for chunk in (fmt.first_chunk(), fmt.text_chunk("Hi "), fmt.audio_chunk(samples[:480]),
                                   fmt.text_chunk("there"), fmt.audio_chunk(samples[480:]), fmt.last_chunk(finished()))
               for event in decoder.feed(chunk)]

@@ -1,4 +1,4 @@
-"""Processor inputs assembled piece by piece (omni_demo.prompt) against one processor call over
+"""Processor inputs assembled piece by piece (omni_demo.inputs.prompt) against one processor call over
 the whole conversation; user text stays text; media processed once."""
 
 import numpy as np
@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from omni_demo.config import Limits
-from omni_demo.inputs import image_max_pixels, normalize_conversation, plan_media, prepare_inputs, read_media
-from omni_demo.prompt import FRAME_TENSORS, MediaCache
+from omni_demo.inputs.messages import normalize_conversation
+from omni_demo.inputs.prepare import image_max_pixels, plan_media, prepare_inputs, read_media
+from omni_demo.inputs.prompt import FRAME_TENSORS, MediaCache
 
 from .conftest import text_messages
 from .test_fidelity import CASES
@@ -56,7 +57,7 @@ def test_assembled_inputs_equal_one_processor_call(loaded, case):
 @pytest.mark.parametrize("samples", [1, 399, 401, 16_000, 52_345, 160_000, 479_999, 2_345_678])
 def test_audio_features_at_the_clip_length_equal_the_processors_300_s(loaded, samples):
     """Padding a clip to whole seconds past its end instead of to 300 s changes none of its frames."""
-    from omni_demo.prompt import audio_feature_samples
+    from omni_demo.inputs.prompt import audio_feature_samples
 
     extractor = loaded.processor.feature_extractor
     clip = np.random.default_rng(samples).normal(0, 0.1, samples).astype(np.float32)
@@ -81,11 +82,11 @@ def test_typed_control_tokens_are_plain_text(loaded):
 
 
 def test_a_media_file_is_processed_once(loaded, monkeypatch):
-    from omni_demo import prompt
+    from omni_demo.inputs import prepare
 
     calls = []
-    original = prompt.process_media
-    monkeypatch.setattr(prompt, "process_media", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
+    original = prepare.process_media
+    monkeypatch.setattr(prepare, "process_media", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
     cache = MediaCache(max_bytes=1 << 30)
     messages, _ = CASES["image+audio"]
     first = prepare_inputs(loaded.processor, messages, use_audio_in_video=False, media_cache=cache)

@@ -148,21 +148,21 @@ def test_serve_config_yaml_is_valid_for_ray():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from omni_demo.ray_serve import OmniServer, build
+    from omni_demo.serve.ray_replicas import OmniServer, build
 
     from .apphelpers import ROOT
 
     config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve_config.yaml").read_text()))
     app = config.applications[0]
-    assert app.import_path == "omni_demo.ray_serve:build" and app.deployments[0].name == OmniServer.name
+    assert app.import_path == "omni_demo.serve.ray_replicas:build" and app.deployments[0].name == OmniServer.name
     build(app.args)  # every arg is a server flag
     with pytest.raises(ValueError, match="unknown replica options"):
         build({"modle": "tiny"})
 
 
 def test_a_replica_asks_for_a_gpu_only_where_there_is_one():
-    from omni_demo.ray_serve import gpus_per_replica
-    from omni_demo.serve import parse_args
+    from omni_demo.serve.http import parse_args
+    from omni_demo.serve.ray_replicas import gpus_per_replica
 
     auto = parse_args(["--ray", "--device", "auto"])
     assert gpus_per_replica(auto, cluster_gpus=4) == 1

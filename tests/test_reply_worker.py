@@ -12,7 +12,7 @@ import pytest
 from omni_demo.config import GenerationOptions
 from omni_demo.errors import EngineError, InputError
 from omni_demo.events import Finished, Stats, TextDelta
-from omni_demo.reply_worker import QueueFull, ReplyWorker
+from omni_demo.serve.reply_worker import QueueFull, ReplyWorker
 
 STATS = Stats(None, None, 0.0, 0.0, None, 0, 0, 0, 0)
 

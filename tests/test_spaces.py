@@ -5,11 +5,11 @@ import sys
 
 import yaml
 
-from omni_demo.spaces import ROOT, front_matter, split_readme
+from omni_demo.tools.spaces import ROOT, front_matter, split_readme
 
 
 def test_readme_front_matter_matches_spaces_yaml():
-    result = subprocess.run([sys.executable, "-m", "omni_demo.spaces", "--check"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "omni_demo.tools.spaces", "--check"], capture_output=True, text=True,
                             cwd=ROOT)
     assert result.returncode == 0, result.stderr
 
@@ -17,7 +17,7 @@ def test_readme_front_matter_matches_spaces_yaml():
 def test_check_fails_when_they_disagree(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text((ROOT / "README.md").read_text().replace("sdk_version: 6.31.0", "sdk_version: 5.0.0"))
-    result = subprocess.run([sys.executable, "-m", "omni_demo.spaces", "--check", "--readme", str(readme)],
+    result = subprocess.run([sys.executable, "-m", "omni_demo.tools.spaces", "--check", "--readme", str(readme)],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1 and "disagrees" in result.stderr
 

@@ -8,8 +8,8 @@ import sys
 import torch
 
 from omni_demo.config import ModelConfig
-from omni_demo.loading import load_model
-from omni_demo.tiny import CHAT_TEMPLATE
+from omni_demo.models.loading import load_model
+from omni_demo.models.tiny import CHAT_TEMPLATE
 
 
 def _digest(path):
@@ -18,7 +18,7 @@ def _digest(path):
 
 def test_cli_builds_a_small_deterministic_checkpoint(tmp_path):
     for name in ("a", "b"):
-        subprocess.run([sys.executable, "-m", "omni_demo.tiny", str(tmp_path / name)], check=True,
+        subprocess.run([sys.executable, "-m", "omni_demo.models.tiny", str(tmp_path / name)], check=True,
                        capture_output=True)
     a, b = tmp_path / "a", tmp_path / "b"
     size = sum(f.stat().st_size for f in a.iterdir())

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from omni_demo.config import StreamingConfig
-from omni_demo.token2wav import HOP, DiTVelocity, StreamingToken2Wav, dit_sample, vocode
+from omni_demo.engine.token2wav import HOP, DiTVelocity, StreamingToken2Wav, dit_sample, vocode
 
 WHOLE_CONTEXT = StreamingConfig(past_context_codes=10**6, future_context_codes=10**6, first_chunk_future_codes=10**6)
 

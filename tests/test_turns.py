@@ -6,8 +6,9 @@ have, and speech after it takes that back (SpeechResumed)."""
 import numpy as np
 import pytest
 
-from omni_demo.turns import (SAMPLE_RATE, SpeechPaused, SpeechResumed, SpeechStarted, TurnConfig, TurnDetector,
-                              TurnEnded, load_vad)
+from omni_demo.call.turns import SpeechPaused, SpeechResumed, SpeechStarted, TurnConfig, TurnDetector, TurnEnded
+from omni_demo.call.vad import load_vad
+from omni_demo.config import INPUT_SAMPLE_RATE as SAMPLE_RATE
 
 from .speech import compose, needs_espeak, silence, speak
 
@@ -149,6 +150,6 @@ def test_loading_the_vad_leaves_torchs_threads_alone():
     import subprocess
     import sys
 
-    script = ("import torch; torch.set_num_threads(2); from omni_demo.turns import load_vad; load_vad(); "
+    script = ("import torch; torch.set_num_threads(2); from omni_demo.call.vad import load_vad; load_vad(); "
               "print(torch.get_num_threads())")
     assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip() == "2"

@@ -7,16 +7,25 @@ import gradio as gr
 import pytest
 from gradio.data_classes import FileData
 
+from omni_demo.app.notices import public_message
+from omni_demo.app.page import build_demo
+from omni_demo.call.vad import load_vad
+from omni_demo.config import Limits
 from omni_demo.errors import InputError
-from omni_demo.ui import build_demo, public_message
 
 from .conftest import ASSETS
 
 
 class NoModel:
+    """A Backend (omni_demo.backends.protocol) with no model behind it."""
+
     voices = ["Chelsie", "Ethan"]
     model_name = "none"
     is_random = True
+    limits = Limits()
+
+    def listen(self, history, options=None):
+        return None
 
 
 def component(demo, elem_id):
@@ -29,7 +38,7 @@ def test_a_webcam_clip_is_passed_on_as_recorded(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
     clip = tmp_path / "webcam.mp4"
     shutil.copy(ASSETS / "talking_shapes.mp4", clip)
-    webcam = component(build_demo(NoModel()), "webcam")
+    webcam = component(build_demo(NoModel(), load_vad), "webcam")
     start = time.monotonic()
     assert webcam.preprocess(FileData(path=str(clip))) == str(clip)
     assert time.monotonic() - start < 1.0
@@ -50,7 +59,7 @@ def test_messages_never_show_server_paths(message, shown):
 
 
 def test_stop_and_send_share_one_control_and_settings_start_closed():
-    demo = build_demo(NoModel())
+    demo = build_demo(NoModel(), load_vad)
     textbox = component(demo, "textbox")
     assert textbox.submit_btn == "Send" and textbox.label == "Message"
     assert component(demo, "settings").open is False and component(demo, "camera").open is False
@@ -85,7 +94,7 @@ def accept(handler, session="a", history=()):
 
 
 def test_a_double_send_queues_one_turn():
-    from omni_demo.ui import ChatHandler
+    from omni_demo.app.chat import ChatHandler
 
     handler = ChatHandler(OneWordModel())
     first, _ = accept(handler)
@@ -98,7 +107,7 @@ def test_a_double_send_queues_one_turn():
 def test_a_turn_stopped_or_cleared_in_the_queue_never_runs_nor_holds_the_session(clear):
     """Stop or Clear while the turn waits: the session is free at once (the queue may never run the
     turn, e.g. when it was full), and when the queue does run it, nothing reaches the chat."""
-    from omni_demo.ui import ChatHandler
+    from omni_demo.app.chat import ChatHandler
 
     handler = ChatHandler(OneWordModel())
     pending, _ = accept(handler, history=[{"role": "user", "content": "earlier"}])
@@ -106,14 +115,14 @@ def test_a_turn_stopped_or_cleared_in_the_queue_never_runs_nor_holds_the_session
         handler.clear(Request("a"))
     else:
         assert handler.stop(Request("a"))["submit_btn"] == "Send"  # the page gets Send back
-    assert "a" not in handler.turns
+    assert handler.sessions.get("a") is None
     updates = list(handler.respond_ui(pending, *SETTINGS, Request("a")))
     assert not any(isinstance(update.chat, list) for update in updates)  # nothing reaches the chat
     assert accept(handler)[0] is not None  # the next message is taken
 
 
 def test_a_running_turn_stops_through_the_engine_and_is_kept():
-    from omni_demo.ui import ChatHandler
+    from omni_demo.app.chat import ChatHandler
 
     handler = ChatHandler(OneWordModel())
     pending, _ = accept(handler)
@@ -122,4 +131,4 @@ def test_a_running_turn_stops_through_the_engine_and_is_kept():
     assert handler.stop(Request("a")) == gr.skip()  # it finishes through the engine, marked
     chats = [update.chat for update in replies if isinstance(update.chat, list)]
     assert "stopped" in chats[-1][-1]["content"]
-    assert "a" not in handler.turns
+    assert handler.sessions.get("a") is None

@@ -1,0 +1,265 @@
+"""The voice call's page handlers: Start call (outside the queue) registers the session's call; the
+call's loop (omni_demo.call.voice_call, in the queue: it holds the model while it runs) starts the page's
+microphone and turns the call's events into chat, player and status updates; the microphone's
+stream handler hands each chunk to the session's call. A call is the session's one activity, like a
+typed turn: End call, Esc and Clear end it, and typing waits for it to end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import gradio as gr
+import numpy as np
+import soundfile as sf
+
+from omni_demo.call.events import (
+    CallEnded,
+    PlaybackInterrupted,
+    ReplyAudio,
+    ReplyEnded,
+    ReplyText,
+    Status,
+    Tick,
+    Trimmed,
+    TurnFailed,
+    UserTurn,
+)
+from omni_demo.call.microphone import MAX_CHUNK_S, MAX_RATE, MIN_RATE
+from omni_demo.call.voice_call import CallConfig, VoiceCall
+from omni_demo.config import INPUT_SAMPLE_RATE
+from omni_demo.errors import InputError
+
+from .chat import ChatHandler
+from .chat_history import INTERRUPTED_MARK, chat_to_conversation, gradio_upload_dir, user_file_paths
+from .notices import notice, public_message, refused, trimmed_text
+from .player import PlayerMessages, finalize
+from .sessions import Activity
+from .settings import call_config, reply_options, system_text
+
+log = logging.getLogger(__name__)
+
+STATE_ICONS = {"listening": "🟢", "hearing": "🎙️", "thinking": "💭", "speaking": "🔊"}
+MIC_CHUNK_S = 0.25  # the page sends the microphone this often (stream_every)
+CALL_PLACEHOLDER = "A voice call is running: just talk. End the call to type."
+TEXTBOX_PLACEHOLDER = "Type a message, record one with the microphone, or attach media…"
+
+
+class CallView(NamedTuple):
+    """One update of the call's outputs, by name; what is not named stays as it is."""
+
+    chat: Any = gr.skip()
+    player: Any = gr.skip()
+    status: Any = gr.skip()
+    stats: Any = gr.skip()
+    start: Any = gr.skip()
+    end: Any = gr.skip()
+    textbox: Any = gr.skip()  # closed to typing while the call runs
+
+
+def control(command: str) -> dict:
+    """A message for the page's call controls (web/voice.js): "start" or "stop" the microphone.
+    `server_time` (Unix s) sets the page's estimate of the server's clock, against which it times
+    each reply's delivery (the two clocks need not agree)."""
+    return {"call": command, "id": uuid.uuid4().hex[:12], "server_time": time.time()}
+
+
+def status_line(state: str, text: str) -> str:
+    return f"{STATE_ICONS.get(state, '📞')} **{text}**"
+
+
+def ended_view(reason: str) -> CallView:
+    return CallView(player=control("stop"), status=f"📴 **Call ended.** {reason}", start=gr.update(visible=True),
+                    end=gr.update(visible=False), textbox=gr.update(interactive=True, placeholder=TEXTBOX_PLACEHOLDER))
+
+
+def save_user_audio(samples: np.ndarray, session: str, uploads) -> str:
+    """A spoken turn as a 16-bit wav among Gradio's uploads (its cache keeps it a day, as it keeps
+    uploads), owned by the session: a typed turn after the call may send it again as history."""
+    folder = gradio_upload_dir() / "omni-calls" / uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    path = folder / f"you-{time.strftime('%Y%m%d-%H%M%S')}.wav"
+    sf.write(path, samples, INPUT_SAMPLE_RATE, subtype="PCM_16")
+    uploads.add(session, [str(path)])
+    return str(path)
+
+
+def read_chunk(path) -> tuple[int, np.ndarray] | None:
+    """A microphone chunk the page uploaded (a short WAV), checked from its header before it is
+    read, then deleted (a call uploads four a second). None for anything else."""
+    path = Path(path)
+    if not path.resolve().is_relative_to(gradio_upload_dir()):
+        return None
+    try:
+        info = sf.info(path)
+        if (info.format != "WAV" or not 1 <= info.channels <= 2 or not MIN_RATE <= info.samplerate <= MAX_RATE
+                or info.frames > MAX_CHUNK_S * info.samplerate):
+            log.warning("microphone chunk refused: %s, %d Hz, %d channels, %d frames", info.format,
+                        info.samplerate, info.channels, info.frames)
+            return None
+        samples, rate = sf.read(path, dtype="float32", always_2d=True)
+        return rate, samples
+    except (OSError, RuntimeError, ValueError) as exc:  # not a WAV soundfile can read
+        log.warning("microphone chunk refused: %s", type(exc).__name__)
+        return None
+    finally:
+        path.unlink(missing_ok=True)
+
+
+class CallActivity(Activity):
+    """A session's voice call as its end flag (End call, Stop, Clear and a closed page set it)."""
+
+    busy_text = "A voice call is running: end it to send a typed message. Your message is kept."
+
+    def __init__(self):
+        super().__init__()
+        self.call: VoiceCall | None = None
+
+
+class CallScreen:
+    """What one call shows: the chat (the call's turns appended to the history it began with), the
+    player's messages of the reply being spoken, the status and latency lines."""
+
+    def __init__(self, chat: list[dict]):
+        self.chat = chat  # through the last finished turn
+        self.player = PlayerMessages(in_call=True)
+        self.replied = False  # the last reply has a message in the chat that an interruption marks
+
+    def update(self, event) -> CallView:
+        if isinstance(event, Tick):
+            return CallView()
+        if isinstance(event, Status):
+            return CallView(status=status_line(event.state, event.text))
+        if isinstance(event, UserTurn):
+            self.chat = self.chat + [{"role": "user", "content": {"path": event.path}}]
+            self.player, self.replied = PlayerMessages(in_call=True), False
+            return CallView(chat=self.chat, player=self.player("thinking", "Thinking…"))
+        if isinstance(event, ReplyText):
+            return CallView(chat=self.chat + [{"role": "assistant", "content": event.text}])
+        if isinstance(event, ReplyAudio):
+            message = self.player("speaking", "Speaking…", event.chunk.pcm16())
+            if event.latency is not None:  # the page adds its player's part and shows the whole wait
+                message["latency"] = event.latency.as_dict()
+            return CallView(player=message)
+        if isinstance(event, ReplyEnded):
+            return self._reply_ended(event)
+        if isinstance(event, PlaybackInterrupted):
+            self._mark_interrupted()
+            return CallView(chat=self.chat, player=self.player("interrupted", "Interrupted."))
+        if isinstance(event, TurnFailed):
+            gr.Warning(f"That turn failed: {event.message}")
+            self.chat = self.chat + [{"role": "assistant", "content": f"⚠️ This reply failed: {event.message}"}]
+            return CallView(chat=self.chat, player=self.player("error", "The reply failed."))
+        if isinstance(event, Trimmed):
+            gr.Warning(trimmed_text(event.event))
+            return CallView()
+        if isinstance(event, CallEnded):
+            return ended_view(event.reason)
+        raise TypeError(f"unknown call event {event!r}")
+
+    def _reply_ended(self, event: ReplyEnded) -> CallView:
+        self.chat = finalize(self.chat, event.text, event.chunks, stopped=False)
+        self.replied = bool(event.text)
+        if event.interrupted:
+            self._mark_interrupted()
+        state = ("interrupted", "Interrupted.") if event.interrupted else ("done", "Done.")
+        return CallView(chat=self.chat, player=self.player(*state))  # the wait: the page's call readout
+
+    def _mark_interrupted(self) -> None:
+        """The last reply's text, marked: the chat shows where the user cut in."""
+        if not self.replied:
+            if self.chat and self.chat[-1]["role"] == "user":  # cut before any text: say so
+                self.chat = self.chat + [{"role": "assistant", "content": INTERRUPTED_MARK}]
+            return
+        for index in range(len(self.chat) - 1, -1, -1):
+            message = self.chat[index]
+            if message["role"] == "assistant" and isinstance(message["content"], str):
+                if not message["content"].endswith(INTERRUPTED_MARK):
+                    self.chat = [*self.chat[:index], {**message, "content": f"{message['content']} {INTERRUPTED_MARK}"},
+                                 *self.chat[index + 1:]]
+                return
+
+
+class CallHandler:
+    """The call handlers, sharing the chat handler's sessions (one activity per session). `vad()`
+    makes each call its own voice activity model (omni_demo.call.vad.load_vad, given by app.py)."""
+
+    def __init__(self, chats: ChatHandler, vad, config: CallConfig | None = None):
+        self.chats = chats
+        self.vad = vad
+        self.config = config or CallConfig()
+
+    def accept(self, history, request: gr.Request):
+        """Outside the queue: register the session's call and say where it stands in line (the
+        microphone starts when the call does). Returns (pending call or None, *CallView)."""
+        activity, busy, ahead = self.chats.sessions.claim(request.session_hash, CallActivity)
+        if busy is not None:
+            what = "A call is already running" if isinstance(busy, CallActivity) else "A reply is still running"
+            return (None, *CallView(player=notice(f"{what}: stop it first.")))
+        line = (f"In line: {ahead} {'reply or call' if ahead == 1 else 'replies or calls'} before yours. "
+                "The call starts when the model is free." if ahead else "Connecting…")
+        pending = {"history": list(history or []), "turn": activity.id}
+        return (pending, *CallView(status=f"⏳ **{line}**", stats="",
+                                   start=gr.update(visible=False), end=gr.update(visible=True),
+                                   textbox=gr.update(interactive=False, placeholder=CALL_PLACEHOLDER)))
+
+    def run(self, pending, voice, speech, system_prompt, temperature, top_p, max_new_tokens, max_speech_s,
+            use_audio_in_video, seed, pause_s, sensitivity, request: gr.Request):
+        """In the queue: the call, until it ends. Holds the model: each reply is the backend's."""
+        session = request.session_hash
+        activity = self.chats.sessions.start(session, pending["turn"], CallActivity) if pending else None
+        if activity is None:  # nothing accepted, ended (End, Clear) while it waited in line, or already running
+            current = self.chats.sessions.get(session)
+            if pending is not None and not (isinstance(current, CallActivity) and current.id == pending["turn"]):
+                yield ended_view("The call ended before it began.")._replace(chat=gr.skip())
+            else:
+                yield CallView()
+            return
+        try:
+            self.chats.uploads.check(session, user_file_paths(pending["history"]))  # as a typed turn's history
+            options = reply_options(voice, speech, temperature, top_p, max_new_tokens, max_speech_s,
+                                    use_audio_in_video, seed)
+            config = call_config(pause_s, sensitivity, self.config)
+            conversation = chat_to_conversation(pending["history"], system_text(system_prompt))
+            activity.call = VoiceCall(self.chats.backend, conversation, options, config, ended=activity,
+                                      vad=self.vad(), save_audio=lambda samples: save_user_audio(samples, session,
+                                                                                                  self.chats.uploads))
+            screen = CallScreen(pending["history"])
+            yield CallView(player=control("start"))  # the model is the call's now: so is the microphone
+            for event in activity.call.run():
+                if activity.cleared:  # Clear: the emptied chat gets nothing more
+                    yield ended_view("The chat was cleared.")._replace(chat=gr.skip())
+                    return
+                yield screen.update(event)
+        except InputError as exc:
+            gr.Warning(refused(exc))
+            yield ended_view(public_message(exc))
+        except Exception as exc:
+            log.exception("the call failed")
+            yield ended_view(f"The call failed: {public_message(exc)}")
+        finally:
+            self.chats.sessions.release(session, activity)
+
+    def hear(self, path, request: gr.Request) -> None:
+        """The microphone's stream: each chunk (a WAV file) to the session's running call; dropped,
+        unread, when there is none."""
+        call = self.chats.sessions.get(request.session_hash)
+        if not isinstance(path, str) or not isinstance(call, CallActivity) or call.call is None or call.is_set():
+            if isinstance(path, str) and Path(path).resolve().is_relative_to(gradio_upload_dir()):
+                Path(path).unlink(missing_ok=True)
+            return
+        chunk = read_chunk(path)
+        if chunk is not None:
+            call.call.feed(*chunk)
+
+    def end(self, pending, request: gr.Request) -> CallView:
+        """End call (or the microphone stopped): the call `pending` names ends at its next step
+        (and says so); one still in line is forgotten here. Another call of the session (a late
+        event of an earlier one) is left alone."""
+        if pending is None or not self.chats.sessions.stop(request.session_hash, only=pending.get("turn")):
+            return CallView()  # a running call's loop says so within a step (an update here could land after its own)
+        return ended_view("You left the line.")

@@ -1,0 +1,90 @@
+"""Each browser session's one activity: a typed reply or a voice call, queued or running.
+
+An `Activity` is also its cancel flag (a `threading.Event`): Stop, End call, Clear and a closed
+page set it, and the engine ends the reply within one decode step. `Sessions` is the registry
+that the chat and the call share, so that a session runs one activity at a time and everyone is
+told how many are ahead of them.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+
+class Activity(threading.Event):
+    """A session's queued or running typed reply, as its cancel flag."""
+
+    busy_text = "A reply is still running: Stop it (Esc) or wait. Your message is kept."
+
+    def __init__(self):
+        super().__init__()
+        self.id = uuid.uuid4().hex[:12]
+        self.started = False  # its handler runs (until then it waits in the queue)
+        self.cleared = False  # Clear, not Stop, ended it: the emptied chat gets nothing more
+
+
+class Sessions:
+    """Session hash -> its activity. Every check-and-set holds one lock."""
+
+    def __init__(self):
+        self.activities: dict[str, Activity] = {}
+        self.lock = threading.Lock()
+
+    def get(self, session: str) -> Activity | None:
+        return self.activities.get(session)
+
+    def claim(self, session: str, new: type[Activity] = Activity) -> tuple[Activity | None, Activity | None, int]:
+        """Register a new activity unless the session has one: (the new one or None, the busy one or
+        None, how many activities were registered before it). A double Enter claims once."""
+        with self.lock:
+            busy, ahead = self.activities.get(session), len(self.activities)
+            if busy is not None:
+                return None, busy, ahead
+            activity = self.activities[session] = new()
+            return activity, None, ahead
+
+    def begin(self, session: str) -> Activity:
+        """The session's activity, now running (an API call's own, or one the page claimed)."""
+        with self.lock:
+            activity = self.activities.setdefault(session, Activity())
+            activity.started = True
+            return activity
+
+    def start(self, session: str, activity_id: str, kind: type[Activity] = Activity) -> Activity | None:
+        """The queue reached the activity `activity_id`: it runs, once. None when it ended (Stop,
+        End call, Clear) while it waited, or already runs."""
+        with self.lock:
+            activity = self.activities.get(session)
+            if not isinstance(activity, kind) or activity.id != activity_id or activity.started:
+                return None
+            activity.started = True
+            return activity
+
+    def stop(self, session: str, *, clear: bool = False, only: str | None = None) -> bool:
+        """Set the session's activity (only the one with id `only`, when given): a running one ends at
+        its next step; one still in line is forgotten at once, so that an event the queue never runs
+        (a full queue, a closed page) cannot hold the session. -> whether one was forgotten."""
+        with self.lock:
+            activity = self.activities.get(session)
+            if activity is None or (only is not None and activity.id != only):
+                return False
+            activity.cleared = activity.cleared or clear
+            activity.set()
+            if activity.started:
+                return False
+            del self.activities[session]
+            return True
+
+    def release(self, session: str, activity: Activity) -> None:
+        """`activity` is over: the session may begin another."""
+        with self.lock:
+            if self.activities.get(session) is activity:
+                del self.activities[session]
+
+
+def waiting_text(ahead: int) -> str:
+    """The player's line while a typed reply waits for the model."""
+    if not ahead:
+        return "Waiting for the model…"
+    return f"In line: {ahead} {'reply' if ahead == 1 else 'replies'} before yours. Your message is kept."

@@ -1,0 +1,261 @@
+"""Listening while the user speaks: a spoken turn's audio encoded and prefilled as it arrives.
+
+Qwen2.5-Omni's audio encoder cuts its log-mel input into windows of `2 * n_window` frames (2 s)
+and attends within each window only, so a window's encoder output depends on that window's
+frames alone. A `Listener` therefore encodes each window as soon as its last frame can no longer
+change, and prefills the thinker over the conversation so far plus the audio tokens of every
+finished window, keeping the result in the engine's conversation cache. When the turn ends only
+the last window and the assistant prefix remain; the reply then starts from the cache:
+
+    listener = engine.listen(history, options)  # history: the conversation before this turn
+    for pcm in microphone:                      # float32 mono at 16 kHz, any chunk size
+        listener.feed_audio(pcm)
+    messages = listener.end_turn()              # history + the user turn, its audio an array
+    for event in engine.stream(messages, options): ...
+
+Whisper-style log-mel features are clamped at the clip's maximum minus 8 (log10 units), and a
+window encoded early knows only the maximum so far: when a later part of the clip is louder
+than everything before it, the values of earlier windows under the new floor change: digital
+silence, and in a quiet recording a few narrow mel bins (a 10 s clip over a 3e-3 noise floor
+whose last second is the loudest changes 3 to 12 values per window). `end_turn` compares every
+window heard with the whole clip's features:
+
+- by default it keeps every leading window whose only differences are such values, the ones
+  the whole clip clamps to its floor (sounds 80 dB under its loudest moment), and re-encodes
+  from the first window that differs otherwise. The reply may then differ a little from the
+  reply to the clip processed whole; `Listener.changed_values` and `max_difference` say by how
+  much the features did, and the clip's part is marked `"listened": "floor"`, so its processed
+  item is never mistaken for the exact one;
+- with `exact=True` it keeps only the leading windows that are identical, and from the first
+  that is not, the clip is encoded and prefilled again.
+
+A window encoded alone equals its part of the whole-clip encoding up to float rounding (matmul
+blocking depends on the shapes; the difference is around 1e-6 of the values), so an exact reply
+after listening is the reply to the clip processed whole wherever greedy decoding is not balanced
+on a knife's edge: in tests/test_listening.py it is the same token for token and code for code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from omni_demo.config import INPUT_SAMPLE_RATE, GenerationOptions
+from omni_demo.errors import InputError
+from omni_demo.inputs.messages import normalize_conversation
+from omni_demo.inputs.prepare import PreparedInputs, media_items
+from omni_demo.inputs.prompt import MediaItem, audio_feature_samples, build_prompt, join_tensors, media_key
+
+from .conversation_cache import Prefix
+from .decoders import ThinkerDecoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Window:
+    """One audio-encoder window, encoded while the clip was still arriving."""
+
+    digest: str  # of every sample heard when it was computed
+    frames: torch.Tensor  # [128, 200] its log-mel features then
+    output: torch.Tensor  # [50, D] its encoder output
+
+
+class Listener:
+    """One spoken user turn, heard as it arrives. Made by `OmniEngine.listen`."""
+
+    def __init__(self, engine, history: list[dict], options: GenerationOptions, exact: bool = False):
+        if engine.conversation_cache is None:
+            raise ValueError("listening needs the engine's conversation cache (CacheConfig(enabled=True))")
+        self.engine = engine
+        self.processor = engine.processor
+        placeholder_turn = {"role": "user", "content": "…"}  # the spoken turn to come
+        self.history = normalize_conversation([*history, placeholder_turn])[:-1]
+        self.options = options
+        self.exact = exact
+        self.use_audio_in_video = options.use_audio_in_video
+        audio = engine.model.config.thinker_config.audio_config
+        self.extractor = self.processor.feature_extractor
+        self.hop = self.extractor.hop_length  # 160 samples: one log-mel frame
+        self.window_frames = 2 * audio.n_window  # 200 frames: 2 s, one encoder window
+        self.audio_token = engine.model.config.thinker_config.audio_token_index
+        self._chunks: list[np.ndarray] = []  # the samples heard (joined when read: see `samples`)
+        self.heard = 0  # samples heard
+        self.windows: list[Window] = []  # the windows finished and encoded so far
+        self.history_items: list[MediaItem] | None = None
+        self.partial: Prefix | None = None  # the newest prefix this turn's windows prefilled
+        self.listening = True  # False: the turn is over the window, or listening failed; end_turn as ever
+        # After end_turn: the leading windows kept, and how far their features were from the whole clip's
+        self.windows_kept = 0
+        self.changed_values = 0  # values under the whole clip's floor, heard above it (never with exact)
+        self.max_difference = 0.0
+        self.history_has_video = any(part["type"] == "video" for message in self.history for part in message["content"])
+
+    @property
+    def samples(self) -> np.ndarray:
+        """Every sample heard so far, float32 (joined once per read, not once per chunk)."""
+        if len(self._chunks) != 1:
+            self._chunks = [np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.float32)]
+        return self._chunks[0]
+
+    def feed_audio(self, pcm: np.ndarray) -> None:
+        """Append float32 mono 16 kHz samples; encode and prefill every window they finish. When
+        another reply holds the model, the work waits for the next call (or `end_turn`)."""
+        pcm = np.array(pcm, dtype=np.float32).reshape(-1)  # a copy: the caller may reuse its buffer
+        limit = self.engine.limits.max_audio_s
+        if (self.heard + len(pcm)) / INPUT_SAMPLE_RATE > limit:
+            raise InputError(f"this turn's audio is over the limit of {limit:g} s")
+        self._chunks.append(pcm)
+        self.heard += len(pcm)
+        if not (self.listening and self._finished_windows() > len(self.windows)):
+            return
+        with self.engine.model_lock.try_hold() as held:
+            if not held:
+                return
+            try:
+                self._catch_up()
+            except Exception:  # listening only saves time: the turn is then processed whole, as ever
+                log.exception("listening failed; this turn will be processed whole")
+                self.listening, self.windows = False, []
+
+    def end_turn(self, length: int | None = None) -> list[dict]:
+        """The turn is over: the conversation to reply to, its last user turn this clip (an array
+        part whose processed item, made of the windows heard, is in the engine's media cache).
+        `length`: the turn is its first `length` samples (what came after, e.g. the pause that
+        ended it, is left out, and so are the windows that read it). The listener itself is left
+        as it was: if the user goes on speaking after all, feed it and end the turn again (a voice
+        call starts its reply at a short pause, before the turn's end is certain)."""
+        samples = self.samples[:length]
+        if not len(samples):
+            raise InputError("no audio was heard in this turn")
+        part = {"type": "audio", "audio": samples}
+        windows = self.windows[: self._finished_windows(len(samples))]
+        if windows:
+            with self.engine.model_lock.try_hold(self.engine.model_lock.wait_s) as held:
+                if held:  # else: processed whole, as ever
+                    self._keep_item(part, windows)
+        return self.history + [{"role": "user", "content": [part]}]
+
+    def _keep_item(self, part: dict, windows: list[Window]) -> None:
+        """The clip's item, made of the windows heard, into the engine's media cache."""
+        item = self._whole_item(part, windows)
+        if self.changed_values:  # not the item the processor makes of this clip: its own key
+            part["listened"] = "floor"
+            item.key = media_key(part, with_audio=False)
+        self.engine.media_cache.put(item)
+
+    # -- windows ----------------------------------------------------------------------------
+
+    def _finished_windows(self, heard: int | None = None) -> int:
+        """Windows whose frames are final once `heard` samples (all so far, by default) have
+        arrived: every sample a frame's STFT reads (n_fft / 2 on each side of its centre) is
+        there. The last window is left for end_turn."""
+        reach = self.extractor.n_fft // 2
+        final_frames = max(0, ((self.heard if heard is None else heard) - reach) // self.hop)
+        return final_frames // self.window_frames
+
+    def _log_mel(self, samples: np.ndarray) -> torch.Tensor:
+        """[128, frames] normalized log-mel features, padded as process_media pads a clip (so the
+        frames equal those of the item it would make of these samples)."""
+        out = self.extractor(samples, sampling_rate=INPUT_SAMPLE_RATE, return_tensors="pt", padding="max_length",
+                             max_length=audio_feature_samples(self.extractor, len(samples)))
+        return out["input_features"][0]
+
+    def _encode(self, features: torch.Tensor) -> torch.Tensor:
+        """[128, frames] (one window or less) -> audio encoder output [tokens, D]."""
+        thinker = self.engine.model.thinker.model
+        device = thinker.get_input_embeddings().weight.device
+        mask = torch.ones(1, features.shape[1], dtype=torch.long, device=device)
+        with torch.inference_mode():
+            return thinker.get_audio_features(features[None].to(device), feature_attention_mask=mask).last_hidden_state
+
+    def _catch_up(self) -> None:
+        """Encode the newly finished windows, then prefill the thinker through their tokens."""
+        finished = self._finished_windows()
+        features = self._log_mel(self.samples)
+        digest = hashlib.sha256(self.samples.tobytes()).hexdigest()
+        for index in range(len(self.windows), finished):
+            frames = features[:, index * self.window_frames : (index + 1) * self.window_frames]
+            self.windows.append(Window(f"heard:{digest}:{index}", frames, self._encode(frames)))
+        self._prefill(self._partial_item())
+
+    def _partial_item(self) -> MediaItem:
+        """The finished windows as one audio item (its tensors carry only what positions need)."""
+        features = torch.cat([window.output for window in self.windows])
+        frames = len(self.windows) * self.window_frames
+        return MediaItem(
+            key=self.windows[-1].digest,
+            token_ids=[self.audio_token] * len(features),
+            tensors={"feature_attention_mask": torch.ones(1, frames, dtype=torch.long)},
+            features={self.audio_token: features},
+            segments=[(window.digest, len(window.output)) for window in self.windows],
+        )
+
+    def _whole_item(self, part: dict, windows: list[Window]) -> MediaItem:
+        """The clip (`part`'s audio) as process_media would read it, its encoder output taken from
+        `windows` as long as their features equal the whole clip's, and computed for the rest."""
+        key = media_key(part, with_audio=False)
+        samples = part["audio"]
+        frames = -(-len(samples) // self.hop)  # the processor's feature_attention_mask counts these
+        features = self._log_mel(samples)[:, :frames]
+        floor = features.min()  # where the whole clip clamps (its loudest value minus 8, normalized)
+        kept = []
+        self.changed_values, self.max_difference = 0, 0.0
+        for index, window in enumerate(windows):
+            theirs = features[:, index * self.window_frames : (index + 1) * self.window_frames]
+            differs = window.frames != theirs
+            if differs.any():
+                if self.exact or not bool((theirs[differs] == floor).all()):
+                    break
+                self.changed_values += int(differs.sum())
+                self.max_difference = max(self.max_difference, float((window.frames - theirs).abs().max()))
+            kept.append(window)
+        self.windows_kept = len(kept)
+        outputs, segments = [w.output for w in kept], [(w.digest, len(w.output)) for w in kept]
+        done = len(kept) * self.window_frames
+        if done < frames:
+            rest = self._encode(features[:, done:])
+            outputs.append(rest)
+            segments.append((f"{key}:from-frame-{done}", len(rest)))
+        encoded = torch.cat(outputs)
+        padded = audio_feature_samples(self.extractor, len(samples)) // self.hop  # as process_media pads
+        mask = torch.zeros(1, padded, dtype=torch.long)
+        mask[0, :frames] = 1
+        # Without input_features: the encoder outputs are here, and nothing else reads them.
+        return MediaItem(key, [self.audio_token] * len(encoded), {"feature_attention_mask": mask},
+                         {self.audio_token: encoded}, segments)
+
+    # -- prefill ----------------------------------------------------------------------------
+
+    def _prefill(self, item: MediaItem) -> None:
+        """Prefill the history and the item's tokens through the cache; keep the result there."""
+        engine = self.engine
+        if self.history_items is None:
+            plans = engine.plan_media(self.history, self.options)  # as the reply's fit_context will
+            self.history_items = media_items(self.processor, self.history, plans, self.use_audio_in_video,
+                                             engine.media_cache)
+        messages = self.history + [{"role": "user", "content": [{"type": "audio", "audio": "heard so far"}]}]
+        ids, spans = build_prompt(self.processor, messages, [*self.history_items, item])
+        # Through the audio-end token: mRoPE positions are computed for whole <audio> blocks. The
+        # cache serves later prompts only as far as their tokens agree, so that token's KV is never
+        # reused; the positions before it are those of the whole turn.
+        ids = ids[: spans[-1].end + 1]
+        if len(ids) > engine.prompt_limit(self.options):  # the reply will leave older turns out: prefilling
+            self.listening, self.windows = False, []  # this history would be work nobody reuses
+            return
+        items = [span.item for span in spans]
+        input_ids = torch.tensor([ids], device=engine.loaded.device)
+        tensors = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                   **{name: value.to(engine.loaded.device) for name, value in join_tensors(items).items()}}
+        inputs = PreparedInputs(tensors, messages, self.use_audio_in_video and self.history_has_video, spans)
+        thinker = ThinkerDecoder(engine.model.thinker, engine.decode_step("thinker", lean=False))
+        thinker.prefill(inputs, engine.conversation_cache)
+        previous = thinker.prefix  # the history's, or the previous window's
+        prefix = thinker.kept_prefix(ids, spans, partial=True)
+        superseded = previous is not None and previous.superseded_by(thinker.reused, previous is self.partial)
+        engine.conversation_cache.add(prefix, replaces=previous if superseded else None)
+        self.partial = prefix

@@ -1,0 +1,246 @@
+"""The streaming engine: one reply at a time, the thinker and the talker decoded in lock-step,
+Token2Wav chunk by chunk.
+
+Follow one reply: `stream` fits the conversation into the window (omni_demo.inputs.context),
+`_reply` runs the loop (cancel? -> one text token -> hand its reply part to the speech side -> one
+codec step if the speech side is ready -> yield), and `_finished` reports. The two sides are
+`streams.TextStream` and `streams.SpeechStream`; the decoders under them are in `decoders.py`.
+`OmniEngine` implements the `Backend` protocol (omni_demo.backends.protocol).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from omni_demo.config import SAMPLE_RATE, SAMPLES_PER_CODE, CacheConfig, GenerationOptions, Limits, StreamingConfig
+from omni_demo.errors import Cancelled, EngineError, InputError
+from omni_demo.events import ContextTrimmed, Event, Finished, ReplyClock, TextDelta
+from omni_demo.inputs.context import fit_context, plan_conversation
+from omni_demo.inputs.prepare import PreparedInputs, prepare_inputs
+from omni_demo.inputs.prompt import MediaCache
+from omni_demo.models.loading import LoadedModel
+
+from .conversation_cache import ConversationCache, crop
+from .decode_step import LeanStep, PlainStep, graph_buckets
+from .decoders import DecodeStep, TalkerDecoder, ThinkerDecoder
+from .listening import Listener
+from .model_lock import ModelLock
+from .sampling import talker_eos, talker_sampler, thinker_sampler, token_id_list
+from .streams import SpeechStream, TextDetokenizer, TextStream
+from .token2wav import StreamingToken2Wav
+
+log = logging.getLogger(__name__)
+
+
+class OmniEngine:
+    """Owns the loaded model; `stream` serves one request at a time (the `ModelLock`)."""
+
+    def __init__(self, loaded: LoadedModel, streaming: StreamingConfig | None = None, limits: Limits | None = None,
+                 lean: bool = True, cache: CacheConfig | None = None):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.processor = loaded.processor
+        self.streaming = streaming or StreamingConfig()
+        self.limits = limits or Limits()
+        self.model_lock = ModelLock()  # the lean steps' static caches serve one reply at a time
+        self.stacks = {"thinker": self.model.thinker.model.language_model}  # the decoder stacks, by name
+        if loaded.has_talker:
+            self.stacks["talker"] = self.model.talker.model
+        self.lean_steps: dict[str, LeanStep] = self._make_lean_steps() if lean else {}
+        cache = cache or CacheConfig()
+        self.conversation_cache = self.media_cache = None  # what later turns reuse
+        if cache.enabled:
+            self.conversation_cache = ConversationCache(cache.max_prefixes, int(cache.max_prefix_mb * 2**20))
+            self.media_cache = MediaCache(int(cache.max_media_mb * 2**20))
+        self.thinker_eos = token_id_list(self.model.thinker.generation_config.eos_token_id)
+        self.talker_eos = talker_eos(self.model.talker) if loaded.has_talker else []
+
+    def _make_lean_steps(self) -> dict[str, LeanStep]:
+        """Static KV caches over the whole windows; on CUDA, the steps captured as CUDA graphs now,
+        so the first reply does not pay for the capture."""
+        config = self.model.config
+        windows = {"thinker": config.thinker_config.text_config.max_position_embeddings,
+                   "talker": config.talker_config.max_position_embeddings}
+        steps = {name: LeanStep(stack, windows[name]) for name, stack in self.stacks.items()}
+        if self.loaded.device.type == "cuda":
+            for step in steps.values():
+                try:
+                    step.capture(graph_buckets(step.max_len))
+                except Exception:  # an eager lean step still beats the plain one
+                    log.exception("CUDA graph capture failed; decoding with eager lean steps")
+        return steps
+
+    @property
+    def lean(self) -> bool:
+        return bool(self.lean_steps)
+
+    def decode_step(self, stack: str, lean: bool = True) -> DecodeStep:
+        """The decode step for the "thinker" or "talker" stack: the shared lean one when the engine
+        has it (and `lean`), else a fresh plain one."""
+        if lean and stack in self.lean_steps:
+            return self.lean_steps[stack]
+        return PlainStep(self.stacks[stack])
+
+    @property
+    def voices(self) -> list[str]:
+        return self.loaded.voices
+
+    @property
+    def model_name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def is_random(self) -> bool:
+        return self.loaded.is_random
+
+    def _check(self, options: GenerationOptions) -> None:
+        if options.speech and not self.loaded.has_talker:
+            raise InputError("this model was loaded without its talker; ask for text only")
+        if options.speech and options.voice not in self.model.speaker_map:
+            raise InputError(f"unknown voice {options.voice!r}; choose one of {', '.join(self.voices)}")
+
+    # -- the prompt ------------------------------------------------------------------------------
+
+    def prompt_limit(self, options: GenerationOptions) -> int:
+        """Longest prompt that leaves room for the reply in the thinker's (and talker's) window."""
+        config = self.model.config
+        limit = config.thinker_config.text_config.max_position_embeddings - options.max_new_tokens
+        if options.speech:  # the talker's prompt is the thinker's + 2, then one position per code
+            limit = min(limit, config.talker_config.max_position_embeddings - 2 - options.max_audio_tokens)
+        if self.limits.max_context_tokens is not None:
+            limit = min(limit, self.limits.max_context_tokens)
+        return limit
+
+    def plan_media(self, messages: list[dict], options: GenerationOptions):
+        """Each media part's reading plan, as `fit_context` makes them for a reply with `options`."""
+        return plan_conversation(self.processor, messages, self.limits, use_audio_in_video=options.use_audio_in_video,
+                                 token_limit=self.prompt_limit(options))
+
+    def prepare(self, messages, options: GenerationOptions) -> PreparedInputs:
+        """The whole conversation through the processor (no fitting: the bench and tests use it)."""
+        self._check(options)
+        return prepare_inputs(self.processor, messages, use_audio_in_video=options.use_audio_in_video,
+                              device=self.loaded.device, limits=self.limits, media_cache=self.media_cache,
+                              token_budget=self.prompt_limit(options) // 2)
+
+    def fit_context(self, messages, options: GenerationOptions,
+                    cancel: threading.Event | None = None) -> tuple[PreparedInputs, int]:
+        """The conversation's kept turns, prepared (omni_demo.inputs.context): (inputs, turns left out)."""
+        self._check(options)
+        return fit_context(self.processor, messages, self.limits, token_limit=self.prompt_limit(options),
+                           use_audio_in_video=options.use_audio_in_video, device=self.loaded.device,
+                           media_cache=self.media_cache, cancel=cancel)
+
+    def listen(self, history: list[dict], options: GenerationOptions | None = None, exact: bool = False) -> Listener:
+        """A Listener for the next user turn, spoken: it encodes and prefills the audio while it
+        arrives (omni_demo.engine.listening). `history` is the conversation before this turn;
+        `options` those the reply will have (they decide how the history's media are read); `exact`:
+        keep only windows identical to the whole clip's."""
+        return Listener(self, history, options or GenerationOptions(), exact)
+
+    # -- the reply -------------------------------------------------------------------------------
+
+    def stream(self, messages, options: GenerationOptions | None = None,
+               cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Yield TextDelta and AudioChunk events as they are produced, then one Finished.
+
+        Stops within one decode step or one audio chunk of `cancel` being set, or at the next
+        yield when the generator is closed. Raises InputError for a request it cannot serve.
+        """
+        options = options or GenerationOptions()
+        clock = ReplyClock()
+        try:
+            inputs, dropped = self.fit_context(messages, options, cancel)
+        except Cancelled:
+            return
+        if dropped:
+            yield ContextTrimmed(dropped, inputs.prompt_len, self.prompt_limit(options))
+        try:
+            yield from self.stream_inputs(inputs, options, cancel, clock=clock)
+        except torch.OutOfMemoryError as exc:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # hand the failed request's memory back for the next one
+            raise EngineError("the GPU ran out of memory on this request; try shorter or fewer media, "
+                              "or a shorter reply") from exc
+
+    def stream_inputs(self, inputs: PreparedInputs, options: GenerationOptions, cancel: threading.Event | None = None,
+                      *, clock: ReplyClock | None = None) -> Iterator[Event]:
+        """`stream` for inputs already through the processor (timings count from `clock`'s start).
+        A cancelled reply lets go of the model when its generator is closed, within one decode step;
+        the next queued reply may already be here, so it waits for that."""
+        self._check(options)
+        with self.model_lock.hold():
+            yield from self._reply(inputs, options, cancel, clock or ReplyClock())
+
+    def _reply(self, inputs: PreparedInputs, options: GenerationOptions, cancel: threading.Event | None,
+               clock: ReplyClock) -> Iterator[Event]:
+        """The streaming loop: one text token, then one codec step when the speech side is ready."""
+        text = self._text_stream(inputs, options)
+        speech: SpeechStream | None = None  # set up after the first text token, so it never delays it
+        cancelled = False
+        while not (text.done and (speech is None or speech.done)):
+            if cancel is not None and cancel.is_set():
+                cancelled = True
+                break
+            if not text.done:
+                if delta := text.next_token():
+                    event = TextDelta(delta)
+                    clock.mark(event)
+                    yield event
+                if options.speech and speech is None:
+                    speech = self._speech_stream(inputs, options, text)
+                reply_part = text.feed()
+                if speech is not None and reply_part is not None:
+                    speech.feed(reply_part)
+                if speech is not None and text.done:
+                    speech.end_of_text()
+            if speech is not None and speech.ready and (chunk := speech.step()):
+                clock.mark(chunk)
+                yield chunk
+        if self.conversation_cache is not None:
+            self._remember(inputs, text, speech)
+        yield self._finished(inputs, text, speech, "cancelled" if cancelled else text.stop_reason, clock)
+
+    def _text_stream(self, inputs: PreparedInputs, options: GenerationOptions) -> TextStream:
+        decoder = ThinkerDecoder(self.model.thinker, self.decode_step("thinker"))
+        sampler = thinker_sampler(self.model.thinker, options, inputs.prompt_len, self.loaded.device)
+        return TextStream(decoder, sampler, TextDetokenizer(self.processor.tokenizer), inputs,
+                          max_new_tokens=options.max_new_tokens, eos=self.thinker_eos, speech=options.speech,
+                          conversation_cache=self.conversation_cache)
+
+    def _speech_stream(self, inputs: PreparedInputs, options: GenerationOptions, text: TextStream) -> SpeechStream:
+        speaker = self.model.speaker_map[options.voice]
+        token2wav = StreamingToken2Wav(self.model.token2wav, speaker, self.streaming,
+                                       max_codes=options.max_audio_tokens, seed=options.seed)
+        sampler = talker_sampler(self.model.talker, options, inputs.prompt_len + 2, self.loaded.device)
+        return SpeechStream(TalkerDecoder(self.model, self.decode_step("talker")), token2wav, sampler,
+                            inputs=inputs, text=text, speaker_bos=speaker["bos_token"], eos=self.talker_eos,
+                            max_codes=options.max_audio_tokens)
+
+    def _remember(self, inputs: PreparedInputs, text: TextStream, speech: SpeechStream | None) -> None:
+        """Keep this turn's prompt and fed reply tokens in the conversation cache."""
+        thinker, fed = text.decoder, len(text.reply_parts)
+        talker = None  # the reused prefix's talker state, while still true of this prompt
+        if speech is not None and speech.talker.cache is not None:
+            talker_config = self.model.config.talker_config
+            talker = (crop(speech.talker.cache, inputs.prompt_len, talker_config), speech.talker.positions)
+        prefix = thinker.prefix
+        superseded = prefix is not None and prefix.superseded_by(thinker.reused, prefix.partial)
+        kept = thinker.kept_prefix(inputs.input_ids[0].tolist() + text.token_ids[:fed], inputs.media,
+                                   text.reply_parts, talker)
+        self.conversation_cache.add(kept, replaces=prefix if superseded else None)
+        self.media_cache.trim()  # the turn may have added encoder outputs to its items
+
+    def _finished(self, inputs: PreparedInputs, text: TextStream, speech: SpeechStream | None, stop_reason: str,
+                  clock: ReplyClock) -> Finished:
+        codes, samples = (speech.codes, speech.next_sample) if speech else ([], 0)
+        stats = clock.stats(audio_s=samples / SAMPLE_RATE, prompt_tokens=inputs.prompt_len,
+                            reused_prompt_tokens=text.decoder.reused, text_tokens=len(text.token_ids),
+                            audio_tokens=len(codes))
+        assert samples == SAMPLES_PER_CODE * len(codes) or stop_reason == "cancelled"
+        return Finished(text.detokenizer.text, text.token_ids, list(codes), samples, stop_reason, stats,
+                        inputs.messages)

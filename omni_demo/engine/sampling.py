@@ -1,0 +1,120 @@
+"""Next-token choice for the thinker and the talker, built from transformers' logits processors
+in the order `generate` applies them, so greedy decoding matches the reference exactly."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+class Sampler:
+    """Picks the next token from logits given every token so far (prompt included, as the
+    repetition penalty in `generate` sees it)."""
+
+    def __init__(
+        self,
+        *,
+        do_sample: bool,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        suppress_ids: list[int] = (),
+        eos_ids: list[int] = (),
+        prompt_len: int = 0,
+        min_new_tokens: int = 0,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ):
+        processors = LogitsProcessorList()
+        if repetition_penalty is not None and repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(penalty=repetition_penalty))
+        if min_new_tokens > 0 and eos_ids:
+            processors.append(MinNewTokensLengthLogitsProcessor(prompt_len, min_new_tokens, list(eos_ids), device))
+        if suppress_ids:
+            processors.append(SuppressTokensLogitsProcessor(list(suppress_ids), device))
+        if do_sample:
+            if temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                processors.append(TopKLogitsWarper(top_k))
+            if top_p is not None and top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p))
+        self.processors = processors
+        self.do_sample = do_sample
+        self.generator = generator
+
+    def __call__(self, token_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """token_ids [1, L] long, logits [1, V] -> next token [1] long."""
+        scores = self.processors(token_ids, logits.float())
+        if not self.do_sample:
+            return scores.argmax(dim=-1)
+        probs = torch.softmax(scores, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)
+
+
+def token_id_list(ids) -> list[int]:
+    """A generation config's token id field (an int, a list, or None) as a list."""
+    if ids is None:
+        return []
+    return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+
+
+def seeded_generator(device, seed: int | None, offset: int) -> torch.Generator:
+    """The reply's own generator: seeded with `seed + offset` (the thinker 0, the talker 1), or at random."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed + offset)
+    return generator
+
+
+def thinker_sampler(thinker, options, prompt_len: int, device) -> Sampler:
+    """The thinker's sampler for a reply with `options` (GenerationOptions): each setting the
+    request leaves unset is the checkpoint's generation_config's."""
+    defaults = thinker.generation_config
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return Sampler(
+        do_sample=not options.greedy and bool(options.temperature or defaults.do_sample),
+        temperature=pick(options.temperature, defaults.temperature or 1.0),
+        top_k=pick(options.top_k, defaults.top_k),
+        top_p=pick(options.top_p, defaults.top_p),
+        repetition_penalty=pick(options.repetition_penalty, defaults.repetition_penalty),
+        eos_ids=token_id_list(defaults.eos_token_id),
+        prompt_len=prompt_len,
+        min_new_tokens=options.min_new_tokens,
+        generator=seeded_generator(device, options.seed, 0),
+        device=device,
+    )
+
+
+def talker_sampler(talker, options, prompt_len: int, device) -> Sampler:
+    """The talker's sampler: upstream's settings (GenerationOptions' talker_* defaults); it never
+    emits codec bos and stops on codec pad or end, as generate's talker_eos_token_id."""
+    return Sampler(
+        do_sample=not options.greedy,
+        temperature=options.talker_temperature,
+        top_k=options.talker_top_k,
+        top_p=options.talker_top_p,
+        repetition_penalty=options.talker_repetition_penalty,
+        suppress_ids=[talker.codec_bos_token],
+        eos_ids=talker_eos(talker),
+        prompt_len=prompt_len,
+        min_new_tokens=options.min_audio_tokens,
+        generator=seeded_generator(device, options.seed, 1),
+        device=device,
+    )
+
+
+def talker_eos(talker) -> list[int]:
+    """Upstream stops the talker on codec pad or codec end (generate's talker_eos_token_id)."""
+    return [talker.codec_pad_token, talker.codec_eos_token]

@@ -1,0 +1,27 @@
+"""The model flags every entry point shares (app.py, the terminal client, the server, the bench),
+each with an environment variable. No torch here: the app's --backend mode parses them too."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from omni_demo.config import ATTN_IMPLEMENTATIONS, DEFAULT_MODEL, DTYPES, ModelConfig
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model flags of the app, the terminal client and the bench; each has an environment variable."""
+    env = os.environ.get
+    parser.add_argument("--model", default=env("OMNI_MODEL", DEFAULT_MODEL),
+                        help="hub id, local directory, or 'tiny' (offline, random weights) (default %(default)s)")
+    parser.add_argument("--device", default=env("OMNI_DEVICE", "auto"), help="cuda, cuda:1, cpu (default: auto)")
+    parser.add_argument("--dtype", default=env("OMNI_DTYPE", "auto"), choices=DTYPES,
+                        help="auto: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--attn", default=env("OMNI_ATTN", "auto"), choices=ATTN_IMPLEMENTATIONS,
+                        help="auto: flash_attention_2 where installed on CUDA, else sdpa")
+    parser.add_argument("--lean", action=argparse.BooleanOptionalAction, default=env("OMNI_LEAN", "1") != "0",
+                        help="lean decode steps: static KV cache, fused matmuls, CUDA graphs on CUDA (default on)")
+
+
+def model_config(args) -> ModelConfig:
+    return ModelConfig(model=args.model, device=args.device, dtype=args.dtype, attn=args.attn)
