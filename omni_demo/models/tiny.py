@@ -428,19 +428,11 @@ def build_checkpoint(out_dir: str | os.PathLike, shape: str = "tiny", layers: in
     return out
 
 
-def build_tiny_checkpoint(out_dir: str | os.PathLike) -> Path:
-    return build_checkpoint(out_dir, "tiny")
-
-
 def cache_dir(shape: str = "tiny", layers: int = DEFAULT_LAYERS) -> Path:
     root = Path(os.environ.get("OMNI_DEMO_CACHE") or Path.home() / ".cache" / "omni-demo")
     if shape == "tiny":
         return root / f"tiny-v{TINY_VERSION}"
     return root / f"{shape}-l{layers}-v{SHAPES_VERSION}"
-
-
-def tiny_cache_dir() -> Path:
-    return cache_dir("tiny")
 
 
 def ensure_checkpoint(shape: str = "tiny", layers: int = DEFAULT_LAYERS) -> Path:
