@@ -76,6 +76,24 @@ class StreamingConfig:
 
 
 @dataclass(frozen=True)
+class CacheScope:
+    """Who may reuse what a reply leaves in the conversation cache and the media cache.
+
+    A `private` party (a browser session; an API key with a cache_salt) reuses its own entries as
+    far as they agree. A shared party (an API key without a salt, or none) reuses an entry of its own
+    only through that entry's whole prompt, so that a prompt agreeing with part of another client's
+    message learns nothing of it. Across parties, only the default system prompt's tokens are shared.
+    """
+
+    party: str = ""  # the browser session, or a digest of the API key (and cache_salt)
+    private: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.party, str) or not isinstance(self.private, bool):
+            raise ValueError("a cache scope is a party name and whether it is private")
+
+
+@dataclass(frozen=True)
 class GenerationOptions:
     """One request's settings. Thinker sampling fields left as None use the checkpoint's
     generation_config, as upstream `generate` does; talker defaults are upstream's."""
@@ -97,6 +115,7 @@ class GenerationOptions:
     min_audio_tokens: int = 0  # the talker's end-of-speech tokens likewise
     use_audio_in_video: bool = False  # feed each video's sound track to the thinker
     seed: int | None = None  # seeds sampling and the DiT noise
+    cache_scope: CacheScope = CacheScope()  # who may reuse this reply's cached state (and whose it may reuse)
 
     def __post_init__(self):
         for name in ("max_new_tokens", "max_audio_tokens", "min_new_tokens", "min_audio_tokens", "top_k",
@@ -115,6 +134,8 @@ class GenerationOptions:
             raise ValueError("a minimum length must be between 0 and its maximum")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be between 0 and {MAX_SEED}")
+        if not isinstance(self.cache_scope, CacheScope):
+            raise ValueError(f"cache_scope must be a CacheScope, not {self.cache_scope!r:.40}")
         for name in ("temperature", "talker_temperature"):
             value = getattr(self, name)
             if value is not None and not 0 < value <= 100:

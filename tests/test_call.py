@@ -3,6 +3,7 @@ real time (48 kHz int16 chunks of 0.25 s, as the page sends them) from espeak-ng
 found, replies streamed, barge-in during generation and during playback, the call's limits; and
 the page handlers' rules (one call per session, a typed message waits for the call)."""
 
+import inspect
 import threading
 import time
 from pathlib import Path
@@ -143,14 +144,15 @@ def test_a_call_hears_turns_and_a_voice_over_the_reply_cancels_it(engine, senten
 
 
 def test_a_reply_begun_at_a_short_pause_is_dropped_when_the_user_goes_on(engine, sentences, monkeypatch):
-    """A reply starts at a short pause (SpeechPaused), held back. The user goes on: it is cancelled,
-    nothing of it is shown, and the turn is both sentences. At the turn's end, the reply begun at
+    """A reply starts at a short pause (SpeechPaused), held back. The user goes on: it is closed (never
+    cancelled, so the engine keeps nothing of it), nothing of it is shown, and the turn is both sentences. At the turn's end, the reply begun at
     its last pause is the one given, and it is the engine's reply to the whole turn."""
     streams, stream = [], engine.stream
 
     def recorded(messages, options=None, cancel=None):
-        streams.append((messages, cancel))
-        return stream(messages, options, cancel)
+        events = stream(messages, options, cancel)
+        streams.append((messages, cancel, events))
+        return events
 
     monkeypatch.setattr(engine, "stream", recorded)
     cache, first_new = engine.conversation_cache, engine.conversation_cache._next_id
@@ -167,10 +169,12 @@ def test_a_reply_begun_at_a_short_pause_is_dropped_when_the_user_goes_on(engine,
     assert len(turns) == 1, [type(e).__name__ for e in events if not isinstance(e, (Status, Tick))]
     spoken = (len(sentences[0][0]) + 0.35 * SAMPLE_RATE + sentences[1][2] * SAMPLE_RATE) / SAMPLE_RATE
     assert len(turns[0].audio) / SAMPLE_RATE >= spoken - 0.5 - END_TOLERANCE_S  # both sentences
-    # replies begun at the pauses inside the turn were cancelled; the last one was given
-    assert len(streams) >= 2 and all(cancel.is_set() for _, cancel in streams[:-1])
-    assert all(len(messages[-1]["content"][0]["audio"]) < len(turns[0].audio) for messages, _ in streams[:-1])
-    messages, _ = streams[-1]
+    # replies begun at the pauses inside the turn were closed, not cancelled; the last one was given
+    assert len(streams) >= 2
+    assert all(inspect.getgeneratorstate(events) == "GEN_CLOSED" and not cancel.is_set()
+               for _, cancel, events in streams[:-1])
+    assert all(len(messages[-1]["content"][0]["audio"]) < len(turns[0].audio) for messages, _, _ in streams[:-1])
+    messages, _, _ = streams[-1]
     np.testing.assert_array_equal(messages[-1]["content"][0]["audio"], turns[0].audio)
     kinds = [type(e) for e in events if not isinstance(e, (Status, Tick))]
     assert kinds[: kinds.index(UserTurn)] == []  # nothing of a reply before its turn was certain

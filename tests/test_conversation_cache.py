@@ -3,11 +3,12 @@ code for code the turn computed from scratch, and no edit, clear, other session,
 cancelled reply can make it answer a different conversation."""
 
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
 
-from omni_demo.config import CacheConfig, GenerationOptions
+from omni_demo.config import CacheConfig, CacheScope, GenerationOptions
 from omni_demo.engine.omni_engine import OmniEngine
 from omni_demo.events import AudioChunk, Finished, TextDelta
 from omni_demo.inputs.messages import system_message
@@ -122,16 +123,17 @@ def test_interleaved_sessions_new_system_prompt_and_clear(engines):
     cached, scratch = engines[True]
     a = [system_message("You are Qwen"), {"role": "user", "content": "Tell me about cats"}]
     b = [system_message("You are Qwen"), {"role": "user", "content": "Tell me about dogs"}]
+    scopes = {name: replace(OPTIONS, cache_scope=CacheScope(f"session:{name}", private=True)) for name in "ab"}
     for _ in range(2):  # a, b, a + 1 turn, b + 1 turn
         for name, conversation in (("a", a), ("b", b)):
-            done = assert_same_turn(cached, scratch, conversation)
+            done = assert_same_turn(cached, scratch, conversation, scopes[name])
             conversation += [{"role": "assistant", "content": done.text}, {"role": "user", "content": f"More, {name}"}]
     other_system = [system_message("You are a pirate"), *a[1:]]
-    reused = assert_same_turn(cached, scratch, other_system).stats.reused_prompt_tokens
+    reused = assert_same_turn(cached, scratch, other_system, scopes["a"]).stats.reused_prompt_tokens
     same_start = cached.processor.tokenizer("<|im_start|>system\nYou are a")["input_ids"]  # "... Qwen" / "... pirate"
     assert 0 < reused <= len(same_start)  # not a token past where the system prompts part
     cleared = [system_message("You are Qwen"), {"role": "user", "content": "Tell me about cats"}]  # after Clear
-    assert_same_turn(cached, scratch, cleared)
+    assert_same_turn(cached, scratch, cleared, scopes["a"])
 
 
 @pytest.mark.parametrize("cancel_at", [TextDelta, AudioChunk])  # before the talker ran, and after
@@ -152,10 +154,16 @@ def test_a_cancelled_reply_then_the_next_turn(engines, cancel_at):
     assert assert_same_turn(cached, scratch, conversation).stats.reused_prompt_tokens > 20
 
 def test_the_cache_stays_within_its_budget(loaded):
-    engine = OmniEngine(loaded, cache=CacheConfig(max_prefixes=2))
-    for topic in ("cats", "dogs", "birds"):
+    engine = OmniEngine(loaded, cache=CacheConfig(max_prefixes=4))
+    for topic in ("cats", "dogs", "birds"):  # one party keeps at most half of the prefixes
         finished(engine, [system_message("You are Qwen"), {"role": "user", "content": f"About {topic}"}])
     assert len(engine.conversation_cache.prefixes) == 2
+    for party in ("b", "c"):
+        options = replace(OPTIONS, cache_scope=CacheScope(party))
+        for topic in ("cats", "dogs", "birds"):
+            finished(engine, [system_message("You are Qwen"), {"role": "user", "content": f"About {topic}"}], options)
+    kept = engine.conversation_cache.prefixes.values()
+    assert len(kept) == 4 and {prefix.scope.party for prefix in kept} == {"b", "c"}
     tight = OmniEngine(loaded, cache=CacheConfig(max_prefix_mb=0.001))
     finished(tight, [system_message("You are Qwen"), {"role": "user", "content": "About cats"}])
     assert not tight.conversation_cache.prefixes

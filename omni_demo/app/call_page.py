@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,7 +39,7 @@ from .chat import ChatHandler
 from .chat_history import INTERRUPTED_MARK, chat_to_conversation, gradio_upload_dir, user_file_paths
 from .notices import notice, public_message, refused, trimmed_text
 from .player import PlayerMessages, finalize
-from .sessions import Activity
+from .sessions import Activity, session_scope
 from .settings import call_config, reply_options, system_text
 
 log = logging.getLogger(__name__)
@@ -214,15 +215,15 @@ class CallHandler:
         activity = self.chats.sessions.start(session, pending["turn"], CallActivity) if pending else None
         if activity is None:  # nothing accepted, ended (End, Clear) while it waited in line, or already running
             current = self.chats.sessions.get(session)
-            if pending is not None and not (isinstance(current, CallActivity) and current.id == pending["turn"]):
-                yield ended_view("The call ended before it began.")._replace(chat=gr.skip())
-            else:
+            if pending is None:
                 yield CallView()
+            elif not (isinstance(current, CallActivity) and current.id == pending["turn"]):
+                yield ended_view("The call ended before it began.")._replace(chat=gr.skip())
             return
         try:
             self.chats.uploads.check(session, user_file_paths(pending["history"]))  # as a typed turn's history
-            options = reply_options(voice, speech, temperature, top_p, max_new_tokens, max_speech_s,
-                                    use_audio_in_video, seed)
+            options = replace(reply_options(voice, speech, temperature, top_p, max_new_tokens, max_speech_s,
+                                            use_audio_in_video, seed), cache_scope=session_scope(session))
             config = call_config(pause_s, sensitivity, self.config)
             conversation = chat_to_conversation(pending["history"], system_text(system_prompt))
             activity.call = VoiceCall(self.chats.backend, conversation, options, config, ended=activity,

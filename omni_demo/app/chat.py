@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import closing
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import gradio as gr
@@ -25,7 +26,7 @@ from omni_demo.inputs.messages import check_request
 from .chat_history import UploadRegistry, chat_to_conversation, media_summary, new_upload_paths, user_turn
 from .notices import failure_message, notice, public_message, refused, trimmed_text
 from .player import PlayerMessages, finalize
-from .sessions import Activity, Sessions, waiting_text
+from .sessions import Activity, Sessions, session_scope, waiting_text
 from .settings import reply_options, system_text
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class ChatHandler:
         voice, speech, system_prompt, *numbers = settings
         conversation = chat_to_conversation(chat, system_text(system_prompt))
         check_request(conversation, self.backend.limits)
-        options = reply_options(voice, speech, *numbers)
+        options = replace(reply_options(voice, speech, *numbers), cache_scope=session_scope(session))
         yield ChatView(textbox=None, chat=chat, webcam=None, audio=player("thinking", "Thinking…"), stats="")
         reply = _Streamed()
         if not cancel.is_set():  # Stop may come while the turn still waits in the queue

@@ -8,8 +8,11 @@ told how many are ahead of them.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import uuid
+
+from omni_demo.config import CacheScope
 
 
 class Activity(threading.Event):
@@ -81,6 +84,11 @@ class Sessions:
         with self.lock:
             if self.activities.get(session) is activity:
                 del self.activities[session]
+
+
+def session_scope(session: str) -> CacheScope:
+    """A browser session's conversation cache, its own (Gradio's session hash is the page's secret)."""
+    return CacheScope(party="session:" + hashlib.sha256(session.encode()).hexdigest()[:32], private=True)
 
 
 def waiting_text(ahead: int) -> str:

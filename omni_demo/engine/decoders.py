@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from omni_demo.config import CacheScope
 from omni_demo.inputs.prepare import PreparedInputs
 from omni_demo.inputs.prompt import MediaItem, MediaSpan
 
@@ -84,16 +85,21 @@ class ThinkerDecoder:
         self.prompt_states = None  # [1, L, D] what the talker's prefill reads: last hidden + input embedding
         self.reused = 0  # prompt tokens whose state came from the conversation cache
         self.prefix: Prefix | None = None  # the kept prefix they came from
+        self.own = False  # that prefix is this party's own, reused as such (the usage figures count it)
+        self.scope = CacheScope()  # whose prefixes it may reuse; what it keeps is that party's
 
     @torch.inference_mode()
-    def prefill(self, inputs: PreparedInputs, cache: ConversationCache | None = None) -> torch.Tensor:
-        """The prompt, media encoders included, from the longest prefix `cache` holds.
+    def prefill(self, inputs: PreparedInputs, cache: ConversationCache | None = None,
+                scope: CacheScope = CacheScope()) -> torch.Tensor:
+        """The prompt, media encoders included, from the longest prefix `cache` lets `scope` reuse.
         -> logits of the first reply token [1, V]."""
         ids = inputs.input_ids
         positions, self.rope_delta = rope_index(self.thinker, ids, inputs)
         self.positions = positions[:, 0]
+        self.scope = scope
         if cache is not None:
-            self.prefix, self.reused = cache.longest(ids[0].tolist(), self.positions, inputs.media)
+            reuse = cache.longest(ids[0].tolist(), self.positions, inputs.media, scope)
+            self.prefix, self.reused, self.own = reuse.prefix, reuse.length, reuse.own
         reused, config = self.reused, self.thinker.config.text_config
         kv = crop(self.prefix.thinker_kv, reused, config) if reused else DynamicCache(config=config)
         embeds = media_embeds(self.thinker.model, ids, reused, inputs.media)
@@ -117,7 +123,16 @@ class ThinkerDecoder:
             talker = self.prefix.talker_state(self.reused) if self.prefix is not None else (None, None)
         return Prefix(token_ids=token_ids, positions=positions, media={span.start: span.item.segments for span in media},
                       thinker_kv=self.decode_step.snapshot(), states=torch.cat([self.prompt_states, *reply_parts], 1),
-                      talker_kv=talker[0], talker_positions=talker[1], partial=partial)
+                      talker_kv=talker[0], talker_positions=talker[1], partial=partial, scope=self.scope,
+                      prompt_len=prompt_len)
+
+    def supersedes(self, partial_of_this_turn: bool) -> Prefix | None:
+        """The kept prefix the one this prefill leaves replaces: the party's own that it reused
+        whole, or a spoken turn's windows it grew from. None: every kept prefix stays."""
+        prefix = self.prefix
+        if prefix is None or not self.own:
+            return None
+        return prefix if prefix.superseded_by(self.reused, partial_of_this_turn) else None
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

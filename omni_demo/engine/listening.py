@@ -76,6 +76,7 @@ class Listener:
         placeholder_turn = {"role": "user", "content": "…"}  # the spoken turn to come
         self.history = normalize_conversation([*history, placeholder_turn])[:-1]
         self.options = options
+        self.media_cache = engine.media_cache_of(options)  # the party's view of the engine's
         self.exact = exact
         self.use_audio_in_video = options.use_audio_in_video
         audio = engine.model.config.thinker_config.audio_config
@@ -146,7 +147,7 @@ class Listener:
         if self.changed_values:  # not the item the processor makes of this clip: its own key
             part["listened"] = "floor"
             item.key = media_key(part, with_audio=False)
-        self.engine.media_cache.put(item)
+        self.media_cache.put(item)
 
     # -- windows ----------------------------------------------------------------------------
 
@@ -237,7 +238,7 @@ class Listener:
         if self.history_items is None:
             plans = engine.plan_media(self.history, self.options)  # as the reply's fit_context will
             self.history_items = media_items(self.processor, self.history, plans, self.use_audio_in_video,
-                                             engine.media_cache)
+                                             self.media_cache)
         messages = self.history + [{"role": "user", "content": [{"type": "audio", "audio": "heard so far"}]}]
         ids, spans = build_prompt(self.processor, messages, [*self.history_items, item])
         # Through the audio-end token: mRoPE positions are computed for whole <audio> blocks. The
@@ -253,9 +254,7 @@ class Listener:
                    **{name: value.to(engine.loaded.device) for name, value in join_tensors(items).items()}}
         inputs = PreparedInputs(tensors, messages, self.use_audio_in_video and self.history_has_video, spans)
         thinker = ThinkerDecoder(engine.model.thinker, engine.decode_step("thinker", lean=False))
-        thinker.prefill(inputs, engine.conversation_cache)
-        previous = thinker.prefix  # the history's, or the previous window's
-        prefix = thinker.kept_prefix(ids, spans, partial=True)
-        superseded = previous is not None and previous.superseded_by(thinker.reused, previous is self.partial)
-        engine.conversation_cache.add(prefix, replaces=previous if superseded else None)
-        self.partial = prefix
+        thinker.prefill(inputs, engine.conversation_cache, self.options.cache_scope)
+        replaces = thinker.supersedes(thinker.prefix is not None and thinker.prefix is self.partial)
+        self.partial = thinker.kept_prefix(ids, spans, partial=True)
+        engine.conversation_cache.add(self.partial, replaces=replaces)

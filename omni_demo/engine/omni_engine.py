@@ -16,10 +16,19 @@ from collections.abc import Iterator
 
 import torch
 
-from omni_demo.config import SAMPLE_RATE, SAMPLES_PER_CODE, CacheConfig, GenerationOptions, Limits, StreamingConfig
+from omni_demo.config import (
+    DEFAULT_SYSTEM_PROMPT,
+    SAMPLE_RATE,
+    SAMPLES_PER_CODE,
+    CacheConfig,
+    GenerationOptions,
+    Limits,
+    StreamingConfig,
+)
 from omni_demo.errors import Cancelled, EngineError, InputError
 from omni_demo.events import ContextTrimmed, Event, Finished, ReplyClock, TextDelta
 from omni_demo.inputs.context import fit_context, plan_conversation
+from omni_demo.inputs.messages import system_message
 from omni_demo.inputs.prepare import PreparedInputs, prepare_inputs
 from omni_demo.inputs.prompt import MediaCache
 from omni_demo.models.loading import LoadedModel
@@ -54,7 +63,8 @@ class OmniEngine:
         cache = cache or CacheConfig()
         self.conversation_cache = self.media_cache = None  # what later turns reuse
         if cache.enabled:
-            self.conversation_cache = ConversationCache(cache.max_prefixes, int(cache.max_prefix_mb * 2**20))
+            self.conversation_cache = ConversationCache(cache.max_prefixes, int(cache.max_prefix_mb * 2**20),
+                                                        public_ids=self._default_system_ids())
             self.media_cache = MediaCache(int(cache.max_media_mb * 2**20))
         self.thinker_eos = token_id_list(self.model.thinker.generation_config.eos_token_id)
         self.talker_eos = talker_eos(self.model.talker) if loaded.has_talker else []
@@ -73,6 +83,15 @@ class OmniEngine:
                 except Exception:  # an eager lean step still beats the plain one
                     log.exception("CUDA graph capture failed; decoding with eager lean steps")
         return steps
+
+    def _default_system_ids(self) -> list[int]:
+        """The tokens every prompt with the default system prompt begins with: what all parties share."""
+        text = self.processor.apply_chat_template([system_message(DEFAULT_SYSTEM_PROMPT)], tokenize=False)
+        return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def media_cache_of(self, options: GenerationOptions) -> MediaCache | None:
+        """The media cache as the request's party sees it (its own items only), or None when off."""
+        return None if self.media_cache is None else self.media_cache.scoped(options.cache_scope.party)
 
     @property
     def lean(self) -> bool:
@@ -124,7 +143,7 @@ class OmniEngine:
         """The whole conversation through the processor (no fitting: the bench and tests use it)."""
         self._check(options)
         return prepare_inputs(self.processor, messages, use_audio_in_video=options.use_audio_in_video,
-                              device=self.loaded.device, limits=self.limits, media_cache=self.media_cache,
+                              device=self.loaded.device, limits=self.limits, media_cache=self.media_cache_of(options),
                               token_budget=self.prompt_limit(options) // 2)
 
     def fit_context(self, messages, options: GenerationOptions,
@@ -133,7 +152,7 @@ class OmniEngine:
         self._check(options)
         return fit_context(self.processor, messages, self.limits, token_limit=self.prompt_limit(options),
                            use_audio_in_video=options.use_audio_in_video, device=self.loaded.device,
-                           media_cache=self.media_cache, cancel=cancel)
+                           media_cache=self.media_cache_of(options), cancel=cancel)
 
     def listen(self, history: list[dict], options: GenerationOptions | None = None, exact: bool = False) -> Listener:
         """A Listener for the next user turn, spoken: it encodes and prefills the audio while it
@@ -210,7 +229,7 @@ class OmniEngine:
         sampler = thinker_sampler(self.model.thinker, options, inputs.prompt_len, self.loaded.device)
         return TextStream(decoder, sampler, TextDetokenizer(self.processor.tokenizer), inputs,
                           max_new_tokens=options.max_new_tokens, eos=self.thinker_eos, speech=options.speech,
-                          conversation_cache=self.conversation_cache)
+                          conversation_cache=self.conversation_cache, scope=options.cache_scope)
 
     def _speech_stream(self, inputs: PreparedInputs, options: GenerationOptions, text: TextStream) -> SpeechStream:
         speaker = self.model.speaker_map[options.voice]
@@ -228,18 +247,18 @@ class OmniEngine:
         if speech is not None and speech.talker.cache is not None:
             talker_config = self.model.config.talker_config
             talker = (crop(speech.talker.cache, inputs.prompt_len, talker_config), speech.talker.positions)
-        prefix = thinker.prefix
-        superseded = prefix is not None and prefix.superseded_by(thinker.reused, prefix.partial)
+        replaces = thinker.supersedes(thinker.prefix is not None and thinker.prefix.partial)
         kept = thinker.kept_prefix(inputs.input_ids[0].tolist() + text.token_ids[:fed], inputs.media,
                                    text.reply_parts, talker)
-        self.conversation_cache.add(kept, replaces=prefix if superseded else None)
+        self.conversation_cache.add(kept, replaces=replaces)
         self.media_cache.trim()  # the turn may have added encoder outputs to its items
 
     def _finished(self, inputs: PreparedInputs, text: TextStream, speech: SpeechStream | None, stop_reason: str,
                   clock: ReplyClock) -> Finished:
         codes, samples = (speech.codes, speech.next_sample) if speech else ([], 0)
+        thinker = text.decoder  # only the party's own hits are reported (CacheScope)
         stats = clock.stats(audio_s=samples / SAMPLE_RATE, prompt_tokens=inputs.prompt_len,
-                            reused_prompt_tokens=text.decoder.reused, text_tokens=len(text.token_ids),
+                            reused_prompt_tokens=thinker.reused if thinker.own else 0, text_tokens=len(text.token_ids),
                             audio_tokens=len(codes))
         assert samples == SAMPLES_PER_CODE * len(codes) or stop_reason == "cancelled"
         return Finished(text.detokenizer.text, text.token_ids, list(codes), samples, stop_reason, stats,

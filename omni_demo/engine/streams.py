@@ -14,6 +14,7 @@ from collections import deque
 import numpy as np
 import torch
 
+from omni_demo.config import CacheScope
 from omni_demo.events import AudioChunk
 from omni_demo.inputs.prepare import PreparedInputs
 
@@ -67,12 +68,12 @@ class TextStream:
 
     def __init__(self, decoder: ThinkerDecoder, sampler: Sampler, detokenizer: TextDetokenizer,
                  inputs: PreparedInputs, *, max_new_tokens: int, eos: list[int], speech: bool,
-                 conversation_cache: ConversationCache | None = None):
+                 conversation_cache: ConversationCache | None = None, scope: CacheScope = CacheScope()):
         self.decoder, self.sampler, self.detokenizer = decoder, sampler, detokenizer
         self.prompt_len, self.max_new_tokens, self.eos = inputs.prompt_len, max_new_tokens, eos
         self.speech = speech  # the talker needs at least one reply part, even from a one-token reply
         self.tokens = TokenBuffer(inputs.input_ids, self.prompt_len + max_new_tokens)  # prompt + reply
-        self.logits = decoder.prefill(inputs, conversation_cache)  # [1, V]: the next token's
+        self.logits = decoder.prefill(inputs, conversation_cache, scope)  # [1, V]: the next token's
         self.token: torch.Tensor | None = None  # [1] on the device: sampled, not yet fed
         self.reply_parts: list[torch.Tensor] = []  # [1, 1, D] of each token fed, in order
         self.done = False

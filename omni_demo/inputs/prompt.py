@@ -69,25 +69,33 @@ def agreeing_tokens(ours: list[tuple[str, int]], theirs: list[tuple[str, int]]) 
 
 
 class MediaCache:
-    """Media items by content key; the least recently used leave first once over `max_bytes`.
-    Thread-safe: requests read media before they wait for the model."""
+    """Media items by (party, content key); the least recently used leave first once over
+    `max_bytes`. A party never sees another's items: a file another user sent is processed again,
+    so its time says nothing of theirs. Thread-safe: requests read media before they wait for the model."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, party: str = ""):
         self.max_bytes = max_bytes
-        self.items: OrderedDict[str, MediaItem] = OrderedDict()
+        self.party = party  # the party this view reads and writes for
+        self.items: OrderedDict[tuple[str, str], MediaItem] = OrderedDict()
         self.lock = threading.Lock()
+
+    def scoped(self, party: str) -> MediaCache:
+        """A view of this cache (the same items, lock and budget) that reads and writes `party`'s items."""
+        view = MediaCache.__new__(MediaCache)
+        view.__dict__.update(self.__dict__, party=party)
+        return view
 
     def get(self, key: str) -> MediaItem | None:
         with self.lock:
-            item = self.items.get(key)
+            item = self.items.get((self.party, key))
             if item is not None:
-                self.items.move_to_end(key)
+                self.items.move_to_end((self.party, key))
             return item
 
     def put(self, item: MediaItem) -> None:
         with self.lock:
-            self.items[item.key] = item
-            self.items.move_to_end(item.key)
+            self.items[self.party, item.key] = item
+            self.items.move_to_end((self.party, item.key))
         self.trim()
 
     def trim(self) -> None:

@@ -33,7 +33,10 @@ def add_api_arguments(parser: argparse.ArgumentParser) -> None:
     """What each server (each Ray Serve replica) accepts."""
     limits = ApiLimits()
     parser.add_argument("--api-key", default=os.environ.get("OMNI_API_KEY"),
-                        help="require 'Authorization: Bearer KEY'")
+                        help="require 'Authorization: Bearer KEY'; several, comma-separated, are several parties, "
+                             "each with its own conversation cache")
+    parser.add_argument("--max-uploads-per-client", type=int, default=ServerConfig.max_uploads_per_client,
+                        help="request bodies one client address may be sending at once; past it: 429")
     parser.add_argument("--served-model-name", help="the model id clients send (default: --model)")
     parser.add_argument("--max-request-mb", type=float, default=limits.max_request_bytes / MB,
                         help="largest request body (413 past it)")
@@ -81,7 +84,7 @@ def server_config(args, max_waiting: int | None, server_id: str | None = None) -
                        max_audio_tokens=args.max_audio_tokens)
     extra = {"server_id": server_id} if server_id else {}
     return ServerConfig(api_key=args.api_key or None, max_waiting=max_waiting, limits=limits,
-                        model_name=args.served_model_name, **extra)
+                        model_name=args.served_model_name, max_uploads_per_client=args.max_uploads_per_client, **extra)
 
 
 def load_engine(args):

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -15,7 +16,7 @@ import shutil
 import socket
 import tempfile
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from omni_demo.config import CacheScope
 from omni_demo.errors import EngineError, InputError
 from omni_demo.events import AudioChunk, ContextTrimmed, Finished, TextDelta
 
@@ -48,9 +50,11 @@ RETRY_AFTER_S = 1  # what a busy server (503) tells clients to wait
 
 @dataclass(frozen=True)
 class ServerConfig:
-    api_key: str | None = None  # required as "Authorization: Bearer <key>" on /v1/*; None: open
+    api_key: str | None = None  # required as "Authorization: Bearer <key>" on /v1/*; several, comma-separated,
+    # are several parties (each its own conversation cache); None: open
     max_waiting: int | None = 16  # requests admitted besides the running reply; past it: 503. None: no
     # bound here (Ray Serve bounds what reaches a replica with max_ongoing_requests)
+    max_uploads_per_client: int = 32  # request bodies one client address may be sending at once; past it: 429
     limits: ApiLimits = ApiLimits()
     model_name: str | None = None  # the id clients send as "model"; None: the loaded model's name
     server_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")  # x-omni-server
@@ -58,6 +62,36 @@ class ServerConfig:
     def __post_init__(self):
         if self.max_waiting is not None and self.max_waiting < 0:
             raise ValueError("max_waiting cannot be negative")
+        if self.max_uploads_per_client < 1:
+            raise ValueError("max_uploads_per_client must be at least 1")
+        if self.api_key is not None and not all(self.api_keys):
+            raise ValueError("an API key cannot be empty")
+
+    @property
+    def api_keys(self) -> list[str]:
+        return [] if self.api_key is None else [key.strip() for key in self.api_key.split(",")]
+
+
+class UploadSlots:
+    """Request bodies being read, per client address: a client sending more at once gets 429, so
+    slow senders cannot hold the server's memory (each body is bounded by size and time too)."""
+
+    def __init__(self, per_client: int):
+        self.per_client = per_client
+        self.reading: dict[str, int] = {}
+
+    @asynccontextmanager
+    async def slot(self, client: str):
+        if self.reading.get(client, 0) >= self.per_client:
+            raise ApiError(429, f"this client is already sending {self.per_client} requests; wait for them",
+                           code="too_many_uploads")
+        self.reading[client] = self.reading.get(client, 0) + 1
+        try:
+            yield
+        finally:
+            self.reading[client] -= 1
+            if not self.reading[client]:
+                del self.reading[client]
 
 
 class ClientGone(Exception):
@@ -92,7 +126,7 @@ def error_response(request: Request, exc: Exception) -> Response:
 
 async def read_body(request: Request, limits: ApiLimits) -> bytes:
     """The body; 413 past `limits.max_request_bytes`, 408 when it takes over `limits.upload_timeout_s`
-    (a request holds its place in the queue while it is read)."""
+    (a request holds no place in the queue while it is read)."""
     limit = limits.max_request_bytes
     too_large = ApiError(413, f"the request body is over the {limit / MB:g} MB limit; send smaller media",
                          code="request_too_large")
@@ -199,15 +233,21 @@ class ChatServer:
         self.engine = engine
         self.config = config
         self.worker = ReplyWorker(engine, config.max_waiting)
+        self.uploads = UploadSlots(config.max_uploads_per_client)
         self.model_name = config.model_name or engine.model_name
 
-    def authorize(self, request: Request) -> None:
-        if self.config.api_key is None:
-            return
+    def authorize(self, request: Request) -> str:
+        """The caller's API key ("" on an open server); 401 without a valid one."""
+        keys = self.config.api_keys
+        if not keys:
+            return ""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.config.api_key.encode()):
+        token = token.strip().encode()
+        matches = [key for key in keys if hmac.compare_digest(token, key.encode())]
+        if scheme.lower() != "bearer" or not matches:
             raise ApiError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
+        return matches[0]
 
     async def health(self, request: Request) -> Response:
         alive = self.worker.alive
@@ -222,7 +262,15 @@ class ChatServer:
         return JSONResponse({"object": "list", "data": [card]})
 
     def parse(self, raw: bytes) -> ChatRequest:
-        chat = parse_chat_request(parse_body(raw), self.engine.voices, self.config.limits)
+        """The request, checked: 400 naming the field for anything malformed (a body the checks did not
+        foresee is still a 400, logged, never a 500: no input is the server's fault)."""
+        try:
+            chat = parse_chat_request(parse_body(raw), self.engine.voices, self.config.limits)
+        except (ApiError, InputError):
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, RecursionError, UnicodeError) as exc:
+            log.warning("a request body the checks did not foresee: %s", exc, exc_info=True)
+            raise ApiError(400, f"the request could not be read ({type(exc).__name__}); check its fields") from exc
         if chat.model != self.model_name:
             raise ApiError(404, f"model {chat.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
@@ -239,11 +287,13 @@ class ChatServer:
             raise
 
     async def chat_completions(self, request: Request) -> Response:
-        self.authorize(request)
-        self.worker.admit()  # 503 before the body is read when the queue is full
-        try:
+        key = self.authorize(request)
+        async with self.uploads.slot(request.client.host if request.client else ""):
             body = await read_body(request, self.config.limits)
-            chat = await asyncio.to_thread(self.parse, body)
+        chat = await asyncio.to_thread(self.parse, body)
+        chat = replace(chat, options=replace(chat.options, cache_scope=cache_scope(key, chat.cache_salt)))
+        self.worker.admit()  # 503 when the queue is full: only now, with the body here and parsed
+        try:
             job = await self.submit(chat)
         except BaseException:
             self.worker.withdraw()
@@ -272,6 +322,12 @@ class ChatServer:
             yield
         finally:
             await asyncio.to_thread(self.worker.stop)
+
+
+def cache_scope(api_key: str, cache_salt: str | None) -> CacheScope:
+    """The party a request's conversation cache belongs to: its API key, private with a cache_salt."""
+    digest = hashlib.sha256(f"{api_key}\0{cache_salt or ''}".encode()).hexdigest()[:32]
+    return CacheScope(party=f"api:{digest}", private=cache_salt is not None)
 
 
 def create_app(engine, config: ServerConfig = ServerConfig()) -> Starlette:

@@ -15,6 +15,7 @@ import io
 import json
 import math
 import mimetypes
+import re
 import time
 import uuid
 import wave
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from omni_demo.config import DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, GenerationOptions
+from omni_demo.config import DEFAULT_SYSTEM_PROMPT, MAX_SEED, SAMPLE_RATE, GenerationOptions
 from omni_demo.events import Finished, pcm16
 
 MB = 1 << 20
@@ -39,7 +40,10 @@ NEUTRAL_FIELDS = {"n": (1,), "frequency_penalty": (0,), "presence_penalty": (0,)
                   "top_logprobs": (0,), "stop": ([],), "tools": ([],), "tool_choice": ("none",),
                   "logit_bias": ({},), "response_format": ({"type": "text"},)}
 OPTION_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "max_completion_tokens",
-                 "min_tokens", "max_audio_tokens", "min_audio_tokens", "seed", "use_audio_in_video")
+                 "min_tokens", "max_audio_tokens", "min_audio_tokens", "seed", "use_audio_in_video", "cache_salt")
+MAX_SALT_CHARS = 256
+MEDIA_TYPE = re.compile(r"[A-Za-z]+/[A-Za-z0-9][A-Za-z0-9.+-]{0,63}")  # type/subtype, RFC 6838's characters
+MAX_JSON_DEPTH = 64  # a chat request nests 6 levels; deeper bodies are refused before anything reads them
 KNOWN_FIELDS = {"model", "messages", "modalities", "audio", "stream", *OPTION_FIELDS, *IGNORED_FIELDS,
                 *NEUTRAL_FIELDS}
 MAX_ERROR_CHARS = 600
@@ -96,16 +100,51 @@ class ChatRequest:
     stream: bool
     include_usage: bool  # stream_options.include_usage: also send OpenAI's separate usage chunk
     audio_format: str | None  # "pcm16" or "wav"; None: text only
+    cache_salt: str | None = None  # as vLLM's: the conversation cache is this salt's (and the API key's) alone
 
 
 def parse_body(raw: bytes) -> dict:
+    """The body as JSON: an object, nested at most MAX_JSON_DEPTH deep, every string and key valid
+    Unicode (a lone surrogate cannot be tokenized, written or logged). 400 naming the field otherwise."""
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise ApiError(400, f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except ValueError as exc:  # e.g. an integer of over 4,300 digits
+        raise ApiError(400, f"the request body has a value this server does not take: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    _check_values(body)
     return body
+
+
+def _check_values(body: dict) -> None:
+    """Walk the body without recursion: depth, strings and keys (valid Unicode), integers (in range)."""
+    todo = [(body, "", 1)]
+    while todo:
+        value, where, depth = todo.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)",
+                           param=where or None)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, where or "(top level)")
+                todo.append((item, f"{where}.{key}" if where else key, depth + 1))
+        elif isinstance(value, list):
+            todo += [(item, f"{where}[{index}]", depth + 1) for index, item in enumerate(value)]
+        elif isinstance(value, str):
+            _check_text(value, where)
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > 1 << 64:
+            raise bad(where, "this integer is out of any range this API takes")
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(where, "contains a lone surrogate (\\ud800-\\udfff), which is not valid Unicode text") from None
 
 
 def parse_chat_request(body: dict, voices: list[str], limits: ApiLimits = ApiLimits()) -> ChatRequest:
@@ -125,8 +164,11 @@ def parse_chat_request(body: dict, voices: list[str], limits: ApiLimits = ApiLim
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise bad("stream_options", "must be an object")
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not 0 < len(salt) <= MAX_SALT_CHARS):
+        raise bad("cache_salt", f"must be a non-empty string of at most {MAX_SALT_CHARS} characters")
     return ChatRequest(model, parse_messages(body.get("messages"), limits), options, stream,
-                       bool(stream_options.get("include_usage")), audio_format)
+                       bool(stream_options.get("include_usage")), audio_format, salt)
 
 
 def _flag(body: dict, name: str) -> bool:
@@ -194,7 +236,7 @@ def _options(body: dict, limits: ApiLimits, *, speech: bool, voice: str) -> Gene
             max_audio_tokens=max_audio,
             min_audio_tokens=_number(body, "min_audio_tokens", 0, max_audio, integer=True) or 0,
             use_audio_in_video=use_audio_in_video,
-            seed=_number(body, "seed", -(1 << 63), (1 << 63) - 2, integer=True),
+            seed=_number(body, "seed", 0, MAX_SEED, integer=True),
         )
     except ValueError as exc:  # GenerationOptions' own cross-field checks
         raise ApiError(400, f"{exc}", param=param) from exc
@@ -277,9 +319,9 @@ def _data_url(url: Any, kind: str, where: str, limits: ApiLimits) -> Media:
     mime, *params = header.split(";")
     if not sep or not params or params[-1] != "base64":
         raise bad(where, "the data URL must be base64-encoded (data:<type>;base64,<data>)")
-    if mime.split("/")[0] != kind:
-        raise bad(where, f"the data URL's type {mime or '(none)'!r} is not {kind}/...")
-    suffix = mimetypes.guess_extension(mime) or f".{mime.split('/')[-1][:10]}"
+    if not MEDIA_TYPE.fullmatch(mime) or mime.split("/")[0].lower() != kind:
+        raise bad(where, f"the data URL's type {mime[:40] or '(none)'!r} is not a media type {kind}/<subtype>")
+    suffix = mimetypes.guess_extension(mime.lower()) or f".{mime.split('/')[-1][:10].lower()}"
     return Media(kind, _base64(payload, where, limits), suffix)
 
 

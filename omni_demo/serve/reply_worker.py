@@ -5,9 +5,9 @@ The engine is a blocking generator, so one worker thread runs the replies in tur
 (client gone) sets its `cancel` Event: a running reply stops within one decode step or audio
 chunk, a waiting one is skipped. The thread lives as long as the server and is joined by `stop`.
 
-A request takes its place (`admit`) before its body is read, so that the requests held in
-memory (being read, waiting or running) stay bounded; its place is free again once its reply has
-been generated, not once the client has read it, so a slow reader holds no place.
+A request takes its place (`admit`) once its body has arrived and parsed (the HTTP app bounds the
+bodies being read, per client address), so a slow sender holds no place; its place is free again
+once its reply has been generated, not once the client has read it, so a slow reader holds none.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class ReplyWorker:
             return sum(not job.cancel.is_set() for job in self._jobs)
 
     def admit(self) -> None:
-        """Take a place for one request before it is read; raises QueueFull when none is free.
+        """Take a place for one parsed request; raises QueueFull when none is free.
         `submit` hands the place to the reply; `withdraw` gives it back if the request fails first."""
         with self._changed:
             self._drop_cancelled()
