@@ -4,8 +4,10 @@ found, replies streamed, barge-in during generation and during playback, the cal
 the page handlers' rules (one call per session, a typed message waits for the call)."""
 
 import inspect
+import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from omni_demo.config import INPUT_SAMPLE_RATE as SAMPLE_RATE
 from omni_demo.config import GenerationOptions
 from omni_demo.events import TextDelta
 
+from .conftest import ASSETS
 from .speech import click, needs_espeak, silence, speak
 from .test_ui import MESSAGE, SETTINGS, OneWordModel, Request
 
@@ -295,22 +298,55 @@ def test_a_call_runs_once_and_only_on_its_own_sessions_files(engine):
     assert calls.chats.sessions.get("a") is None
 
 
-def test_microphone_chunks_are_read_from_checked_wav_uploads_only(tmp_path, monkeypatch):
-    from omni_demo.app.call_page import read_chunk
+def chunk(folder, name: str, samples: np.ndarray, rate: int = 48_000) -> str:
+    """A chunk as Gradio stores an upload: its own folder in the upload folder, the page's name."""
+    path = folder / uuid.uuid4().hex / name
+    path.parent.mkdir()
+    sf.write(path, samples, rate, subtype="PCM_16")
+    return str(path)
+
+
+def test_microphone_chunks_are_read_only_when_named_by_the_call_then_deleted(tmp_path, monkeypatch):
+    from omni_demo.app.files import ChunkSequence, new_chunk_token
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
-    wav, flac, long, outside = tmp_path / "c.wav", tmp_path / "c.flac", tmp_path / "l.wav", tmp_path.parent / "o.wav"
-    sf.write(wav, np.zeros((12_000, 2), np.int16), 48_000, subtype="PCM_16")
-    sf.write(flac, np.zeros(12_000, np.int16), 48_000)
-    sf.write(long, np.zeros(48_000 * 11, np.int16), 48_000, subtype="PCM_16")
-    sf.write(outside, np.zeros(100, np.int16), 48_000, subtype="PCM_16")
-    rate, samples = read_chunk(wav)
-    assert rate == 48_000 and samples.shape == (12_000, 2) and not wav.exists()  # read once, then deleted
-    assert read_chunk(flac) is None and read_chunk(long) is None and read_chunk(outside) is None
-    (tmp_path / "junk.wav").write_bytes(b"RIFF not really")
-    assert read_chunk(tmp_path / "junk.wav") is None
-    assert outside.exists()  # a path outside the uploads is neither read nor deleted
+    ours, theirs = ChunkSequence(new_chunk_token()), ChunkSequence(new_chunk_token())
+    silence = np.zeros((12_000, 2), np.int16)
+    first = chunk(tmp_path, f"{ours.prefix}-0.wav", silence)
+    (rate, samples), = ours.take(first)
+    assert rate == 48_000 and samples.shape == (12_000, 2)
+    assert not Path(first).exists() and not Path(first).parent.exists()  # read once, then deleted with its folder
+    # what is not this call's chunk is refused and left alone: another call's, any other upload, a folder
+    other = chunk(tmp_path, f"{theirs.prefix}-1.wav", silence)
+    picture = tmp_path / uuid.uuid4().hex / "shapes.png"  # an example chip's picture, as another session sent it
+    picture.parent.mkdir()
+    shutil.copy(ASSETS / "shapes.png", picture)
+    folder = tmp_path / uuid.uuid4().hex / f"{ours.prefix}-1.wav"
+    folder.mkdir(parents=True)
+    outside = tmp_path.parent / f"{ours.prefix}-1.wav"
+    sf.write(outside, silence, 48_000, subtype="PCM_16")
+    for path in (other, str(picture), str(folder), str(outside)):
+        assert ours.take(path) == []
+    assert Path(other).exists() and picture.exists() and folder.is_dir() and outside.exists()
     outside.unlink()
+    # equal chunks (digital silence) have paths of their own: both are heard
+    second, third = chunk(tmp_path, f"{ours.prefix}-1.wav", silence), chunk(tmp_path, f"{ours.prefix}-2.wav", silence)
+    assert len(ours.take(second)) == 1 and len(ours.take(third)) == 1
+    # overlapping posts: a chunk Gradio dropped is read from its file, in order; a late repeat is refused
+    skipped, last = chunk(tmp_path, f"{ours.prefix}-3.wav", silence[:10]), chunk(tmp_path, f"{ours.prefix}-4.wav",
+                                                                                  silence)
+    assert [len(samples) for _, samples in ours.take(last)] == [10, 12_000] and not Path(skipped).exists()
+    assert ours.take(chunk(tmp_path, f"{ours.prefix}-3.wav", silence)) == []
+    # not a short WAV: refused (and, being the call's own, deleted)
+    flac = tmp_path / uuid.uuid4().hex / f"{ours.prefix}-5.wav"
+    flac.parent.mkdir()
+    sf.write(flac, np.zeros(12_000, np.int16), 48_000, format="FLAC")
+    long = chunk(tmp_path, f"{ours.prefix}-6.wav", np.zeros(48_000 * 11, np.int16))
+    assert ours.take(str(flac)) == [] and ours.take(long) == [] and not flac.exists()
+    # the call is over: what is left of its chunks goes, nothing else
+    late = chunk(tmp_path, f"{ours.prefix}-9.wav", silence)
+    ours.remove_left()
+    assert not Path(late).exists() and Path(other).exists()
 
 
 def test_call_settings_are_checked():

@@ -163,3 +163,30 @@ def test_a_call_over_plain_http_says_it_needs_https():
             assert "only on https or localhost" in page.locator("#omni-toasts").inner_text()
     finally:
         server.stop()
+
+
+def test_a_call_from_silence_to_speech_hears_every_chunk_and_leaves_no_file(tmp_path):
+    """Digital silence makes byte-identical chunks: they once shared one upload path, and deleting
+    one removed the next before it was read (33 refused in a one-minute call). Each chunk now has
+    the call's own numbered name: none is refused, none is lost, and none is left on disk."""
+    uploads = tmp_path / "gradio"
+    server = AppServer(env={"GRADIO_TEMP_DIR": str(uploads)}).wait()
+    try:
+        sentence = speak("Hello, can you hear me?", tmp_path)
+        wav = write_wav(tmp_path / "silence-then-speech.wav", compose(20.0, sentence, 6.0)[0])
+        with chromium_page(args=fake_microphone(f"{wav}%noloop")) as page:
+            open_app(page, server.url, max_speech_s=5)
+            page.click("#call-start")
+            poll(page, CHAT, lambda chat: user_turns(chat) == 1, timeout=60)
+            poll(page, PLAYER, lambda r: len(r) >= 1 and r[-1]["state"] in ("done", "speaking"), timeout=60)
+            page.click("#call-end")
+            page.wait_for_function("document.querySelector('#call-status').innerText.includes('Call ended')",
+                                   timeout=10_000)
+            time.sleep(6)  # the microphone's last chunk, posted as it stops
+        log = server.output()
+        assert "microphone chunk" not in log, log  # none refused, none lost
+    finally:
+        server.stop()
+    left = [p.relative_to(uploads) for p in uploads.glob("*/omni-call-*")]  # each read chunk went as it was read;
+    assert not left, left  # one posted after the call's end (Gradio never hands it over), at exit
+    assert not list(uploads.glob("omni-replies-*")) and not list(uploads.glob("omni-calls-*"))  # removed at exit

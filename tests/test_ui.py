@@ -132,3 +132,29 @@ def test_a_running_turn_stops_through_the_engine_and_is_kept():
     chats = [update.chat for update in replies if isinstance(update.chat, list)]
     assert "stopped" in chats[-1][-1]["content"]
     assert handler.sessions.get("a") is None
+
+
+def test_a_session_that_never_reaches_the_queue_stops_counting_in_line(monkeypatch):
+    """A client that sends only the first, un-queued step of Send (no page, so nothing unloads it)
+    used to count in every later "In line" for good."""
+    from omni_demo.app import sessions
+    from omni_demo.app.chat import ChatHandler
+
+    queued = {"a"}  # only session a's page queued its reply's step
+    handler = ChatHandler(OneWordModel(), sessions=sessions.Sessions(queued=lambda session: session in queued))
+    for session in ("a", "ghost-1", "ghost-2"):
+        assert accept(handler, session)[0] is not None
+    assert "In line: 3 replies" in accept(handler, "b")[1][3]["text"]
+    handler.sessions.release("b", handler.sessions.get("b"))
+    monkeypatch.setattr(sessions, "QUEUE_GRACE_S", 0.0)
+    _, outputs = accept(handler, "b")
+    assert "In line: 1 reply" in outputs[3]["text"]  # a is still in line; the ghosts are gone
+    assert handler.sessions.get("ghost-1") is None and handler.sessions.get("a") is not None
+
+
+def test_the_page_asks_gradios_own_queue_what_it_holds():
+    from omni_demo.app.page import queued_in
+
+    demo = build_demo(NoModel(), load_vad).queue()
+    assert getattr(demo._queue, "pending_event_ids_session", None) is not None  # the table queued_in reads
+    assert queued_in(demo)("nobody") is False

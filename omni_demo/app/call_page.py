@@ -7,16 +7,16 @@ typed turn: End call, Esc and Clear end it, and typing waits for it to end.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import gradio as gr
-import numpy as np
-import soundfile as sf
 
 from omni_demo.call.events import (
     CallEnded,
@@ -30,13 +30,12 @@ from omni_demo.call.events import (
     TurnFailed,
     UserTurn,
 )
-from omni_demo.call.microphone import MAX_CHUNK_S, MAX_RATE, MIN_RATE
 from omni_demo.call.voice_call import CallConfig, VoiceCall
-from omni_demo.config import INPUT_SAMPLE_RATE
 from omni_demo.errors import InputError
 
 from .chat import ChatHandler
-from .chat_history import INTERRUPTED_MARK, chat_to_conversation, gradio_upload_dir, user_file_paths
+from .chat_history import INTERRUPTED_MARK, chat_to_conversation, user_file_paths
+from .files import ChunkSequence, new_chunk_token, save_user_audio
 from .notices import notice, public_message, refused, trimmed_text
 from .player import PlayerMessages, finalize
 from .sessions import Activity, session_scope
@@ -46,6 +45,7 @@ log = logging.getLogger(__name__)
 
 STATE_ICONS = {"listening": "🟢", "hearing": "🎙️", "thinking": "💭", "speaking": "🔊"}
 MIC_CHUNK_S = 0.25  # the page sends the microphone this often (stream_every)
+MAX_SESSIONS = 10_000  # sessions whose last call's late chunks are remembered
 CALL_PLACEHOLDER = "A voice call is running: just talk. End the call to type."
 TEXTBOX_PLACEHOLDER = "Type a message, record one with the microphone, or attach media…"
 
@@ -62,11 +62,12 @@ class CallView(NamedTuple):
     textbox: Any = gr.skip()  # closed to typing while the call runs
 
 
-def control(command: str) -> dict:
+def control(command: str, chunk_prefix: str | None = None) -> dict:
     """A message for the page's call controls (web/voice.js): "start" or "stop" the microphone.
     `server_time` (Unix s) sets the page's estimate of the server's clock, against which it times
-    each reply's delivery (the two clocks need not agree)."""
-    return {"call": command, "id": uuid.uuid4().hex[:12], "server_time": time.time()}
+    each reply's delivery (the two clocks need not agree); `chunk_prefix` is what the page names
+    the call's microphone uploads (app/files.py)."""
+    return {"call": command, "id": uuid.uuid4().hex[:12], "server_time": time.time(), "chunk_prefix": chunk_prefix}
 
 
 def status_line(state: str, text: str) -> str:
@@ -78,39 +79,6 @@ def ended_view(reason: str) -> CallView:
                     end=gr.update(visible=False), textbox=gr.update(interactive=True, placeholder=TEXTBOX_PLACEHOLDER))
 
 
-def save_user_audio(samples: np.ndarray, session: str, uploads) -> str:
-    """A spoken turn as a 16-bit wav among Gradio's uploads (its cache keeps it a day, as it keeps
-    uploads), owned by the session: a typed turn after the call may send it again as history."""
-    folder = gradio_upload_dir() / "omni-calls" / uuid.uuid4().hex
-    folder.mkdir(parents=True)
-    path = folder / f"you-{time.strftime('%Y%m%d-%H%M%S')}.wav"
-    sf.write(path, samples, INPUT_SAMPLE_RATE, subtype="PCM_16")
-    uploads.add(session, [str(path)])
-    return str(path)
-
-
-def read_chunk(path) -> tuple[int, np.ndarray] | None:
-    """A microphone chunk the page uploaded (a short WAV), checked from its header before it is
-    read, then deleted (a call uploads four a second). None for anything else."""
-    path = Path(path)
-    if not path.resolve().is_relative_to(gradio_upload_dir()):
-        return None
-    try:
-        info = sf.info(path)
-        if (info.format != "WAV" or not 1 <= info.channels <= 2 or not MIN_RATE <= info.samplerate <= MAX_RATE
-                or info.frames > MAX_CHUNK_S * info.samplerate):
-            log.warning("microphone chunk refused: %s, %d Hz, %d channels, %d frames", info.format,
-                        info.samplerate, info.channels, info.frames)
-            return None
-        samples, rate = sf.read(path, dtype="float32", always_2d=True)
-        return rate, samples
-    except (OSError, RuntimeError, ValueError) as exc:  # not a WAV soundfile can read
-        log.warning("microphone chunk refused: %s", type(exc).__name__)
-        return None
-    finally:
-        path.unlink(missing_ok=True)
-
-
 class CallActivity(Activity):
     """A session's voice call as its end flag (End call, Stop, Clear and a closed page set it)."""
 
@@ -119,6 +87,7 @@ class CallActivity(Activity):
     def __init__(self):
         super().__init__()
         self.call: VoiceCall | None = None
+        self.chunks = ChunkSequence(new_chunk_token())  # its microphone's uploads, named by its page
 
 
 class CallScreen:
@@ -193,6 +162,8 @@ class CallHandler:
         self.chats = chats
         self.vad = vad
         self.config = config or CallConfig()
+        self.ended_calls: OrderedDict[str, ChunkSequence] = OrderedDict()  # session -> its last call's chunks
+        atexit.register(self.remove_late_chunks)
 
     def accept(self, history, request: gr.Request):
         """Outside the queue: register the session's call and say where it stands in line (the
@@ -229,8 +200,13 @@ class CallHandler:
             activity.call = VoiceCall(self.chats.backend, conversation, options, config, ended=activity,
                                       vad=self.vad(), save_audio=lambda samples: save_user_audio(samples, session,
                                                                                                   self.chats.uploads))
+            self.ended_calls[session] = activity.chunks  # its late chunks are still its own to delete
+            self.ended_calls.move_to_end(session)
+            while len(self.ended_calls) > MAX_SESSIONS:
+                self.ended_calls.popitem(last=False)
             screen = CallScreen(pending["history"])
-            yield CallView(player=control("start"))  # the model is the call's now: so is the microphone
+            yield CallView(player=control("start", activity.chunks.prefix))  # the model is the call's now: so is
+            # the microphone
             for event in activity.call.run():
                 if activity.cleared:  # Clear: the emptied chat gets nothing more
                     yield ended_view("The chat was cleared.")._replace(chat=gr.skip())
@@ -244,18 +220,29 @@ class CallHandler:
             yield ended_view(f"The call failed: {public_message(exc)}")
         finally:
             self.chats.sessions.release(session, activity)
+            activity.chunks.remove_left()
 
     def hear(self, path, request: gr.Request) -> None:
-        """The microphone's stream: each chunk (a WAV file) to the session's running call; dropped,
-        unread, when there is none."""
-        call = self.chats.sessions.get(request.session_hash)
-        if not isinstance(path, str) or not isinstance(call, CallActivity) or call.call is None or call.is_set():
-            if isinstance(path, str) and Path(path).resolve().is_relative_to(gradio_upload_dir()):
-                Path(path).unlink(missing_ok=True)
+        """The microphone's stream: each chunk (a WAV file the call's page named) to the session's
+        running call, in order. A chunk of the session's last call, come after its end, is deleted
+        unread; any other path is left alone (app/files.py)."""
+        if not isinstance(path, str):
             return
-        chunk = read_chunk(path)
-        if chunk is not None:
-            call.call.feed(*chunk)
+        session = request.session_hash
+        call = self.chats.sessions.get(session)
+        if not isinstance(call, CallActivity) or call.call is None or call.is_set():
+            ended = self.ended_calls.get(session)
+            if ended is not None and Path(path).name.startswith(ended.prefix + "-"):
+                ended.remove_left()
+            return
+        for rate, samples in call.chunks.take(path):
+            call.call.feed(rate, samples)
+
+    def remove_late_chunks(self) -> None:
+        """At exit: chunks the calls' pages posted after their calls ended, which Gradio never handed
+        over (the microphone's last one, posted as it stops)."""
+        for chunks in list(self.ended_calls.values()):
+            chunks.remove_left()
 
     def end(self, pending, request: gr.Request) -> CallView:
         """End call (or the microphone stopped): the call `pending` names ends at its next step

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,20 @@ PAGE_HEAD = f"<style>{(WEB / 'style.css').read_text()}</style>"
 PAGE_JS = (WEB / "player.js").read_text() + "\n" + (WEB / "voice.js").read_text()
 
 
+class MicrophoneStream(gr.Audio):
+    """The call's streaming microphone: a gr.Audio whose chunks are the call's to read and delete
+    (app/files.py). Gradio records each file an input receives, to delete it at shutdown; here it
+    records none: the call deletes each chunk as it reads it, and a path that is no regular file
+    (a folder named by a crafted post) is refused by the call before anything records it (Gradio's
+    shutdown clean-up failed on one)."""
+
+    is_template = True  # the page draws it as the gr.Audio it is
+
+    async def async_move_resource_to_block_cache(self, url_or_file_path: str | Path | None) -> str | None:
+        """Nothing to move: Gradio checked the path is in its upload folder; nothing is recorded."""
+        return None if url_or_file_path is None else str(url_or_file_path)
+
+
 def system_prompt_notice(system_prompt: str, speech: bool):
     return gr.update(visible=bool(speech) and system_prompt.strip() != DEFAULT_SYSTEM_PROMPT)
 
@@ -59,7 +74,7 @@ class _Chat:
     call_start: gr.Button
     call_end: gr.Button
     call_status: gr.Markdown
-    call_mic: gr.Audio
+    call_mic: MicrophoneStream
     chips: list
     clear: gr.Button
     stats: gr.Markdown
@@ -98,7 +113,19 @@ def build_demo(backend: Backend, vad, *, title: str = "Qwen2.5-Omni, streaming")
             control.change(system_prompt_notice, [settings.system_prompt, settings.speech], settings.notice,
                            api_name=False)
         demo.unload(chats.page_closed)
+    chats.sessions.queued = queued_in(demo)
     return demo
+
+
+def queued_in(demo: gr.Blocks) -> Callable[[str], bool]:
+    """Whether Gradio's queue holds an event of a session (its pending events by session hash; a
+    Gradio without that table: always, so nothing is forgotten that may still run)."""
+
+    def queued(session: str) -> bool:
+        pending = getattr(getattr(demo, "_queue", None), "pending_event_ids_session", None)
+        return True if pending is None else bool(pending.get(session))
+
+    return queued
 
 
 def _chat_column() -> _Chat:
@@ -120,9 +147,9 @@ def _chat_column() -> _Chat:
             call_status = gr.Markdown(CALL_HINT, elem_id="call-status", min_width=160)
         gr.HTML(None, html_template='<div class="call-latency"></div>', elem_id="call-latency")
         # The call's microphone: started and stopped by the call (web/voice.js), hidden by style.css.
-        # type="filepath", format=None: Gradio hands over the upload as it is, unread (call_page.read_chunk).
-        call_mic = gr.Audio(sources=["microphone"], streaming=True, type="filepath", format=None,
-                            elem_id="call-mic", label="Call microphone", show_label=False)
+        # type="filepath", format=None: Gradio hands over the upload as it is, unread (app/files.py).
+        call_mic = MicrophoneStream(sources=["microphone"], streaming=True, type="filepath", format=None,
+                                    elem_id="call-mic", label="Call microphone", show_label=False)
     with gr.Row(elem_id="chips"):
         chips = [(gr.Button(label, size="sm", variant="secondary"), value) for label, value in EXAMPLES]
         clear = gr.Button("Clear chat", size="sm", variant="secondary", elem_id="clear")

@@ -3,23 +3,16 @@ audio chunk, and each finished reply's audio as a wav file in the chat."""
 
 from __future__ import annotations
 
-import atexit
 import base64
-import shutil
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
 from omni_demo.config import SAMPLE_RATE
 
 from .chat_history import STOPPED_MARK
-
-REPLY_DIR = Path(tempfile.mkdtemp(prefix="omni-demo-replies-"))  # removed at exit
-atexit.register(shutil.rmtree, REPLY_DIR, ignore_errors=True)
+from .files import save_reply_audio
 
 
 class PlayerMessages:
@@ -39,15 +32,6 @@ class PlayerMessages:
             message |= {"pcm": base64.b64encode(pcm.astype("<i2").tobytes()).decode(), "rate": SAMPLE_RATE,
                         "made_at": time.time()}
         return message
-
-
-def save_reply_audio(chunks: list[np.ndarray], keep: int = 256) -> str:
-    """Write the reply's wav (Gradio copies it into its cache); keep only the newest `keep` here."""
-    path = REPLY_DIR / f"reply-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**9:09d}.wav"
-    sf.write(path, np.concatenate(chunks), SAMPLE_RATE, subtype="PCM_16")
-    for old in sorted(REPLY_DIR.glob("reply-*.wav"), key=lambda p: p.stat().st_mtime)[:-keep]:
-        old.unlink(missing_ok=True)
-    return str(path)
 
 
 def finalize(chat: list[dict], text: str, chunks: list[np.ndarray], stopped: bool) -> list[dict]:

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 import uuid
+from collections.abc import Callable
 
 from omni_demo.config import CacheScope
+
+QUEUE_GRACE_S = 5.0  # an accepted activity's page queues its next step within this (it sends it at once)
 
 
 class Activity(threading.Event):
@@ -23,16 +27,30 @@ class Activity(threading.Event):
     def __init__(self):
         super().__init__()
         self.id = uuid.uuid4().hex[:12]
+        self.accepted_at = time.monotonic()
         self.started = False  # its handler runs (until then it waits in the queue)
         self.cleared = False  # Clear, not Stop, ended it: the emptied chat gets nothing more
 
 
 class Sessions:
-    """Session hash -> its activity. Every check-and-set holds one lock."""
+    """Session hash -> its activity. Every check-and-set holds one lock.
 
-    def __init__(self):
+    An activity is accepted outside the queue, then its page queues the step that runs it. A client
+    that sends only the first step (no page: nothing ever unloads it) would count in everyone's
+    "In line" for good, so an activity not yet running is forgotten once `queued(session)` says the
+    queue holds nothing of its session, `QUEUE_GRACE_S` after it was accepted."""
+
+    def __init__(self, queued: Callable[[str], bool] | None = None):
         self.activities: dict[str, Activity] = {}
         self.lock = threading.Lock()
+        self.queued = queued or (lambda session: True)  # whether Gradio's queue holds an event of a session
+
+    def _forget_unqueued(self) -> None:
+        now = time.monotonic()
+        for session, activity in list(self.activities.items()):
+            if not activity.started and now - activity.accepted_at > QUEUE_GRACE_S and not self.queued(session):
+                activity.set()
+                del self.activities[session]
 
     def get(self, session: str) -> Activity | None:
         return self.activities.get(session)
@@ -41,6 +59,7 @@ class Sessions:
         """Register a new activity unless the session has one: (the new one or None, the busy one or
         None, how many activities were registered before it). A double Enter claims once."""
         with self.lock:
+            self._forget_unqueued()
             busy, ahead = self.activities.get(session), len(self.activities)
             if busy is not None:
                 return None, busy, ahead

@@ -162,7 +162,7 @@ function toast(text) {
 
 function receive(message) {
   if (message && message.notice) return toast(message.notice);
-  if (message && message.call) return window.omniCall && window.omniCall.control(message.call, message.server_time);
+  if (message && message.call) return window.omniCall && window.omniCall.control(message.call, message.server_time, message.chunk_prefix);
   if (!message || !message.reply) return;
   // [page ms, seq, state, seconds of audio, ms from the server making it to its arrival here]
   omni.arrivals.push([performance.now(), message.seq, message.state,

@@ -66,9 +66,16 @@ window.omniCall = {
     renderLatency();
   },
   clockOffset: 0,  // server clock - page clock, ms, as of the call's start (one delivery late)
-  async control(command, serverTime) {
+  chunkPrefix: null,  // the call's microphone uploads are named `${chunkPrefix}-${n}.wav` (the server's name)
+  chunkCount: 0,
+  async control(command, serverTime, chunkPrefix) {
     if (command === 'stop') window.omniPlayer.stop();  // the call is over: so is its voice
     if (command === 'start' && serverTime) this.clockOffset = serverTime * 1000 - Date.now();
+    if (command === 'start') { this.chunkPrefix = chunkPrefix || null; this.chunkCount = 0; }
+    if (command === 'stop') {  // the microphone's last chunk, posted after it stops, still carries the name
+      const prefix = this.chunkPrefix;
+      setTimeout(() => { if (this.chunkPrefix === prefix) this.chunkPrefix = null; }, 5000);
+    }
     this.starting = command === 'start';
     if (this.starting && (!window.isSecureContext || !navigator.mediaDevices)) return this.refused({name: 'NotSecure'});
     const button = await waitFor(() => micButton(command === 'start' ? 'Record' : 'Stop'), 5000);
@@ -115,6 +122,27 @@ window.omniCall = {
               error => { window.omniCall.refused(error); throw error; });
     };
   }
+}
+
+// The call's microphone chunks: Gradio uploads each as "audio.wav", so equal chunks (digital
+// silence) would share one path on the server. Each gets the call's own numbered name instead: the
+// server reads only its call's chunks, deletes each once read, and hears them in order.
+{
+  const fetch = window.fetch.bind(window);
+  window.fetch = (url, init) => {
+    const call = window.omniCall;
+    const body = init && init.body;
+    if (call.chunkPrefix && body instanceof FormData && /\/upload(\?|$)/.test(String(url))) {
+      const files = body.getAll('files');
+      if (files.length === 1 && files[0] instanceof File && files[0].name === 'audio.wav') {
+        const renamed = new FormData();
+        renamed.append('files', new File([files[0]], `${call.chunkPrefix}-${call.chunkCount++}.wav`,
+                                         {type: files[0].type}));
+        init = {...init, body: renamed};
+      }
+    }
+    return fetch(url, init);
+  };
 }
 
 // Esc during a call ends it (the reply stops with it).

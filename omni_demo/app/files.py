@@ -1,0 +1,167 @@
+"""The files the page makes and reads, each owned by the session it was made for.
+
+- Reply wavs and call-turn recordings are written into folders of this process's own inside
+  Gradio's upload folder (so Gradio serves them without copying), and removed at exit.
+- The call's microphone chunks: the page names each upload `omni-call-<call token>-<n>.wav`
+  (web/voice.js), with a token only that call's page was given. A chunk is read, then deleted
+  with its folder, only when its name carries the session's running call's token: no handler
+  reads or deletes a path another session named, and equal chunks (digital silence) never share
+  a path. The numbers put overlapping posts back in order: a chunk Gradio dropped (it keeps only
+  the newest of a stream event's pending chunks) is read from its file when the next one comes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import re
+import secrets
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from omni_demo.call.microphone import MAX_CHUNK_S, MAX_RATE, MIN_RATE
+from omni_demo.config import INPUT_SAMPLE_RATE, SAMPLE_RATE
+
+from .chat_history import gradio_upload_dir
+
+log = logging.getLogger(__name__)
+
+CHUNK_NAME = re.compile(r"omni-call-(?P<token>[0-9a-f]{32})-(?P<seq>\d{1,9})\.wav")
+_OWNED: dict[str, Path] = {}  # kind -> this process's folder of it
+_OWNED_LOCK = threading.Lock()
+
+
+def owned_dir(kind: str) -> Path:
+    """This process's folder of `kind` ("replies", "calls") in Gradio's upload folder, removed at exit."""
+    with _OWNED_LOCK:
+        if kind not in _OWNED or not _OWNED[kind].is_dir():
+            folder = gradio_upload_dir() / f"omni-{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            folder.mkdir(parents=True, exist_ok=True)
+            _OWNED[kind] = folder
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        return _OWNED[kind]
+
+
+def save_reply_audio(chunks: list[np.ndarray], keep: int = 256) -> str:
+    """The reply's wav (24 kHz, 16-bit) in this process's reply folder; only the newest `keep` stay."""
+    folder = owned_dir("replies")
+    path = folder / f"reply-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**9:09d}.wav"
+    sf.write(path, np.concatenate(chunks), SAMPLE_RATE, subtype="PCM_16")
+    for old in sorted(folder.glob("reply-*.wav"), key=lambda p: p.stat().st_mtime)[:-keep]:
+        old.unlink(missing_ok=True)
+    return str(path)
+
+
+def save_user_audio(samples: np.ndarray, session: str, uploads) -> str:
+    """A spoken turn as a 16 kHz 16-bit wav, owned by the session (`uploads`, an UploadRegistry): a
+    typed turn after the call may send it again as history."""
+    folder = owned_dir("calls") / uuid.uuid4().hex
+    folder.mkdir()
+    path = folder / f"you-{time.strftime('%Y%m%d-%H%M%S')}.wav"
+    sf.write(path, samples, INPUT_SAMPLE_RATE, subtype="PCM_16")
+    uploads.add(session, [str(path)])
+    return str(path)
+
+
+def new_chunk_token() -> str:
+    return secrets.token_hex(16)
+
+
+class ChunkSequence:
+    """One call's microphone chunks, as the page numbered them: heard once each, in order."""
+
+    def __init__(self, token: str):
+        self.token = token
+        self.next = 0  # the number of the next chunk to hear
+        self.lock = threading.Lock()  # chunk posts may overlap: one at a time, in order
+
+    @property
+    def prefix(self) -> str:
+        """What the page names this call's chunks: `{prefix}-{n}.wav`."""
+        return f"omni-call-{self.token}"
+
+    def take(self, path: str) -> list[tuple[int, np.ndarray]]:
+        """The chunks `path` brings, in order: those skipped before it (from their files, when Gradio
+        dropped their posts), then its own; [] for a path refused (logged with the reason)."""
+        number = self._number(path)
+        if number is None:
+            return []
+        with self.lock:
+            if number < self.next:
+                log.warning("microphone chunk %d refused: it came after chunk %d (a repeat or out of order)",
+                            number, self.next - 1)
+                return []
+            skipped = [self._find(n) for n in range(self.next, number)]
+            self.next = number + 1
+        if lost := sum(file is None for file in skipped):
+            log.warning("%d microphone chunk(s) before chunk %d never arrived", lost, number)
+        files = [file for file in skipped if file is not None] + [Path(path)]
+        return [chunk for chunk in map(read_chunk, files) if chunk is not None]
+
+    def _number(self, path: str) -> int | None:
+        """The chunk's number, when `path` is one of this call's chunks in Gradio's upload folder."""
+        file = Path(path)
+        match = CHUNK_NAME.fullmatch(file.name)
+        if match is None or match["token"] != self.token:
+            log.warning("microphone chunk refused: %s is not this call's", file.name[:80])
+            return None
+        if file.parent.parent.resolve() != gradio_upload_dir() or not _arrived(file):
+            log.warning("microphone chunk refused: %s is not a file Gradio received", file.name)
+            return None
+        return int(match["seq"])
+
+    def _find(self, number: int) -> Path | None:
+        files = list(gradio_upload_dir().glob(f"*/{self.prefix}-{number}.wav"))
+        return files[0] if files and files[0].is_file() and not files[0].is_symlink() else None
+
+    def remove_left(self) -> None:
+        """The call is over: its chunk files still on disk (a last post, one never handed over) go."""
+        for file in gradio_upload_dir().glob(f"*/{self.prefix}-*.wav"):
+            remove_with_folder(file)
+
+
+def _arrived(file: Path, wait_s: float = 2.0) -> bool:
+    """Whether `file` is a regular file (no link, no folder). Gradio answers an upload before it has
+    moved the file into place (a background task), so a chunk's event can come first: wait a little."""
+    deadline = time.monotonic() + wait_s
+    while not file.exists() and not file.is_symlink() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return file.is_file() and not file.is_symlink()
+
+
+def read_chunk(path: Path) -> tuple[int, np.ndarray] | None:
+    """(rate, [n, channels] float32) of a chunk, checked from its header before it is read, then
+    removed with its folder. None (logged) for a file that is no short WAV."""
+    try:
+        info = sf.info(path)
+        if (info.format != "WAV" or not 1 <= info.channels <= 2 or not MIN_RATE <= info.samplerate <= MAX_RATE
+                or info.frames > MAX_CHUNK_S * info.samplerate):
+            log.warning("microphone chunk refused: %s, %d Hz, %d channels, %d frames", info.format,
+                        info.samplerate, info.channels, info.frames)
+            return None
+        samples, rate = sf.read(path, dtype="float32", always_2d=True)
+        return rate, samples
+    except (OSError, RuntimeError, ValueError) as exc:  # not a WAV soundfile can read
+        log.warning("microphone chunk refused: %s", type(exc).__name__)
+        return None
+    finally:
+        remove_with_folder(path)
+
+
+def remove_with_folder(path: Path) -> None:
+    """Remove a chunk file and its folder (Gradio makes one per upload), if that is left empty. A
+    path that is no regular file (a folder or a link a crafted post named) is left alone."""
+    if path.is_symlink() or not path.is_file():
+        return
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:  # not empty (another upload of the same bytes and name) or already gone
+        pass
