@@ -158,3 +158,15 @@ def test_the_page_asks_gradios_own_queue_what_it_holds():
     demo = build_demo(NoModel(), load_vad).queue()
     assert getattr(demo._queue, "pending_event_ids_session", None) is not None  # the table queued_in reads
     assert queued_in(demo)("nobody") is False
+
+
+def test_the_call_microphone_records_no_chunk_for_gradios_shutdown_clean_up(tmp_path):
+    """Gradio recorded every file an input received and deleted each at shutdown: a folder named
+    as a chunk made that fail ("Application shutdown failed"). The call's chunks are the call's."""
+    import asyncio
+
+    mic = component(build_demo(NoModel(), load_vad), "call-mic")
+    folder = tmp_path / "omni-call-0-1.wav"
+    folder.mkdir()
+    assert asyncio.run(mic.async_move_resource_to_block_cache(folder)) == str(folder)
+    assert not mic.temp_files

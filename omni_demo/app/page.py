@@ -46,18 +46,20 @@ PAGE_HEAD = f"<style>{(WEB / 'style.css').read_text()}</style>"
 PAGE_JS = (WEB / "player.js").read_text() + "\n" + (WEB / "voice.js").read_text()
 
 
-class MicrophoneStream(gr.Audio):
+def microphone_stream(**kwargs) -> gr.Audio:
     """The call's streaming microphone: a gr.Audio whose chunks are the call's to read and delete
-    (app/files.py). Gradio records each file an input receives, to delete it at shutdown; here it
+    (app/files.py). Gradio records each file an input receives, to delete it at shutdown; this one
     records none: the call deletes each chunk as it reads it, and a path that is no regular file
-    (a folder named by a crafted post) is refused by the call before anything records it (Gradio's
-    shutdown clean-up failed on one)."""
+    (a folder named by a crafted post) is refused by the call before anything touches it (Gradio's
+    shutdown clean-up failed on one). An override on the instance: a subclass of a Gradio
+    component makes Gradio write a .pyi stub beside its source at import."""
+    audio = gr.Audio(**kwargs)
 
-    is_template = True  # the page draws it as the gr.Audio it is
-
-    async def async_move_resource_to_block_cache(self, url_or_file_path: str | Path | None) -> str | None:
-        """Nothing to move: Gradio checked the path is in its upload folder; nothing is recorded."""
+    async def unrecorded(url_or_file_path):  # Gradio checked the path is in its upload folder
         return None if url_or_file_path is None else str(url_or_file_path)
+
+    audio.async_move_resource_to_block_cache = unrecorded
+    return audio
 
 
 def system_prompt_notice(system_prompt: str, speech: bool):
@@ -74,7 +76,7 @@ class _Chat:
     call_start: gr.Button
     call_end: gr.Button
     call_status: gr.Markdown
-    call_mic: MicrophoneStream
+    call_mic: gr.Audio
     chips: list
     clear: gr.Button
     stats: gr.Markdown
@@ -148,8 +150,8 @@ def _chat_column() -> _Chat:
         gr.HTML(None, html_template='<div class="call-latency"></div>', elem_id="call-latency")
         # The call's microphone: started and stopped by the call (web/voice.js), hidden by style.css.
         # type="filepath", format=None: Gradio hands over the upload as it is, unread (app/files.py).
-        call_mic = MicrophoneStream(sources=["microphone"], streaming=True, type="filepath", format=None,
-                                    elem_id="call-mic", label="Call microphone", show_label=False)
+        call_mic = microphone_stream(sources=["microphone"], streaming=True, type="filepath", format=None,
+                                     elem_id="call-mic", label="Call microphone", show_label=False)
     with gr.Row(elem_id="chips"):
         chips = [(gr.Button(label, size="sm", variant="secondary"), value) for label, value in EXAMPLES]
         clear = gr.Button("Clear chat", size="sm", variant="secondary", elem_id="clear")
