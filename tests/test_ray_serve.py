@@ -161,7 +161,7 @@ def test_serve_config_yaml_is_valid_for_ray():
 
 
 def test_a_replica_asks_for_a_gpu_only_where_there_is_one():
-    from omni_demo.serve.http import parse_args
+    from omni_demo.serve.args import parse_args
     from omni_demo.serve.ray_replicas import gpus_per_replica
 
     auto = parse_args(["--ray", "--device", "auto"])
