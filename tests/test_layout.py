@@ -112,3 +112,24 @@ def test_folders_classes_and_functions_stay_small():
                 assert length <= 250, f"{path.name}: class {node.name} is {length} lines"
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 assert length <= 60, f"{path.name}: {node.name} is {length} lines"
+
+
+@pytest.mark.parametrize("entry", [["app.py"], ["-m", "omni_demo"], ["-m", "omni_demo.serve"], ["-m", "omni_demo.bench"],
+                                   ["-m", "omni_demo.models.tiny"], ["-m", "omni_demo.tools.spaces"]])
+def test_every_entry_point_answers_help(entry):
+    import subprocess
+
+    result = subprocess.run([sys.executable, *entry, "--help"], cwd=PACKAGE.parent, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage:"), result.stderr[-2000:]
+
+
+def test_serve_config_names_an_importable_application():
+    import importlib
+
+    import yaml
+
+    config = yaml.safe_load((PACKAGE.parent / "serve_config.yaml").read_text())
+    for app in config["applications"]:
+        module, _, name = app["import_path"].partition(":")
+        assert callable(getattr(importlib.import_module(module), name))
