@@ -304,3 +304,21 @@ def test_readme_curl_commands(api_server, tmp_path):
     assert any('"audio":{"id"' in line and '"data"' in line for line in events), "the streamed reply has speech"
     with wave.open(str(tmp_path / "reply.wav")) as wav:
         assert wav.getframerate() == 24000 and wav.getnframes() > 0
+
+
+def test_prometheus_metrics_count_replies_tokens_and_times(api_server):
+    def scrape() -> dict[str, float]:
+        text = httpx.get(f"http://127.0.0.1:{api_server.port}/metrics", timeout=10).text
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}
+
+    before = scrape()
+    reply = stream_reply(api_server, **SPEECH)
+    after = scrape()
+    grew = lambda name: after.get(name, 0) - before.get(name, 0)  # noqa: E731
+    assert grew('omni_replies_total{reason="length"}') == 1
+    assert grew("omni_text_tokens_total") == 24 and grew("omni_audio_tokens_total") == 96
+    assert grew("omni_speech_seconds_total") == pytest.approx(96 * SAMPLES_PER_CODE / 24_000)
+    assert grew("omni_time_to_first_audio_seconds_count") == 1 and grew("omni_speech_real_time_factor_count") == 1
+    assert after["omni_replies_running"] == 0 and after["omni_replies_waiting"] == 0
+    assert reply["pcm"]

@@ -30,6 +30,7 @@ from omni_demo.config import CacheScope
 from omni_demo.errors import EngineError, InputError
 from omni_demo.events import AudioChunk, ContextTrimmed, Finished, TextDelta
 
+from .metrics import ServerMetrics
 from .openai_protocol import (
     MB,
     ApiError,
@@ -232,7 +233,8 @@ class ChatServer:
     def __init__(self, engine, config: ServerConfig):
         self.engine = engine
         self.config = config
-        self.worker = ReplyWorker(engine, config.max_waiting)
+        self.worker = ReplyWorker(engine, config.max_waiting, on_finished=lambda event: self.metrics.observe(event))
+        self.metrics = ServerMetrics(running=lambda: self.worker.running, waiting=lambda: self.worker.waiting)
         self.uploads = UploadSlots(config.max_uploads_per_client)
         self.model_name = config.model_name or engine.model_name
 
@@ -254,6 +256,10 @@ class ChatServer:
         return JSONResponse({"status": "ok" if alive else "reply worker stopped", "model": self.model_name,
                              "running": self.worker.running, "waiting": self.worker.waiting,
                              "server": self.config.server_id}, status_code=200 if alive else 503)
+
+    async def prometheus(self, request: Request) -> Response:
+        """Prometheus' scrape: counts and times only, no request's content (no key needed, as /health)."""
+        return Response(self.metrics.exposition(), media_type=self.metrics.content_type)
 
     async def models(self, request: Request) -> Response:
         self.authorize(request)
@@ -334,6 +340,7 @@ def create_app(engine, config: ServerConfig = ServerConfig()) -> Starlette:
     server = ChatServer(engine, config)
     routes = [
         Route("/health", server.health),
+        Route("/metrics", server.prometheus),
         Route("/v1/models", server.models),
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
     ]

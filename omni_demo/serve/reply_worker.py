@@ -23,6 +23,7 @@ from pathlib import Path
 
 from omni_demo.config import GenerationOptions
 from omni_demo.errors import EngineError, InputError
+from omni_demo.events import Finished
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,10 @@ class ReplyWorker:
     """Runs replies on `engine` one at a time, in one thread; admits one running and `max_waiting`
     more (None: no bound here, where something in front bounds them, as Ray Serve does)."""
 
-    def __init__(self, engine, max_waiting: int | None = 16):
+    def __init__(self, engine, max_waiting: int | None = 16, on_finished=None):
         self.engine = engine
         self.max_waiting = max_waiting
+        self.on_finished = on_finished  # called with each reply's Finished (the server's metrics)
         self._admitted = 0  # requests between `admit` and the end of their reply (or `withdraw`)
         self._jobs: deque[Job] = deque()
         self._changed = threading.Condition()
@@ -149,6 +151,8 @@ class ReplyWorker:
                 with closing(self.engine.stream(job.messages, job.options, job.cancel)) as events:
                     for event in events:
                         job.put(event)
+                        if isinstance(event, Finished) and self.on_finished is not None:
+                            self.on_finished(event)
                         if job.cancel.is_set():  # no need to wait for the engine's own check
                             break
         except Exception as exc:  # handed to the request, which turns it into an HTTP error
