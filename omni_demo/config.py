@@ -79,17 +79,24 @@ class StreamingConfig:
 class CacheScope:
     """Who may reuse what a reply leaves in the conversation cache and the media cache.
 
-    A `private` party (a browser session; an API key with a cache_salt) reuses its own entries as
-    far as they agree. A shared party (an API key without a salt, or none) reuses an entry of its own
-    only through that entry's whole prompt, so that a prompt agreeing with part of another client's
-    message learns nothing of it. Across parties, only the default system prompt's tokens are shared.
+    A `private` party (a browser session; an API key with a cache_salt; by default, the one local
+    user of the CLI or the bench) reuses its own entries as far as they agree. A shared party (an API
+    key without a salt, which many clients may hold) reuses an entry of its own only up to the end of
+    one of its whole prompts, never into a reply, and keeps no media between requests: a prompt that
+    agrees with part of another client's message, or with a whole message and part of its reply,
+    saves nothing. Across parties, only the default system prompt's tokens are shared.
     """
 
     party: str = ""  # the browser session, or a digest of the API key (and cache_salt)
-    private: bool = False
+    private: bool = True
+    owner: str = ""  # whose share of the cache it draws on (an API key's salted parties: the key's); "": its own
+
+    @property
+    def quota_holder(self) -> str:
+        return self.owner or self.party
 
     def __post_init__(self):
-        if not isinstance(self.party, str) or not isinstance(self.private, bool):
+        if not isinstance(self.party, str) or not isinstance(self.owner, str) or not isinstance(self.private, bool):
             raise ValueError("a cache scope is a party name and whether it is private")
 
 
@@ -159,7 +166,8 @@ class CacheConfig:
     """What the engine keeps between turns (omni_demo.engine.conversation_cache, omni_demo.inputs.prompt.MediaCache)."""
 
     enabled: bool = True  # False: every turn is computed from scratch
-    max_prefixes: int = 8  # conversation prefixes kept, each with its thinker and talker KV caches
+    max_prefixes: int = 8  # conversation prefixes kept (at most half of them one party's), each with its thinker
+    # and talker KV caches
     max_prefix_mb: float = 4096.0  # all kept prefixes together (7B, bf16: ~0.11 MB per token)
     max_media_mb: float = 1024.0  # processed media files and their encoder outputs
 

@@ -11,6 +11,7 @@ import urllib.request
 from .apphelpers import ChildServer, free_port
 
 API_KEY = "test-key"
+METRICS_KEY = "metrics-key"
 
 
 class ApiServer(ChildServer):

@@ -311,9 +311,15 @@ def test_microphone_chunks_are_read_only_when_named_by_the_call_then_deleted(tmp
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
     ours, theirs = ChunkSequence(new_chunk_token()), ChunkSequence(new_chunk_token())
+
+    def take(sequence, path) -> list:
+        heard = []
+        sequence.take(path, lambda rate, samples: heard.append((rate, samples)))
+        return heard
+
     silence = np.zeros((12_000, 2), np.int16)
     first = chunk(tmp_path, f"{ours.prefix}-0.wav", silence)
-    (rate, samples), = ours.take(first)
+    (rate, samples), = take(ours, first)
     assert rate == 48_000 and samples.shape == (12_000, 2)
     assert not Path(first).exists() and not Path(first).parent.exists()  # read once, then deleted with its folder
     # what is not this call's chunk is refused and left alone: another call's, any other upload, a folder
@@ -326,23 +332,26 @@ def test_microphone_chunks_are_read_only_when_named_by_the_call_then_deleted(tmp
     outside = tmp_path.parent / f"{ours.prefix}-1.wav"
     sf.write(outside, silence, 48_000, subtype="PCM_16")
     for path in (other, str(picture), str(folder), str(outside)):
-        assert ours.take(path) == []
+        assert take(ours, path) == []
     assert Path(other).exists() and picture.exists() and folder.is_dir() and outside.exists()
     outside.unlink()
     # equal chunks (digital silence) have paths of their own: both are heard
     second, third = chunk(tmp_path, f"{ours.prefix}-1.wav", silence), chunk(tmp_path, f"{ours.prefix}-2.wav", silence)
-    assert len(ours.take(second)) == 1 and len(ours.take(third)) == 1
+    assert len(take(ours, second)) == 1 and len(take(ours, third)) == 1
     # overlapping posts: a chunk Gradio dropped is read from its file, in order; a late repeat is refused
     skipped, last = chunk(tmp_path, f"{ours.prefix}-3.wav", silence[:10]), chunk(tmp_path, f"{ours.prefix}-4.wav",
                                                                                   silence)
-    assert [len(samples) for _, samples in ours.take(last)] == [10, 12_000] and not Path(skipped).exists()
-    assert ours.take(chunk(tmp_path, f"{ours.prefix}-3.wav", silence)) == []
+    assert [len(samples) for _, samples in take(ours, last)] == [10, 12_000] and not Path(skipped).exists()
+    assert take(ours, chunk(tmp_path, f"{ours.prefix}-3.wav", silence)) == []
+    # a jump far ahead is refused at once, not searched for (a crafted number would list the folder 10^9 times)
+    started, far = time.monotonic(), chunk(tmp_path, f"{ours.prefix}-999999999.wav", silence)
+    assert take(ours, far) == [] and time.monotonic() - started < 1 and Path(far).exists()
     # not a short WAV: refused (and, being the call's own, deleted)
     flac = tmp_path / uuid.uuid4().hex / f"{ours.prefix}-5.wav"
     flac.parent.mkdir()
     sf.write(flac, np.zeros(12_000, np.int16), 48_000, format="FLAC")
     long = chunk(tmp_path, f"{ours.prefix}-6.wav", np.zeros(48_000 * 11, np.int16))
-    assert ours.take(str(flac)) == [] and ours.take(long) == [] and not flac.exists()
+    assert take(ours, str(flac)) == [] and take(ours, long) == [] and not flac.exists()
     # the call is over: what is left of its chunks goes, nothing else
     late = chunk(tmp_path, f"{ours.prefix}-9.wav", silence)
     ours.remove_left()

@@ -15,7 +15,7 @@ SECRET = "My card PIN is 315757. Keep it safe for me."
 TEXT = GenerationOptions(speech=False, greedy=True, max_new_tokens=6, min_new_tokens=6)
 SESSION_A = CacheScope("session:a", private=True)
 SESSION_B = CacheScope("session:b", private=True)
-SHARED = CacheScope("api:one-key")  # two clients holding the same API key, no cache_salt
+SHARED = CacheScope("api:one-key", private=False)  # two clients holding the same API key, no cache_salt
 
 
 def ask(engine, text: str, scope: CacheScope, history=()) -> tuple[Finished, int]:
@@ -65,7 +65,10 @@ def test_a_partys_own_later_turns_still_come_from_the_cache(loaded, scope):
     first, _ = ask(engine, SECRET, scope)
     history = [{"role": "user", "content": SECRET}, {"role": "assistant", "content": first.text}]
     later, taken = ask(engine, "What is my PIN?", scope, history)
-    assert taken == later.stats.reused_prompt_tokens > first.stats.prompt_tokens  # the whole first turn and more
+    if scope.private:  # the whole first turn, its reply included
+        assert taken == later.stats.reused_prompt_tokens > first.stats.prompt_tokens
+    else:  # through the first prompt, never into a reply another client of the key might not know
+        assert taken == later.stats.reused_prompt_tokens == first.stats.prompt_tokens - 1
     other, taken = ask(engine, "What is my PIN?", SESSION_B if scope is SESSION_A else SESSION_A, history)
     assert other.stats.reused_prompt_tokens == 0 and taken == len(engine.conversation_cache.public_ids)
 
@@ -90,3 +93,17 @@ def test_media_another_party_sent_is_processed_again(loaded, monkeypatch):
     for scope in (SESSION_A, SESSION_A, SESSION_B):
         list(engine.stream([{"role": "user", "content": picture}], replace(TEXT, cache_scope=scope)))
     assert processed == ["image", "image"]  # once for a (its second turn reuses it), once for b
+
+
+def test_a_whole_prompt_guessed_does_not_read_the_reply_another_client_got(loaded):
+    """One API key, no salt: a client that guesses another's whole message learns nothing more of the
+    reply that client was given, token by token (the reuse stops where the prompt ends)."""
+    engine = OmniEngine(loaded)
+    first, _ = ask(engine, SECRET, SHARED)
+    reply = engine.processor.tokenizer(first.text)["input_ids"]
+    assert len(reply) >= 2
+    history = [{"role": "user", "content": SECRET}]
+    taken = []
+    for guess in (first.text[: len(first.text) // 2], "zz" + first.text):  # half of its reply, a wrong one
+        taken.append(ask(engine, "And?", SHARED, [*history, {"role": "assistant", "content": guess}])[1])
+    assert taken[0] == taken[1] == first.stats.prompt_tokens - 1

@@ -24,7 +24,7 @@ from omni_demo.events import AudioChunk, Finished, pcm16
 
 from .apphelpers import ROOT
 from .conftest import ASSETS, run
-from .serverhelpers import API_KEY
+from .serverhelpers import API_KEY, METRICS_KEY
 
 openai = pytest.importorskip("openai")
 
@@ -307,8 +307,12 @@ def test_readme_curl_commands(api_server, tmp_path):
 
 
 def test_prometheus_metrics_count_replies_tokens_and_times(api_server):
+    url = f"http://127.0.0.1:{api_server.port}/metrics"
+    assert httpx.get(url, timeout=10).status_code == 401  # other clients' figures are not every client's to read
+    assert httpx.get(url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10).status_code == 401
+
     def scrape() -> dict[str, float]:
-        text = httpx.get(f"http://127.0.0.1:{api_server.port}/metrics", timeout=10).text
+        text = httpx.get(url, headers={"Authorization": f"Bearer {METRICS_KEY}"}, timeout=10).text
         return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                 if line and not line.startswith("#")}
 

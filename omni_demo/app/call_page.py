@@ -235,8 +235,7 @@ class CallHandler:
             if ended is not None and Path(path).name.startswith(ended.prefix + "-"):
                 ended.remove_left()
             return
-        for rate, samples in call.chunks.take(path):
-            call.call.feed(rate, samples)
+        call.chunks.take(path, call.call.feed)
 
     def remove_late_chunks(self) -> None:
         """At exit: chunks the calls' pages posted after their calls ended, which Gradio never handed

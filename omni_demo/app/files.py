@@ -21,6 +21,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ from .chat_history import gradio_upload_dir
 log = logging.getLogger(__name__)
 
 CHUNK_NAME = re.compile(r"omni-call-(?P<token>[0-9a-f]{32})-(?P<seq>\d{1,9})\.wav")
+MAX_GAP = 40  # chunks one post may skip (10 s at the page's 0.25 s); a larger jump is refused, not searched
+ARRIVAL_WAIT_S = 2.0  # Gradio moves an upload into place after it answers: how long a chunk is waited for
 _OWNED: dict[str, Path] = {}  # kind -> this process's folder of it
 _OWNED_LOCK = threading.Lock()
 
@@ -52,7 +55,8 @@ def owned_dir(kind: str) -> Path:
 def save_reply_audio(chunks: list[np.ndarray], keep: int = 256) -> str:
     """The reply's wav (24 kHz, 16-bit) in this process's reply folder; only the newest `keep` stay."""
     folder = owned_dir("replies")
-    path = folder / f"reply-{time.strftime('%Y%m%d-%H%M%S')}-{time.monotonic_ns() % 10**9:09d}.wav"
+    path = folder / f"reply-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(16)}.wav"  # Gradio serves what
+    # is named: the name is the capability
     sf.write(path, np.concatenate(chunks), SAMPLE_RATE, subtype="PCM_16")
     for old in sorted(folder.glob("reply-*.wav"), key=lambda p: p.stat().st_mtime)[:-keep]:
         old.unlink(missing_ok=True)
@@ -80,30 +84,36 @@ class ChunkSequence:
     def __init__(self, token: str):
         self.token = token
         self.next = 0  # the number of the next chunk to hear
-        self.lock = threading.Lock()  # chunk posts may overlap: one at a time, in order
+        self.lock = threading.Lock()  # chunk posts may overlap: taken, read and fed one post at a time
 
     @property
     def prefix(self) -> str:
         """What the page names this call's chunks: `{prefix}-{n}.wav`."""
         return f"omni-call-{self.token}"
 
-    def take(self, path: str) -> list[tuple[int, np.ndarray]]:
-        """The chunks `path` brings, in order: those skipped before it (from their files, when Gradio
-        dropped their posts), then its own; [] for a path refused (logged with the reason)."""
+    def take(self, path: str, hear: Callable[[int, np.ndarray], None]) -> None:
+        """Hear (`hear(rate, samples)`) the chunks `path` brings, in order: those skipped before it
+        (from their files, when Gradio dropped their posts), then its own. A path refused is logged
+        with the reason, and nothing is heard."""
         number = self._number(path)
         if number is None:
-            return []
+            return
         with self.lock:
             if number < self.next:
                 log.warning("microphone chunk %d refused: it came after chunk %d (a repeat or out of order)",
                             number, self.next - 1)
-                return []
-            skipped = [self._find(n) for n in range(self.next, number)]
+                return
+            if number - self.next > MAX_GAP:
+                log.warning("microphone chunk %d refused: %d chunks after the last one heard", number,
+                            number - self.next)
+                return
+            skipped = self._find(range(self.next, number))
+            if lost := number - self.next - len(skipped):
+                log.warning("%d microphone chunk(s) before chunk %d never arrived", lost, number)
             self.next = number + 1
-        if lost := sum(file is None for file in skipped):
-            log.warning("%d microphone chunk(s) before chunk %d never arrived", lost, number)
-        files = [file for file in skipped if file is not None] + [Path(path)]
-        return [chunk for chunk in map(read_chunk, files) if chunk is not None]
+            for file in [*skipped, Path(path)]:
+                if (chunk := read_chunk(file)) is not None:
+                    hear(*chunk)
 
     def _number(self, path: str) -> int | None:
         """The chunk's number, when `path` is one of this call's chunks in Gradio's upload folder."""
@@ -117,9 +127,19 @@ class ChunkSequence:
             return None
         return int(match["seq"])
 
-    def _find(self, number: int) -> Path | None:
-        files = list(gradio_upload_dir().glob(f"*/{self.prefix}-{number}.wav"))
-        return files[0] if files and files[0].is_file() and not files[0].is_symlink() else None
+    def _find(self, numbers: range) -> list[Path]:
+        """The files of the chunks `numbers` whose posts Gradio dropped, in order, waiting a little for
+        those still being moved into place (one listing of the upload folder per look)."""
+        found: dict[int, Path] = {}
+        deadline = time.monotonic() + (ARRIVAL_WAIT_S if numbers else 0)
+        while True:
+            for file in gradio_upload_dir().glob(f"*/{self.prefix}-*.wav"):
+                match = CHUNK_NAME.fullmatch(file.name)
+                if match and int(match["seq"]) in numbers and file.is_file() and not file.is_symlink():
+                    found[int(match["seq"])] = file
+            if len(found) == len(numbers) or time.monotonic() > deadline:
+                return [found[number] for number in sorted(found)]
+            time.sleep(0.05)
 
     def remove_left(self) -> None:
         """The call is over: its chunk files still on disk (a last post, one never handed over) go."""
@@ -127,7 +147,7 @@ class ChunkSequence:
             remove_with_folder(file)
 
 
-def _arrived(file: Path, wait_s: float = 2.0) -> bool:
+def _arrived(file: Path, wait_s: float = ARRIVAL_WAIT_S) -> bool:
     """Whether `file` is a regular file (no link, no folder). Gradio answers an upload before it has
     moved the file into place (a background task), so a chunk's event can come first: wait a little."""
     deadline = time.monotonic() + wait_s

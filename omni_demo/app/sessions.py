@@ -16,11 +16,11 @@ from collections.abc import Callable
 
 from omni_demo.config import CacheScope
 
-QUEUE_GRACE_S = 5.0  # an accepted activity's page queues its next step within this (it sends it at once)
+QUEUE_GRACE_S = 30.0  # an accepted activity's page queues its next step within this (it sends it at once)
 
 
 class Activity(threading.Event):
-    """A session's queued or running typed reply, as its cancel flag."""
+    """A session's queued or running typed reply (or, as CallActivity, its call), as its cancel flag."""
 
     busy_text = "A reply is still running: Stop it (Esc) or wait. Your message is kept."
 
@@ -38,7 +38,8 @@ class Sessions:
     An activity is accepted outside the queue, then its page queues the step that runs it. A client
     that sends only the first step (no page: nothing ever unloads it) would count in everyone's
     "In line" for good, so an activity not yet running is forgotten once `queued(session)` says the
-    queue holds nothing of its session, `QUEUE_GRACE_S` after it was accepted."""
+    queue holds nothing of its session, `QUEUE_GRACE_S` after it was accepted (`queued` reads Gradio's
+    queue, app/page.py; without its table, nothing is forgotten)."""
 
     def __init__(self, queued: Callable[[str], bool] | None = None):
         self.activities: dict[str, Activity] = {}

@@ -215,8 +215,10 @@ class VoiceCall:
         elif time.monotonic() < self.playing_until:
             self.playing_until = 0.0
             yield PlaybackInterrupted()
-        self.listening = _TurnListening(self.backend, self.conversation, self.options)
-        self.listening.feed(self.detector.turn_audio())
+        listening = _TurnListening(self.backend, self.conversation, self.options)
+        self.listening = listening if listening.listener is not None else None  # none: the turn is read whole
+        if self.listening is not None:
+            self.listening.feed(self.detector.turn_audio())
 
     def _start_early(self, turn: SpeechPaused) -> None:
         """The user paused: start the reply to the turn so far, in case the pause goes on. Only

@@ -107,7 +107,8 @@ def crop(cache, length: int, config):
 
 class ConversationCache:
     """Kept prefixes, least recently used first out: at most `max_prefixes`, `max_bytes` in all, and
-    at most half of the prefixes per party, so that one party's flood evicts its own entries first."""
+    at most half of the prefixes per party (per API key, all its salts together), so that a flood
+    evicts the flooder's own entries first."""
 
     def __init__(self, max_prefixes: int, max_bytes: int, public_ids: list[int] = ()):
         self.max_prefixes, self.max_bytes = max_prefixes, max_bytes
@@ -131,10 +132,12 @@ class ConversationCache:
 
     @staticmethod
     def _allowed(prefix: Prefix, shared: int, scope: CacheScope) -> Reuse:
-        """Its own party: all it shares (private), or through a whole prompt of the prefix (shared: a
-        prompt's last token is always computed again, so that is its length - 1). Others: the public part."""
+        """Its own private party: all it shares. Its own shared party: up to the end of a whole prompt of
+        the prefix, never into a reply (a prompt's last token is always computed again, so that is its
+        length - 1): a guess that matches part of a message, or a whole message and part of the reply
+        another client got, saves nothing. Others: the public part."""
         if prefix.scope == scope:
-            if scope.private or shared >= prefix.prompt_len - 1:
+            if scope.private:
                 return Reuse(prefix, shared, True)
             whole = [end - 1 for end in prefix.prompt_ends if prefix.public_len < end - 1 <= shared]
             if whole:
@@ -149,7 +152,8 @@ class ConversationCache:
             if kept is replaces:
                 del self.prefixes[key]
                 prefix.prompt_ends = tuple(sorted({*kept.prompt_ends, *prefix.prompt_ends}))
-        own = [key for key, kept in self.prefixes.items() if kept.scope == prefix.scope]
+        holder = prefix.scope.quota_holder  # a key's salted parties share its half: a flood of salts evicts its own
+        own = [key for key, kept in self.prefixes.items() if kept.scope.quota_holder == holder]
         while len(own) >= max(1, self.max_prefixes // 2):
             del self.prefixes[own.pop(0)]
         self.prefixes[self._next_id] = prefix

@@ -90,8 +90,10 @@ class OmniEngine:
         return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def media_cache_of(self, options: GenerationOptions) -> MediaCache | None:
-        """The media cache as the request's party sees it (its own items only), or None when off."""
-        return None if self.media_cache is None else self.media_cache.scoped(options.cache_scope.party)
+        """The media cache as the request's party sees it (its own items only); None when off, or for a
+        shared party (a skipped encoder would tell one client that another sent the same file)."""
+        scope = options.cache_scope
+        return None if self.media_cache is None or not scope.private else self.media_cache.scoped(scope.party)
 
     @property
     def lean(self) -> bool:
@@ -121,6 +123,10 @@ class OmniEngine:
             raise InputError("this model was loaded without its talker; ask for text only")
         if options.speech and options.voice not in self.model.speaker_map:
             raise InputError(f"unknown voice {options.voice!r}; choose one of {', '.join(self.voices)}")
+        if self.prompt_limit(options) < 1:
+            raise InputError(f"max_tokens {options.max_new_tokens}" + (f" and max_audio_tokens {options.max_audio_tokens}"
+                             if options.speech else "") + " leave no room for any prompt in this model's window; "
+                             "ask for a shorter reply")
 
     # -- the prompt ------------------------------------------------------------------------------
 

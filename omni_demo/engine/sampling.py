@@ -14,6 +14,9 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+MIN_TEMPERATURE = 1e-4  # lower temperatures sample the argmax all the same (logits differ by > 1e-2)
+MIN_PENALTY = 1e-3
+
 
 class Sampler:
     """Picks the next token from logits given every token so far (prompt included, as the
@@ -35,15 +38,17 @@ class Sampler:
         device: torch.device | str = "cpu",
     ):
         processors = LogitsProcessorList()
+        # transformers' warpers take floats only (an int 2 is refused), and a value so small that
+        # logits / value overflows would make NaN probabilities: below the floors nothing changes.
         if repetition_penalty is not None and repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(penalty=repetition_penalty))
+            processors.append(RepetitionPenaltyLogitsProcessor(penalty=max(float(repetition_penalty), MIN_PENALTY)))
         if min_new_tokens > 0 and eos_ids:
             processors.append(MinNewTokensLengthLogitsProcessor(prompt_len, min_new_tokens, list(eos_ids), device))
         if suppress_ids:
             processors.append(SuppressTokensLogitsProcessor(list(suppress_ids), device))
         if do_sample:
             if temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(temperature))
+                processors.append(TemperatureLogitsWarper(max(float(temperature), MIN_TEMPERATURE)))
             if top_k:
                 processors.append(TopKLogitsWarper(top_k))
             if top_p is not None and top_p < 1.0:

@@ -11,7 +11,7 @@ Peak memory of reading one part (float32 unless named): an image, its decoded pi
 (RGBA) + its resized copy; a video, FFmpeg's decoder state (a few full-size YUV frames, 12 MB
 each in 4K) + its resized frames (nframes x 3 x h' x w' x 4 bytes, ~9 KB per video token
 budgeted); an audio clip, 64 KB per second at 16 kHz.
-No torch at import time: omni_demo.inputs (imported by the UI) imports this module.
+No torch at import time (torch and torchcodec are imported where a video is read).
 """
 
 from __future__ import annotations

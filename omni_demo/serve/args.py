@@ -37,6 +37,8 @@ def add_api_arguments(parser: argparse.ArgumentParser) -> None:
                              "each with its own conversation cache")
     parser.add_argument("--max-uploads-per-client", type=int, default=ServerConfig.max_uploads_per_client,
                         help="request bodies one client address may be sending at once; past it: 429")
+    parser.add_argument("--metrics-key", default=os.environ.get("OMNI_METRICS_KEY"),
+                        help="serve Prometheus metrics at /metrics to 'Authorization: Bearer KEY' (default: off)")
     parser.add_argument("--served-model-name", help="the model id clients send (default: --model)")
     parser.add_argument("--max-request-mb", type=float, default=limits.max_request_bytes / MB,
                         help="largest request body (413 past it)")
@@ -84,7 +86,8 @@ def server_config(args, max_waiting: int | None, server_id: str | None = None) -
                        max_audio_tokens=args.max_audio_tokens)
     extra = {"server_id": server_id} if server_id else {}
     return ServerConfig(api_key=args.api_key or None, max_waiting=max_waiting, limits=limits,
-                        model_name=args.served_model_name, max_uploads_per_client=args.max_uploads_per_client, **extra)
+                        model_name=args.served_model_name, max_uploads_per_client=args.max_uploads_per_client,
+                        metrics_key=args.metrics_key or None, **extra)
 
 
 def load_engine(args):

@@ -56,6 +56,8 @@ class ServerConfig:
     max_waiting: int | None = 16  # requests admitted besides the running reply; past it: 503. None: no
     # bound here (Ray Serve bounds what reaches a replica with max_ongoing_requests)
     max_uploads_per_client: int = 32  # request bodies one client address may be sending at once; past it: 429
+    metrics_key: str | None = None  # GET /metrics wants "Authorization: Bearer <it>"; None: no /metrics
+    # (the counters move with every request: what each client sent, and how much the cache served it)
     limits: ApiLimits = ApiLimits()
     model_name: str | None = None  # the id clients send as "model"; None: the loaded model's name
     server_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")  # x-omni-server
@@ -119,7 +121,7 @@ def error_response(request: Request, exc: Exception) -> Response:
         error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
     else:
         error = api_error(exc)
-    if error.status >= 500:
+    if error.status >= 500 and error.status != 503:  # a busy server is no error of its own
         log.error("%s %s -> %d: %s", request.method, request.url.path, error.status, error.message)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status in (429, 503) else None
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
@@ -258,7 +260,14 @@ class ChatServer:
                              "server": self.config.server_id}, status_code=200 if alive else 503)
 
     async def prometheus(self, request: Request) -> Response:
-        """Prometheus' scrape: counts and times only, no request's content (no key needed, as /health)."""
+        """Prometheus' scrape, with the metrics key: its counters move with each request, so whoever reads
+        them learns how long other clients' prompts were and how much of them the cache served."""
+        key = self.config.metrics_key
+        if key is None:
+            raise ApiError(404, "metrics are off: start the server with --metrics-key (OMNI_METRICS_KEY)")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise ApiError(401, "GET /metrics needs 'Authorization: Bearer <metrics key>'", code="invalid_api_key")
         return Response(self.metrics.exposition(), media_type=self.metrics.content_type)
 
     async def models(self, request: Request) -> Response:
@@ -332,20 +341,37 @@ class ChatServer:
 
 def cache_scope(api_key: str, cache_salt: str | None) -> CacheScope:
     """The party a request's conversation cache belongs to: its API key, private with a cache_salt."""
+    key = hashlib.sha256(api_key.encode()).hexdigest()[:32]
     digest = hashlib.sha256(f"{api_key}\0{cache_salt or ''}".encode()).hexdigest()[:32]
-    return CacheScope(party=f"api:{digest}", private=cache_salt is not None)
+    return CacheScope(party=f"api:{digest}", private=cache_salt is not None, owner=f"api:{key}")  # salts: the key's share
+
+
+def answered(handler):
+    """The handler, its errors answered as OpenAI's error JSON inside the route: Starlette re-raises an
+    exception that reaches its handler for Exception after the response, and the server then drops
+    the kept-alive connection (the client's next request on it was reset)."""
+
+    async def route(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            if not isinstance(exc, (ApiError, InputError, QueueFull, EngineError, ClientGone, ClientDisconnect)):
+                log.exception("%s %s failed", request.method, request.url.path)
+            return error_response(request, exc)
+
+    return route
 
 
 def create_app(engine, config: ServerConfig = ServerConfig()) -> Starlette:
     server = ChatServer(engine, config)
     routes = [
         Route("/health", server.health),
-        Route("/metrics", server.prometheus),
-        Route("/v1/models", server.models),
-        Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+        Route("/metrics", answered(server.prometheus)),
+        Route("/v1/models", answered(server.models)),
+        Route("/v1/chat/completions", answered(server.chat_completions), methods=["POST"]),
     ]
-    # Exception alone would do, but Starlette re-raises what reaches its handler for Exception (a
-    # traceback in the log): the errors we expect are listed so that only bugs get one.
+    # The routes answer their own errors (`answered`); these cover what happens outside them (a
+    # method not allowed, a path not found).
     kinds = (ApiError, InputError, QueueFull, EngineError, HTTPException, ClientGone, ClientDisconnect, Exception)
     handlers = {kind: error_response for kind in kinds}
     app = Starlette(routes=routes, lifespan=server.lifespan, exception_handlers=handlers)

@@ -152,8 +152,9 @@ def parse_chat_request(body: dict, voices: list[str], limits: ApiLimits = ApiLim
     unknown = sorted(set(body) - KNOWN_FIELDS)
     if unknown:
         raise ApiError(400, f"unrecognized request argument: {unknown[0]}", param=unknown[0])
-    for name, allowed in NEUTRAL_FIELDS.items():
-        if body.get(name) is not None and body[name] not in allowed:
+    for name, allowed in NEUTRAL_FIELDS.items():  # by type too: true is not 1, 0 is not false
+        value = body.get(name)
+        if value is not None and not any(type(value) is type(ok) and value == ok for ok in allowed):
             raise bad(name, f"not supported by this server (only {json.dumps(allowed[0])})")
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -164,6 +165,8 @@ def parse_chat_request(body: dict, voices: list[str], limits: ApiLimits = ApiLim
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise bad("stream_options", "must be an object")
+    if not isinstance(stream_options.get("include_usage", False), bool):
+        raise bad("stream_options.include_usage", "must be true or false")
     salt = body.get("cache_salt")
     if salt is not None and (not isinstance(salt, str) or not 0 < len(salt) <= MAX_SALT_CHARS):
         raise bad("cache_salt", f"must be a non-empty string of at most {MAX_SALT_CHARS} characters")
@@ -181,7 +184,8 @@ def _flag(body: dict, name: str) -> bool:
 def _audio_output(body: dict, voices: list[str], stream: bool) -> tuple[bool, str, str | None]:
     """(speech on, voice, audio format) from `modalities` and `audio`."""
     modalities = body.get("modalities") or ["text"]
-    if not isinstance(modalities, list) or not set(modalities) <= {"text", "audio"} or "text" not in modalities:
+    if (not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities)
+            or not set(modalities) <= {"text", "audio"} or "text" not in modalities):
         raise bad("modalities", 'must be ["text"] or ["text", "audio"]')
     if "audio" not in modalities:
         return False, voices[0], None
@@ -286,8 +290,8 @@ def _part(part: Any, where: str, role: str, limits: ApiLimits) -> dict | None:
         if not isinstance(part.get("text"), str):
             raise bad(f"{where}.text", "must be a string")
         return {"type": "text", "text": part["text"]} if part["text"].strip() else None
-    if kind not in MEDIA_PARTS:
-        raise bad(f"{where}.type", f"{kind!r} is not supported; use text, {', '.join(MEDIA_PARTS)}")
+    if not isinstance(kind, str) or kind not in MEDIA_PARTS:
+        raise bad(f"{where}.type", f"{str(kind)[:40]!r} is not supported; use text, {', '.join(MEDIA_PARTS)}")
     if role != "user":
         raise bad(where, f"media parts are only accepted in user messages, not {role}")
     media_kind = MEDIA_PARTS[kind]
