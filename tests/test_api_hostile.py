@@ -29,6 +29,13 @@ HOSTILE = {  # the body, and the field its 400 must name (None: the body as a wh
     "NUL in a data URL's media type": (b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": '
                                        b'"image_url", "image_url": {"url": "data:image/pn\\u0000g;base64,AAAA"}}]}]}',
                                        "messages[0].content[0].image_url.url"),
+    "a list as a modality": (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
+                             b'"modalities": [["text"]]}', "modalities"),
+    "an object as a part's type": (b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": {}}]}]}',
+                                   "messages[0].content[0].type"),
+    "n: true": (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": true}', "n"),
+    "include_usage as a string": (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
+                                  b'"stream_options": {"include_usage": "false"}}', "stream_options.include_usage"),
     "seed below 0": (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": -1}', "seed"),
     "seed above 2**32 - 1": (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], '
                              b'"seed": 4294967296}', "seed"),
@@ -48,6 +55,17 @@ def test_hostile_bodies_are_400s_naming_the_field_on_a_connection_that_goes_on(a
         done = http.post("/chat/completions", content=GOOD)  # the same connection, still served
         assert done.status_code == 200 and done.json()["choices"][0]["message"]["content"] is not None
     assert "Traceback" not in api_server.output()
+
+
+@pytest.mark.parametrize("fields", [{"temperature": 2}, {"repetition_penalty": 2}, {"temperature": 1e-300},
+                                    {"repetition_penalty": 1e-300, "temperature": 1}])
+def test_sampling_values_the_checks_take_are_served(api_server, fields):
+    """Whole numbers (transformers' warpers take floats only) and values so small that logits
+    overflow used to be 500s after the checks had taken them."""
+    client = openai.OpenAI(base_url=api_server.base_url, api_key=API_KEY, max_retries=0)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                           seed=1, extra_body=fields)
+    assert reply.choices[0].finish_reason in ("stop", "length")
 
 
 def test_the_seed_range_is_the_engines(api_server):
