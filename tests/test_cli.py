@@ -115,3 +115,16 @@ def test_bench_conversation_mode_reuses_earlier_turns(tiny_dir):
 def test_cli_refuses_out_of_range_numbers_before_loading(flags, says):
     result = omni("omni_demo", "--model", "tiny", "--prompt", "hi", *flags, timeout=120)
     assert result.returncode == 2 and f"error: {says}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_plays_streams_at_once_and_prints_their_figures(tiny_dir):
+    result = omni("omni_demo.bench", "--model", "tiny", "--concurrency", "1,3", "--text-tokens", "6",
+                  "--audio-tokens", "60", "--stagger-s", "0.05", timeout=600)
+    assert result.returncode == 0, result.stderr
+    levels = json.loads(result.stdout.strip().splitlines()[-1])["concurrency"]
+    assert set(levels) == {"1", "3"} and levels["3"]["streams"] == 3 and len(levels["3"]["rtf_each"]) == 3
+    for level in levels.values():
+        assert level["speech_s_per_wall_s"] > 0 and 0 < level["first_audio_p50_s"] <= level["first_audio_p95_s"]
+    assert "speech s/s" in result.stdout and "first audio p50 / p95" in result.stdout
+    bad = omni("omni_demo.bench", "--model", "tiny", "--concurrency", "0,2", timeout=120)
+    assert bad.returncode == 2 and "at least 1" in bad.stderr

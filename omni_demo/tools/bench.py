@@ -385,6 +385,13 @@ def print_conversation(result: dict, file=sys.stdout) -> None:
     print(f"  listening: first audio {spoken['speed_up_first_audio']:.1f}x sooner", file=file)
 
 
+def levels(text: str) -> list[int]:
+    counts = [int(part) for part in text.split(",")]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("stream counts are whole numbers of at least 1, e.g. 1,2,4,8")
+    return counts
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m omni_demo.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -402,6 +409,10 @@ def parse_args(argv=None):
                         help="play a six-turn media conversation with the conversation cache off and on, "
                              "then a spoken turn fed in real time, listening off, on and exact")
     parser.add_argument("--utterance-s", type=float, default=10.0, help="the spoken turn's length (--conversation)")
+    parser.add_argument("--concurrency", type=levels,
+                        help="stream counts to play at once, e.g. 1,2,4,8: speech s per wall s, first audio p50/p95, "
+                             "each stream's real-time factor (omni_demo/tools/concurrency.py)")
+    parser.add_argument("--stagger-s", type=float, default=0.2, help="between two streams' arrivals (--concurrency)")
     return parser.parse_args(argv)
 
 
@@ -449,6 +460,14 @@ def main(argv=None) -> int:
     if inputs is None:
         messages = [system_message(DEFAULT_SYSTEM_PROMPT), {"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
         inputs = engine.prepare(messages, options)
+    if args.concurrency:
+        from .concurrency import concurrency_bench, print_levels
+
+        run_stream(engine, inputs, GenerationOptions(voice=args.voice, greedy=True, max_new_tokens=4, max_audio_tokens=30))
+        result = concurrency_bench(engine, inputs, options, args.concurrency, args.stagger_s)
+        print_levels(result)
+        print(json.dumps({"concurrency": result}))
+        return 0
     warmup = GenerationOptions(voice=args.voice, greedy=True, max_new_tokens=4, max_audio_tokens=30)
     run_stream(engine, inputs, warmup)
     run_reference(loaded, inputs, warmup)
