@@ -75,7 +75,8 @@ def request_body(model: str, messages: list[dict], options: GenerationOptions) -
                 "top_k": options.top_k, "repetition_penalty": options.repetition_penalty, "seed": options.seed,
                 "min_tokens": options.min_new_tokens or None, "min_audio_tokens": options.min_audio_tokens or None,
                 # a browser session's own cache on the server too (the UI's key is every session's)
-                "cache_salt": options.cache_scope.party if options.cache_scope.private else None}
+                "cache_salt": options.cache_scope.party if options.cache_scope.private and options.cache_scope.party
+                else None}
     return body | {key: value for key, value in optional.items() if value is not None}
 
 
