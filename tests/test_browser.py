@@ -12,18 +12,8 @@ from pathlib import Path
 import pytest
 
 from .apphelpers import AppServer
-from .browser import (
-    CHROMIUM,
-    chromium_page,
-    chromium_pages,
-    fake_microphone,
-    open_app,
-    playback_figures,
-    send,
-    shot,
-    state,
-    wait_state,
-)
+from .browser import (CHROMIUM, chromium_page, chromium_pages, fake_microphone, open_app, playback_figures, send,
+                      shot, state, wait_state)
 from .conftest import ASSETS
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")

@@ -18,18 +18,8 @@ from typing import Any, NamedTuple
 
 import gradio as gr
 
-from omni_demo.call.events import (
-    CallEnded,
-    PlaybackInterrupted,
-    ReplyAudio,
-    ReplyEnded,
-    ReplyText,
-    Status,
-    Tick,
-    Trimmed,
-    TurnFailed,
-    UserTurn,
-)
+from omni_demo.call.events import (CallEnded, PlaybackInterrupted, ReplyAudio, ReplyEnded, ReplyText, Status, Tick,
+                                   Trimmed, TurnFailed, UserTurn)
 from omni_demo.call.voice_call import CallConfig, VoiceCall
 from omni_demo.errors import InputError
 

@@ -35,19 +35,8 @@ from omni_demo.config import INPUT_SAMPLE_RATE, SAMPLE_RATE, GenerationOptions
 from omni_demo.errors import InputError
 from omni_demo.events import AudioChunk, ContextTrimmed, Finished, TextDelta
 
-from .events import (
-    CallEnded,
-    PlaybackInterrupted,
-    ReplyAudio,
-    ReplyEnded,
-    ReplyText,
-    Status,
-    Tick,
-    Trimmed,
-    TurnFailed,
-    TurnLatency,
-    UserTurn,
-)
+from .events import (CallEnded, PlaybackInterrupted, ReplyAudio, ReplyEnded, ReplyText, Status, Tick, Trimmed,
+                     TurnFailed, TurnLatency, UserTurn)
 from .microphone import Microphone
 from .replies import ActiveReply, EarlyReply, same_audio
 from .turns import SpeechPaused, SpeechResumed, SpeechStarted, TurnConfig, TurnDetector, TurnEnded

@@ -16,15 +16,8 @@ from collections.abc import Iterator
 
 import torch
 
-from omni_demo.config import (
-    DEFAULT_SYSTEM_PROMPT,
-    SAMPLE_RATE,
-    SAMPLES_PER_CODE,
-    CacheConfig,
-    GenerationOptions,
-    Limits,
-    StreamingConfig,
-)
+from omni_demo.config import (DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, SAMPLES_PER_CODE, CacheConfig, GenerationOptions,
+                              Limits, StreamingConfig)
 from omni_demo.errors import Cancelled, EngineError, InputError
 from omni_demo.events import ContextTrimmed, Event, Finished, ReplyClock, TextDelta
 from omni_demo.inputs.context import fit_context, plan_conversation

@@ -31,17 +31,8 @@ from omni_demo.errors import EngineError, InputError
 from omni_demo.events import AudioChunk, ContextTrimmed, Finished, TextDelta
 
 from .metrics import ServerMetrics
-from .openai_protocol import (
-    MB,
-    ApiError,
-    ApiLimits,
-    ChatRequest,
-    ChunkEncoder,
-    parse_body,
-    parse_chat_request,
-    sse,
-    write_media,
-)
+from .openai_protocol import (MB, ApiError, ApiLimits, ChatRequest, ChunkEncoder, parse_body, parse_chat_request, sse,
+                              write_media)
 from .reply_worker import Job, QueueFull, ReplyWorker
 
 log = logging.getLogger(__name__)

@@ -32,15 +32,8 @@ from dataclasses import replace
 import psutil
 import torch
 
-from omni_demo.config import (
-    ASSETS,
-    DEFAULT_SYSTEM_PROMPT,
-    INPUT_SAMPLE_RATE,
-    SAMPLE_RATE,
-    TINY_MODEL,
-    CacheConfig,
-    GenerationOptions,
-)
+from omni_demo.config import (ASSETS, DEFAULT_SYSTEM_PROMPT, INPUT_SAMPLE_RATE, SAMPLE_RATE, TINY_MODEL, CacheConfig,
+                              GenerationOptions)
 from omni_demo.errors import ModelLoadError
 from omni_demo.events import AudioChunk, Finished, TextDelta
 from omni_demo.flags import add_model_arguments, model_config
