@@ -190,13 +190,10 @@ class CallHandler:
             activity.call = VoiceCall(self.chats.backend, conversation, options, config, ended=activity,
                                       vad=self.vad(), save_audio=lambda samples: save_user_audio(samples, session,
                                                                                                   self.chats.uploads))
-            self.ended_calls[session] = activity.chunks  # its late chunks are still its own to delete
-            self.ended_calls.move_to_end(session)
-            while len(self.ended_calls) > MAX_SESSIONS:
-                self.ended_calls.popitem(last=False)
+            self._remember_chunks(session, activity.chunks)
             screen = CallScreen(pending["history"])
-            yield CallView(player=control("start", activity.chunks.prefix))  # the model is the call's now: so is
-            # the microphone
+            # the model is the call's now: so is the microphone, its chunks named for this call
+            yield CallView(player=control("start", activity.chunks.prefix))
             for event in activity.call.run():
                 if activity.cleared:  # Clear: the emptied chat gets nothing more
                     yield ended_view("The chat was cleared.")._replace(chat=gr.skip())
@@ -226,6 +223,13 @@ class CallHandler:
                 ended.remove_left()
             return
         call.chunks.take(path, call.call.feed)
+
+    def _remember_chunks(self, session: str, chunks: ChunkSequence) -> None:
+        """The session's call's chunks: those its page posts after the call ended are still its to delete."""
+        self.ended_calls[session] = chunks
+        self.ended_calls.move_to_end(session)
+        while len(self.ended_calls) > MAX_SESSIONS:
+            self.ended_calls.popitem(last=False)
 
     def remove_late_chunks(self) -> None:
         """At exit: chunks the calls' pages posted after their calls ended, which Gradio never handed
