@@ -14,9 +14,11 @@ least recently used first.
 Who may reuse what (`CacheScope`, omni_demo.config): equal tokens are equal state, but a reuse is
 also an answer: "someone sent these tokens before", in the usage figures and in the time to first
 text. So a prefix is reused in full only by its own private party (a browser session, an API key
-with a cache_salt); a shared party (an API key many clients hold) reuses its own prefixes only
-through their whole prompt, so a prompt that agrees with part of another client's message learns
-nothing of it; and across parties only the default system prompt's tokens are shared.
+with a cache_salt, the one local user of the CLI or the bench); a shared party (an API key many
+clients hold) reuses its own prefixes only up to the end of one of their whole prompts, never into
+a reply, so a prompt that agrees with part of another client's message (or with a whole message
+and part of its reply) learns nothing of it; and across parties only the default system prompt's
+tokens are shared.
 """
 
 from __future__ import annotations
