@@ -162,6 +162,22 @@ class GenerationOptions:
 
 
 @dataclass(frozen=True)
+class BatchConfig:
+    """How the engine's scheduler shares the model between replies (omni_demo.engine.scheduler)."""
+
+    max_batch: int | None = None  # replies decoded together (None: from the free memory and a slot's size)
+    realtime_guard: bool = True  # admit a reply only while every running reply's speech is ahead of real time
+    prefill_chunk_tokens: int = 512  # prompt tokens prefilled between two decode steps
+    threaded: bool = True  # False: one reply at a time, in its caller's thread (ZeroGPU lends a GPU per call)
+
+    def __post_init__(self):
+        if self.max_batch is not None and not 1 <= self.max_batch <= 256:
+            raise ValueError("max_batch must be between 1 and 256")
+        if self.prefill_chunk_tokens < 16:
+            raise ValueError("prefill_chunk_tokens must be at least 16")
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     """What the engine keeps between turns (omni_demo.engine.conversation_cache, omni_demo.inputs.prompt.MediaCache)."""
 

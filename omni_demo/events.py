@@ -91,4 +91,11 @@ class ContextTrimmed:
     limit_tokens: int
 
 
-Event = TextDelta | AudioChunk | ContextTrimmed | Finished
+@dataclass(frozen=True)
+class Waiting:
+    """The engine is serving as many replies as it can keep real-time: this one waits its turn."""
+
+    ahead: int  # replies that will start before it
+
+
+Event = TextDelta | AudioChunk | ContextTrimmed | Waiting | Finished

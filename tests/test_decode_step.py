@@ -1,8 +1,6 @@
 """The lean decode step (static KV cache, fused matmuls; CUDA graphs on CUDA) against the plain
 one (transformers' forward over a DynamicCache): the same greedy tokens and codes."""
 
-import threading
-
 import pytest
 import torch
 
@@ -39,21 +37,6 @@ def test_fused_weights_keep_the_plain_path_intact(engine, plain):
     fused = layer._omni_fused
     assert layer.self_attn.q_proj.weight.data_ptr() == fused.qkv_weight.data_ptr()
     assert torch.equal(fused.gate_up_weight[: layer.mlp.gate_proj.out_features], layer.mlp.gate_proj.weight)
-
-
-def test_a_second_reply_waits_for_the_engine_and_then_runs(engine, monkeypatch):
-    from omni_demo.errors import EngineError
-
-    hi = [{"role": "user", "content": "hi"}]
-    first = engine.stream(hi, GenerationOptions(max_new_tokens=50, speech=False))
-    next(first)
-    monkeypatch.setattr(engine.model_lock, "wait_s", 0.2)
-    with pytest.raises(EngineError, match="busy with another reply"):
-        next(engine.stream(hi, GenerationOptions(max_new_tokens=5, speech=False)))
-    # as after a Stop: the cancelled reply is closed while the next one is already waiting
-    monkeypatch.setattr(engine.model_lock, "wait_s", 10.0)
-    threading.Timer(0.3, first.close).start()
-    assert isinstance(run(engine, hi, GenerationOptions(max_new_tokens=3, speech=False))[-1], Finished)
 
 
 def test_graph_buckets_cover_the_window():

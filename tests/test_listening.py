@@ -5,7 +5,7 @@ same clip processed whole, whatever the clip's loudness does."""
 import numpy as np
 import pytest
 
-from omni_demo.config import CacheConfig, GenerationOptions, Limits
+from omni_demo.config import BatchConfig, CacheConfig, GenerationOptions, Limits
 from omni_demo.engine.omni_engine import OmniEngine
 from omni_demo.errors import InputError
 from omni_demo.events import Finished
@@ -101,16 +101,37 @@ def test_listening_keeps_windows_whose_only_change_is_under_the_floor(engines, h
     assert len(ours.text_token_ids) >= 6 and len(ours.codec_token_ids) >= 24  # enough to agree or not
 
 
-def test_while_another_reply_holds_the_model_listening_waits_and_stays_exact(engines, history):
+def test_while_another_reply_runs_listening_goes_on_between_its_steps_and_stays_exact(engines, history):
     history, _ = history
     listening, _ = engines
     clip = utterance(5.0, seed=1)
-    with listening.model_lock.hold():  # another reply is running
+    other = listening.stream([{"role": "user", "content": "tell me everything"}],
+                             GenerationOptions(max_new_tokens=400, min_new_tokens=400, speech=False))
+    next(other)  # another reply is running
+    try:
         listener = listening.listen(history, OPTIONS)
         for start in range(0, len(clip), CHUNK):
             listener.feed_audio(clip[start : start + CHUNK])
-        assert listener.windows == []
+        assert len(listener.windows) == 2  # encoded and prefilled as they finished, between the reply's steps
+        assert listening.scheduler.running, "the other reply was still running"
+    finally:
+        other.close()
     assert_same_reply(engines, history, clip, listener, listener.end_turn())
+
+
+def test_one_reply_at_a_time_listening_waits_for_the_running_reply(loaded, history):
+    history, _ = history
+    alone = OmniEngine(loaded, batch=BatchConfig(threaded=False))
+    clip = utterance(5.0, seed=1)
+    other = alone.stream([{"role": "user", "content": "hi"}], GenerationOptions(max_new_tokens=50, speech=False))
+    next(other)
+    listener = alone.listen(history, OPTIONS)
+    for start in range(0, len(clip), CHUNK):
+        listener.feed_audio(clip[start : start + CHUNK])
+    assert listener.windows == []  # skipped, not waited for: the turn is then processed whole
+    other.close()
+    listener.feed_audio(np.zeros(CHUNK, np.float32))
+    assert len(listener.windows) == 2
 
 
 def test_a_turn_over_the_audio_limit_or_without_audio_is_refused(loaded):

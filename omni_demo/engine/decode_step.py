@@ -50,95 +50,154 @@ class PlainStep:
 
 
 class LeanStep:
-    """One-token decode over a static KV cache for a Qwen2.5-Omni text stack (`layers`, `norm`,
-    `rotary_emb`): the thinker's language model or the talker's model. One per stack, shared by
-    the replies, which run one at a time."""
+    """One-token decode over static KV caches for a Qwen2.5-Omni text stack (`layers`, `norm`,
+    `rotary_emb`): the thinker's language model or the talker's model. It holds one cache *slot*
+    per reply that may run at once; `slot(i)` is reply i's decode step, and `step_many` decodes
+    one token for several slots in one batched pass (the scheduler's step)."""
 
-    def __init__(self, stack, max_len: int):
+    def __init__(self, stack, max_len: int, slots: int = 1):
         config = stack.config
         self.stack = stack
         self.max_len = max_len
+        self.slots = slots
         weight = stack.norm.weight
         self.device, self.dtype = weight.device, weight.dtype
         attn = stack.layers[0].self_attn
         self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_key_value_heads, attn.head_dim
-        shape = (len(stack.layers), 1, self.kv_heads, max_len, self.head_dim)
-        self.keys = torch.zeros(shape, device=self.device, dtype=self.dtype)  # [layers, 1, kv, T, hd]
+        # One slot more than asked: the scratch slot that a CUDA graph's padding rows write to.
+        shape = (len(stack.layers), slots + 1, self.kv_heads, max_len, self.head_dim)
+        self.keys = torch.zeros(shape, device=self.device, dtype=self.dtype)  # [layers, slots + 1, kv, T, hd]
         self.values = torch.zeros(shape, device=self.device, dtype=self.dtype)
         # Decode positions advance all three mRoPE axes together, so one table covers them: [P, hd].
         positions = torch.arange(config.max_position_embeddings, device=self.device)
         cos, sin = stack.rotary_emb(weight, positions.view(1, 1, -1).expand(3, 1, -1))
         self.cos, self.sin = cos[0], sin[0]
-        self.length = 0  # cached positions
-        self.rope_offset = 0  # mRoPE position minus cache position (the prompt's rope delta)
-        self.graphs: dict[int, _GraphStep] = {}
-        self.buckets: list[int] = []  # sorted keys of `graphs`
+        self.lengths = [0] * slots  # cached positions, per slot
+        self.rope_offsets = [0] * slots  # mRoPE position minus cache position (the prompt's rope delta)
+        self.graphs: dict[tuple[int, int], _GraphStep] = {}  # by (batch bucket, cache-length bucket)
         self.fused = [_fuse(layer) for layer in stack.layers]
         self.norm_weight, self.norm_eps = stack.norm.weight, stack.norm.variance_epsilon
 
-    def load(self, cache, rope_offset: int) -> None:
-        """Copy a transformers DynamicCache (after prefill) into the static cache; later positions
-        are cache length + `rope_offset`."""
-        self.rope_offset = rope_offset
+    @staticmethod
+    def slot_bytes(stack, max_len: int) -> int:
+        """Bytes of one slot's KV cache for `stack` over `max_len` positions."""
+        attn, weight = stack.layers[0].self_attn, stack.norm.weight
+        return 2 * len(stack.layers) * attn.num_key_value_heads * attn.head_dim * max_len * weight.element_size()
+
+    def slot(self, index: int) -> SlotStep:
+        return SlotStep(self, index)
+
+    def load(self, slot: int, cache, rope_offset: int) -> None:
+        """Copy a transformers DynamicCache (after prefill) into `slot`; later positions are cache
+        length + `rope_offset`."""
+        self.rope_offsets[slot] = rope_offset
         for index, layer in enumerate(cache.layers):
             length = layer.keys.shape[2]
-            self.keys[index, :, :, :length] = layer.keys
-            self.values[index, :, :, :length] = layer.values
-        self.length = cache.get_seq_length()
+            self.keys[index, slot, :, :length] = layer.keys[0]
+            self.values[index, slot, :, :length] = layer.values[0]
+        self.lengths[slot] = cache.get_seq_length()
 
-    def snapshot(self):
-        """The KV cache so far, copied into a DynamicCache (the static one serves the next reply)."""
-        return kv_cache([(k[:, :, : self.length], v[:, :, : self.length]) for k, v in zip(self.keys, self.values)],
+    def snapshot(self, slot: int):
+        """`slot`'s KV cache so far, copied into a DynamicCache (the slot serves the next reply)."""
+        n = self.lengths[slot]
+        return kv_cache([(k[slot : slot + 1, :, :n], v[slot : slot + 1, :, :n]) for k, v in zip(self.keys, self.values)],
                         self.stack.config)
 
     @torch.inference_mode()
-    def step(self, embeds: torch.Tensor) -> torch.Tensor:
-        """embeds [1, 1, D] of the next token -> its last hidden state [1, 1, D] (final norm)."""
-        if self.length >= self.max_len:
+    def step_many(self, slots: list[int], embeds: torch.Tensor) -> torch.Tensor:
+        """embeds [B, 1, D] of each slot's next token -> their last hidden states [B, 1, D] (final norm).
+        On CUDA, through the graph of the smallest (batch, cache length) bucket that holds them."""
+        lengths = [self.lengths[slot] for slot in slots]
+        if max(lengths) >= self.max_len:
             raise RuntimeError(f"static KV cache full ({self.max_len} positions)")
-        position = self.length + self.rope_offset
-        bucket = next((b for b in self.buckets if b > self.length), None)
-        if bucket is not None:
-            hidden = self.graphs[bucket].run(embeds, position, self.length)
+        positions = [length + self.rope_offsets[slot] for slot, length in zip(slots, lengths)]
+        graph = self._graph_for(len(slots), max(lengths) + 1)
+        if graph is not None:
+            hidden = graph.run(embeds, slots, positions, lengths)
         else:
-            hidden = self._step(embeds, self.cos[position], self.sin[position], self.length)
-        self.length += 1
+            hidden = self._step(embeds, slots, self.cos[positions], self.sin[positions], lengths)
+        for slot in slots:
+            self.lengths[slot] += 1
         return hidden
 
-    def _step(self, hidden, cos, sin, index, mask=None, span=None):
-        """The decoder layers for one token written at cache `index`. Eager: attend to [0, index];
-        graph: attend to the first `span` positions under `mask` (index may be a tensor).
-        Same ops as Qwen2_5OmniDecoderLayer, minus module dispatch, with q/k/v and gate/up as one
-        matmul each and q and k rotated together (the rotation is elementwise per head)."""
-        qk_heads, hd = self.heads + self.kv_heads, self.head_dim
-        cos, sin = cos.view(1, 1, 1, -1), sin.view(1, 1, 1, -1)
+    def _graph_for(self, batch: int, span: int) -> _GraphStep | None:
+        fits = [key for key in self.graphs if key[0] >= batch and key[1] >= span]
+        return self.graphs[min(fits)] if fits else None
+
+    def _step(self, hidden, slots, cos, sin, lengths):
+        """Eager: the decoder layers for one token per slot, written at each slot's cache position;
+        each row attends to its own slot's [0, length] (so a row's attention is the same
+        arithmetic at any batch size). Same ops as Qwen2_5OmniDecoderLayer, minus module dispatch,
+        with q/k/v and gate/up as one matmul each and q and k rotated together."""
+        batch = hidden.shape[0]
+        cos, sin = cos.view(batch, 1, 1, -1), sin.view(batch, 1, 1, -1)
         for w, keys, values in zip(self.fused, self.keys, self.values):
             residual = hidden
-            qkv = F.linear(_rms_norm(hidden, w.input_norm, w.eps), w.qkv_weight, w.qkv_bias)
-            qk = _rotate(qkv[..., : qk_heads * hd].view(1, 1, qk_heads, hd).transpose(1, 2), cos, sin)
-            q, k = qk[:, : self.heads], qk[:, self.heads :]
-            v = qkv[..., qk_heads * hd :].view(1, 1, self.kv_heads, hd).transpose(1, 2)
-            if span is None:
-                keys[:, :, index] = k[:, :, 0]
-                values[:, :, index] = v[:, :, 0]
-                keys, values = keys[:, :, : index + 1], values[:, :, : index + 1]
-            else:
-                keys.index_copy_(2, index, k)
-                values.index_copy_(2, index, v)
-                keys, values = keys[:, :, :span], values[:, :, :span]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=w.scaling,
-                                                 enable_gqa=self.heads != self.kv_heads)
-            hidden = residual + F.linear(out.transpose(1, 2).reshape(1, 1, -1), w.o_weight)
-            residual = hidden
-            gate, up = F.linear(_rms_norm(hidden, w.post_norm, w.eps), w.gate_up_weight).chunk(2, -1)
-            hidden = residual + F.linear(w.act(gate) * up, w.down_weight)
+            q, k, v = self._qkv(w, hidden, cos, sin)
+            rows = []
+            for row, (slot, index) in enumerate(zip(slots, lengths)):
+                keys[slot, :, index] = k[row, :, 0]
+                values[slot, :, index] = v[row, :, 0]
+                rows.append(F.scaled_dot_product_attention(
+                    q[row : row + 1], keys[slot : slot + 1, :, : index + 1], values[slot : slot + 1, :, : index + 1],
+                    scale=w.scaling, enable_gqa=self.heads != self.kv_heads))
+            out = torch.cat(rows) if batch > 1 else rows[0]
+            hidden = self._after_attention(w, residual, out)
         return _rms_norm(hidden, self.norm_weight, self.norm_eps)
 
-    def capture(self, buckets: list[int]) -> None:
-        """CUDA only: capture the step for each cache-length bucket (warm-up included). Nothing
-        changes unless every capture succeeds."""
-        graphs = {bucket: _GraphStep(self, bucket) for bucket in sorted(b for b in buckets if b <= self.max_len)}
-        self.graphs, self.buckets = graphs, sorted(graphs)
+    def _step_masked(self, hidden, slot_ids, cos, sin, index, span):
+        """The graph body: slots and positions as tensors ([B] long), every row attending to the
+        first `span` positions of its slot under a mask (no host sync, one shape per bucket)."""
+        batch = hidden.shape[0]
+        cos, sin = cos.view(batch, 1, 1, -1), sin.view(batch, 1, 1, -1)
+        mask = (torch.arange(span, device=hidden.device)[None, :] <= index[:, None]).view(batch, 1, 1, span)
+        for w, keys, values in zip(self.fused, self.keys, self.values):
+            residual = hidden
+            q, k, v = self._qkv(w, hidden, cos, sin)
+            keys[slot_ids, :, index] = k[:, :, 0]
+            values[slot_ids, :, index] = v[:, :, 0]
+            out = F.scaled_dot_product_attention(
+                q, keys[:, :, :span].index_select(0, slot_ids), values[:, :, :span].index_select(0, slot_ids),
+                attn_mask=mask, scale=w.scaling, enable_gqa=self.heads != self.kv_heads)
+            hidden = self._after_attention(w, residual, out)
+        return _rms_norm(hidden, self.norm_weight, self.norm_eps)
+
+    def _qkv(self, w, hidden, cos, sin):
+        """hidden [B, 1, D] -> rotated q [B, heads, 1, hd], rotated k and v [B, kv, 1, hd]."""
+        batch, qk_heads, hd = hidden.shape[0], self.heads + self.kv_heads, self.head_dim
+        qkv = F.linear(_rms_norm(hidden, w.input_norm, w.eps), w.qkv_weight, w.qkv_bias)
+        qk = _rotate(qkv[..., : qk_heads * hd].view(batch, 1, qk_heads, hd).transpose(1, 2), cos, sin)
+        v = qkv[..., qk_heads * hd :].view(batch, 1, self.kv_heads, hd).transpose(1, 2)
+        return qk[:, : self.heads], qk[:, self.heads :], v
+
+    @staticmethod
+    def _after_attention(w, residual, out):
+        hidden = residual + F.linear(out.transpose(1, 2).reshape(out.shape[0], 1, -1), w.o_weight)
+        gate, up = F.linear(_rms_norm(hidden, w.post_norm, w.eps), w.gate_up_weight).chunk(2, -1)
+        return hidden + F.linear(w.act(gate) * up, w.down_weight)
+
+    def capture(self, batches: list[int], spans: list[int]) -> None:
+        """CUDA only: capture the step for each (batch, cache-length) bucket (warm-up included).
+        Nothing changes unless every capture succeeds."""
+        keys = [(b, s) for b in sorted(set(batches)) if b <= self.slots for s in sorted(set(spans)) if s <= self.max_len]
+        self.graphs = {key: _GraphStep(self, *key) for key in keys}
+
+
+class SlotStep:
+    """One reply's decode step: a slot of a `LeanStep` (what the decoders call `decode_step`)."""
+
+    def __init__(self, lean: LeanStep, slot: int):
+        self.lean, self.slot = lean, slot
+
+    def load(self, cache, rope_offset: int) -> None:
+        self.lean.load(self.slot, cache, rope_offset)
+
+    def snapshot(self):
+        return self.lean.snapshot(self.slot)
+
+    def step(self, embeds: torch.Tensor) -> torch.Tensor:
+        """embeds [1, 1, D] -> last hidden state [1, 1, D]: a batch of one."""
+        return self.lean.step_many([self.slot], embeds)
 
 
 class _FusedWeights:
@@ -187,41 +246,43 @@ def _rotate(x, cos, sin):
 
 
 class _GraphStep:
-    """The decode step as one CUDA graph, for caches of at most `span` positions."""
+    """The decode step as one CUDA graph, for up to `batch` slots whose caches hold less than
+    `span` positions. Padding rows write to the scratch slot and are dropped."""
 
-    def __init__(self, lean: LeanStep, span: int):
-        self.lean = lean
+    def __init__(self, lean: LeanStep, batch: int, span: int):
+        self.lean, self.batch, self.span = lean, batch, span
         d, hidden = lean, lean.stack.config.hidden_size
-        self.embeds = torch.zeros(1, 1, hidden, device=d.device, dtype=d.dtype)
-        self.position = torch.zeros(1, dtype=torch.long, device=d.device)
-        self.index = torch.zeros(1, dtype=torch.long, device=d.device)
-        self.mask = torch.zeros(1, 1, 1, span, dtype=torch.bool, device=d.device)  # True: may attend
-        self.positions = torch.arange(span, device=d.device)
+        self.embeds = torch.zeros(batch, 1, hidden, device=d.device, dtype=d.dtype)
+        self.slot_ids = torch.full((batch,), d.slots, dtype=torch.long, device=d.device)
+        self.position = torch.zeros(batch, dtype=torch.long, device=d.device)
+        self.index = torch.zeros(batch, dtype=torch.long, device=d.device)
         saved = (d.keys.clone(), d.values.clone())
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(2):  # warm-up outside the graph, as capture requires
-                self._body(span)
+                self._body()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.inference_mode():
-            self.output = self._body(span)
+            self.output = self._body()
         d.keys.copy_(saved[0])  # the warm-up wrote into the cache
         d.values.copy_(saved[1])
 
-    def _body(self, span):
+    def _body(self):
         d = self.lean
-        cos, sin = d.cos.index_select(0, self.position)[0], d.sin.index_select(0, self.position)[0]
-        torch.le(self.positions, self.index, out=self.mask[0, 0, 0])
-        return d._step(self.embeds, cos, sin, self.index, mask=self.mask, span=span)
+        cos, sin = d.cos.index_select(0, self.position), d.sin.index_select(0, self.position)
+        return d._step_masked(self.embeds, self.slot_ids, cos, sin, self.index, self.span)
 
-    def run(self, embeds, position: int, index: int) -> torch.Tensor:
-        self.embeds.copy_(embeds)
-        self.position.fill_(position)
-        self.index.fill_(index)
+    def run(self, embeds, slots: list[int], positions: list[int], lengths: list[int]) -> torch.Tensor:
+        n, pad = len(slots), self.batch - len(slots)
+        self.embeds[:n].copy_(embeds)
+        device = self.slot_ids.device
+        self.slot_ids.copy_(torch.tensor(slots + [self.lean.slots] * pad, device=device))
+        self.position.copy_(torch.tensor(positions + [0] * pad, device=device))
+        self.index.copy_(torch.tensor(lengths + [0] * pad, device=device))
         self.graph.replay()
-        return self.output.clone()
+        return self.output[:n].clone()
 
 
 def kv_cache(layers: list[tuple[torch.Tensor, torch.Tensor]], config):

@@ -8,6 +8,8 @@ Talker: the thinker's prompt states, then one reply part per codec step -> codec
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import torch
 from transformers import DynamicCache
 
@@ -16,9 +18,9 @@ from omni_demo.inputs.prepare import PreparedInputs
 from omni_demo.inputs.prompt import MediaItem, MediaSpan
 
 from .conversation_cache import ConversationCache, Prefix, crop
-from .decode_step import LeanStep, PlainStep
+from .decode_step import PlainStep, SlotStep
 
-DecodeStep = PlainStep | LeanStep
+DecodeStep = PlainStep | SlotStep
 
 
 def rope_index(model, input_ids: torch.Tensor, inputs: PreparedInputs) -> tuple[torch.Tensor, int]:
@@ -88,11 +90,23 @@ class ThinkerDecoder:
         self.own = False  # that prefix is this party's own, reused as such (the usage figures count it)
         self.scope = CacheScope()  # whose prefixes it may reuse; what it keeps is that party's
 
-    @torch.inference_mode()
     def prefill(self, inputs: PreparedInputs, cache: ConversationCache | None = None,
                 scope: CacheScope = CacheScope()) -> torch.Tensor:
-        """The prompt, media encoders included, from the longest prefix `cache` lets `scope` reuse.
-        -> logits of the first reply token [1, V]."""
+        """`prefill_chunks` in one go. -> logits of the first reply token [1, V]."""
+        chunks = self.prefill_chunks(inputs, cache, scope)
+        while True:
+            try:
+                next(chunks)
+            except StopIteration as done:
+                return done.value
+
+    @torch.inference_mode()
+    def prefill_chunks(self, inputs: PreparedInputs, cache: ConversationCache | None = None,
+                       scope: CacheScope = CacheScope(), chunk_tokens: int | None = None) -> Generator[None, None, torch.Tensor]:
+        """The prompt, media encoders included, from the longest prefix `cache` lets `scope` reuse,
+        in pieces: it yields after each media item's encoders and after each `chunk_tokens` of the
+        language model (None: the whole prompt at once), so a scheduler can decode other replies in
+        between. Returns the logits of the first reply token [1, V]."""
         ids = inputs.input_ids
         positions, self.rope_delta = rope_index(self.thinker, ids, inputs)
         self.positions = positions[:, 0]
@@ -101,15 +115,28 @@ class ThinkerDecoder:
             reuse = cache.longest(ids[0].tolist(), self.positions, inputs.media, scope)
             self.prefix, self.reused, self.own = reuse.prefix, reuse.length, reuse.own
         reused, config = self.reused, self.thinker.config.text_config
+        for span in inputs.media:
+            if span.end > reused and not span.item.features:
+                item_features(self.thinker.model, span.item)
+                yield
         kv = crop(self.prefix.thinker_kv, reused, config) if reused else DynamicCache(config=config)
         embeds = media_embeds(self.thinker.model, ids, reused, inputs.media)
-        out = self.thinker.model.language_model(inputs_embeds=embeds, position_ids=positions[:, :, reused:],
-                                                past_key_values=kv, use_cache=True)
+        length = embeds.shape[1]
+        step = chunk_tokens or length
+        hidden = []
+        for start in range(0, length, step):
+            out = self.thinker.model.language_model(
+                inputs_embeds=embeds[:, start : start + step], past_key_values=kv, use_cache=True,
+                position_ids=positions[:, :, reused + start : reused + start + step])
+            hidden.append(out.last_hidden_state)
+            if start + step < length:
+                yield
+        hidden = torch.cat(hidden, 1) if len(hidden) > 1 else hidden[0]
         is_media = torch.isin(ids[:, reused:], torch.tensor(self.media_ids, device=ids.device)).unsqueeze(-1)
-        states = out.last_hidden_state + embeds.masked_fill(is_media, 0.0)  # media carry no text embedding
+        states = hidden + embeds.masked_fill(is_media, 0.0)  # media carry no text embedding
         self.prompt_states = torch.cat([self.prefix.states[:, :reused], states], 1) if reused else states
         self.decode_step.load(kv, self.rope_delta)
-        return self.thinker.lm_head(out.last_hidden_state[:, -1])
+        return self.thinker.lm_head(hidden[:, -1])
 
     def kept_prefix(self, token_ids: list[int], media: list[MediaSpan], reply_parts: list[torch.Tensor] = (),
                     talker: tuple | None = None, partial: bool = False) -> Prefix:
@@ -137,8 +164,19 @@ class ThinkerDecoder:
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed `token` ([1] long, on the device). -> (next-token logits [1, V], its reply part [1, 1, D])."""
-        embeds = self.embed(token.view(1, 1))
-        hidden = self.decode_step.step(embeds)
+        embeds = self.input_embeds(token)
+        return self.outputs(self.decode_step.step(embeds), embeds)
+
+    # A batched step (omni_demo.engine.scheduler) is `input_embeds`, the stack over every reply's
+    # rows at once, then `outputs` over those rows: the same arithmetic as `step`, split in two.
+    @torch.inference_mode()
+    def input_embeds(self, token: torch.Tensor) -> torch.Tensor:
+        """token [1] long -> its input embedding [1, 1, D]."""
+        return self.embed(token.view(1, 1))
+
+    @torch.inference_mode()
+    def outputs(self, hidden: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden, embeds [B, 1, D] -> (next-token logits [B, V], reply parts [B, 1, D])."""
         return self.thinker.lm_head(hidden[:, -1]), hidden + embeds
 
 
@@ -206,6 +244,14 @@ class TalkerDecoder:
     def step(self, code: torch.Tensor, reply_part: torch.Tensor) -> torch.Tensor:
         """Feed codec token `code` ([1] long, on the device) with the thinker's reply part [1, 1, D]
         (or text_eos / text_pad once the text has ended). -> next codec logits [1, V]."""
-        embeds = self.codec_embed(code.view(1, 1)) + reply_part
-        hidden = self.decode_step.step(self.talker.thinker_to_talker_proj(embeds))
+        return self.logits(self.decode_step.step(self.input_embeds(code, reply_part)))
+
+    @torch.inference_mode()
+    def input_embeds(self, code: torch.Tensor, reply_part: torch.Tensor) -> torch.Tensor:
+        """The talker stack's input for one codec step: [1, 1, D_talker]."""
+        return self.talker.thinker_to_talker_proj(self.codec_embed(code.view(1, 1)) + reply_part)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, 1, D_talker] -> codec logits [B, V] (float32)."""
         return self.talker.codec_head(hidden[:, -1]).float()

@@ -104,8 +104,9 @@ class Listener:
         return self._chunks[0]
 
     def feed_audio(self, pcm: np.ndarray) -> None:
-        """Append float32 mono 16 kHz samples; encode and prefill every window they finish. When
-        another reply holds the model, the work waits for the next call (or `end_turn`)."""
+        """Append float32 mono 16 kHz samples; encode and prefill every window they finish, as a job
+        of the engine's scheduler (between two of its steps). Where the engine serves one reply at a
+        time and one is running, the work waits for the next call (or `end_turn`)."""
         pcm = np.array(pcm, dtype=np.float32).reshape(-1)  # a copy: the caller may reuse its buffer
         limit = self.engine.limits.max_audio_s
         if (self.heard + len(pcm)) / INPUT_SAMPLE_RATE > limit:
@@ -114,14 +115,11 @@ class Listener:
         self.heard += len(pcm)
         if not (self.listening and self._finished_windows() > len(self.windows)):
             return
-        with self.engine.model_lock.try_hold() as held:
-            if not held:
-                return
-            try:
-                self._catch_up()
-            except Exception:  # listening only saves time: the turn is then processed whole, as ever
-                log.exception("listening failed; this turn will be processed whole")
-                self.listening, self.windows = False, []
+        try:
+            self.engine.scheduler.call(self._catch_up, skip_if_busy=True)
+        except Exception:  # listening only saves time: the turn is then processed whole, as ever
+            log.exception("listening failed; this turn will be processed whole")
+            self.listening, self.windows = False, []
 
     def end_turn(self, length: int | None = None) -> list[dict]:
         """The turn is over: the conversation to reply to, its last user turn this clip (an array
@@ -136,9 +134,7 @@ class Listener:
         part = {"type": "audio", "audio": samples}
         windows = self.windows[: self._finished_windows(len(samples))]
         if windows:
-            with self.engine.model_lock.try_hold(self.engine.model_lock.wait_s) as held:
-                if held:  # else: processed whole, as ever
-                    self._keep_item(part, windows)
+            self.engine.scheduler.call(lambda: self._keep_item(part, windows))
         return self.history + [{"role": "user", "content": [part]}]
 
     def _keep_item(self, part: dict, windows: list[Window]) -> None:
@@ -253,7 +249,7 @@ class Listener:
         tensors = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                    **{name: value.to(engine.loaded.device) for name, value in join_tensors(items).items()}}
         inputs = PreparedInputs(tensors, messages, self.use_audio_in_video and self.history_has_video, spans)
-        thinker = ThinkerDecoder(engine.model.thinker, engine.decode_step("thinker", lean=False))
+        thinker = ThinkerDecoder(engine.model.thinker, engine.decode_step("thinker"))
         thinker.prefill(inputs, engine.conversation_cache, self.options.cache_scope)
         replaces = thinker.supersedes(thinker.prefix is not None and thinker.prefix is self.partial)
         self.partial = thinker.kept_prefix(ids, spans, partial=True)

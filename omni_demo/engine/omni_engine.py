@@ -1,11 +1,13 @@
-"""The streaming engine: one reply at a time, the thinker and the talker decoded in lock-step,
-Token2Wav chunk by chunk.
+"""The streaming engine: the thinker and the talker decoded in lock-step, Token2Wav chunk by
+chunk, every running reply in one batch.
 
-Follow one reply: `stream` fits the conversation into the window (omni_demo.inputs.context),
-`_reply` runs the loop (cancel? -> one text token -> hand its reply part to the speech side -> one
-codec step if the speech side is ready -> yield), and `_finished` reports. The two sides are
-`streams.TextStream` and `streams.SpeechStream`; the decoders under them are in `decoders.py`.
-`OmniEngine` implements the `Backend` protocol (omni_demo.backends.protocol).
+Follow one reply: `stream` fits the conversation into the window (omni_demo.inputs.context) in the
+caller's thread, `stream_inputs` hands it to the scheduler (omni_demo.engine.scheduler), whose loop
+admits it into a KV slot, prefills it, and steps it with every other running reply (one text
+token -> its reply part to the speech side -> one codec step when the speech side is ready), and
+`finished` reports. The two sides of a reply are `streams.TextStream` and `streams.SpeechStream`;
+the decoders under them are in `decoders.py`. `OmniEngine` implements the `Backend` protocol
+(omni_demo.backends.protocol).
 """
 
 from __future__ import annotations
@@ -14,12 +16,10 @@ import logging
 import threading
 from collections.abc import Iterator
 
-import torch
-
-from omni_demo.config import (DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, SAMPLES_PER_CODE, CacheConfig, GenerationOptions,
-                              Limits, StreamingConfig)
-from omni_demo.errors import Cancelled, EngineError, InputError
-from omni_demo.events import ContextTrimmed, Event, Finished, ReplyClock, TextDelta
+from omni_demo.config import (DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, SAMPLES_PER_CODE, BatchConfig, CacheConfig,
+                              GenerationOptions, Limits, StreamingConfig)
+from omni_demo.errors import Cancelled, InputError
+from omni_demo.events import ContextTrimmed, Event, Finished, ReplyClock
 from omni_demo.inputs.context import fit_context, plan_conversation
 from omni_demo.inputs.messages import system_message
 from omni_demo.inputs.prepare import PreparedInputs, prepare_inputs
@@ -30,8 +30,9 @@ from .conversation_cache import ConversationCache, crop
 from .decode_step import LeanStep, PlainStep, graph_buckets
 from .decoders import DecodeStep, TalkerDecoder, ThinkerDecoder
 from .listening import Listener
-from .model_lock import ModelLock
 from .sampling import talker_eos, talker_sampler, thinker_sampler, token_id_list
+from .scheduler import Scheduler, max_batch
+from .sequence import Sequence
 from .streams import SpeechStream, TextDetokenizer, TextStream
 from .token2wav import StreamingToken2Wav
 
@@ -39,20 +40,23 @@ log = logging.getLogger(__name__)
 
 
 class OmniEngine:
-    """Owns the loaded model; `stream` serves one request at a time (the `ModelLock`)."""
+    """Owns the loaded model and the scheduler that serves its replies together; `close` stops it."""
 
     def __init__(self, loaded: LoadedModel, streaming: StreamingConfig | None = None, limits: Limits | None = None,
-                 lean: bool = True, cache: CacheConfig | None = None):
+                 lean: bool = True, cache: CacheConfig | None = None, batch: BatchConfig | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
         self.streaming = streaming or StreamingConfig()
         self.limits = limits or Limits()
-        self.model_lock = ModelLock()  # the lean steps' static caches serve one reply at a time
         self.stacks = {"thinker": self.model.thinker.model.language_model}  # the decoder stacks, by name
         if loaded.has_talker:
             self.stacks["talker"] = self.model.talker.model
+        self.batch = batch or BatchConfig()
+        self.max_batch = max_batch(self.batch, self.stacks, self._windows(), loaded.device) if lean else 1
         self.lean_steps: dict[str, LeanStep] = self._make_lean_steps() if lean else {}
+        log.info("serving up to %d replies at once (--max-batch)", self.max_batch)
+        self.scheduler = Scheduler(self, self.batch, self.max_batch)
         cache = cache or CacheConfig()
         self.conversation_cache = self.media_cache = None  # what later turns reuse
         if cache.enabled:
@@ -62,20 +66,28 @@ class OmniEngine:
         self.thinker_eos = token_id_list(self.model.thinker.generation_config.eos_token_id)
         self.talker_eos = talker_eos(self.model.talker) if loaded.has_talker else []
 
-    def _make_lean_steps(self) -> dict[str, LeanStep]:
-        """Static KV caches over the whole windows; on CUDA, the steps captured as CUDA graphs now,
-        so the first reply does not pay for the capture."""
+    def _windows(self) -> dict[str, int]:
         config = self.model.config
-        windows = {"thinker": config.thinker_config.text_config.max_position_embeddings,
-                   "talker": config.talker_config.max_position_embeddings}
-        steps = {name: LeanStep(stack, windows[name]) for name, stack in self.stacks.items()}
+        return {"thinker": config.thinker_config.text_config.max_position_embeddings,
+                "talker": config.talker_config.max_position_embeddings}
+
+    def _make_lean_steps(self) -> dict[str, LeanStep]:
+        """Static KV caches over the whole windows, one slot per reply of a batch; on CUDA, the
+        steps captured as CUDA graphs now (per batch and cache-length bucket), so the first reply
+        does not pay for the capture."""
+        windows = self._windows()
+        steps = {name: LeanStep(stack, windows[name], self.max_batch) for name, stack in self.stacks.items()}
         if self.loaded.device.type == "cuda":
             for step in steps.values():
                 try:
-                    step.capture(graph_buckets(step.max_len))
+                    step.capture(graph_buckets(self.max_batch, smallest=1), graph_buckets(step.max_len))
                 except Exception:  # an eager lean step still beats the plain one
                     log.exception("CUDA graph capture failed; decoding with eager lean steps")
         return steps
+
+    def close(self) -> None:
+        """Stop serving: running and waiting replies end with an EngineError; the loop is joined."""
+        self.scheduler.close()
 
     def _default_system_ids(self) -> list[int]:
         """The tokens every prompt with the default system prompt begins with: what all parties share."""
@@ -92,11 +104,11 @@ class OmniEngine:
     def lean(self) -> bool:
         return bool(self.lean_steps)
 
-    def decode_step(self, stack: str, lean: bool = True) -> DecodeStep:
-        """The decode step for the "thinker" or "talker" stack: the shared lean one when the engine
-        has it (and `lean`), else a fresh plain one."""
-        if lean and stack in self.lean_steps:
-            return self.lean_steps[stack]
+    def decode_step(self, stack: str, slot: int | None = None) -> DecodeStep:
+        """The decode step for the "thinker" or "talker" stack: KV slot `slot` of the lean one
+        when the engine has it, else (or for slot None) a fresh plain one."""
+        if slot is not None and stack in self.lean_steps:
+            return self.lean_steps[stack].slot(slot)
         return PlainStep(self.stacks[stack])
 
     @property
@@ -177,67 +189,45 @@ class OmniEngine:
             return
         if dropped:
             yield ContextTrimmed(dropped, inputs.prompt_len, self.prompt_limit(options))
-        try:
-            yield from self.stream_inputs(inputs, options, cancel, clock=clock)
-        except torch.OutOfMemoryError as exc:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()  # hand the failed request's memory back for the next one
-            raise EngineError("the GPU ran out of memory on this request; try shorter or fewer media, "
-                              "or a shorter reply") from exc
+        yield from self.stream_inputs(inputs, options, cancel, clock=clock)
 
     def stream_inputs(self, inputs: PreparedInputs, options: GenerationOptions, cancel: threading.Event | None = None,
                       *, clock: ReplyClock | None = None) -> Iterator[Event]:
         """`stream` for inputs already through the processor (timings count from `clock`'s start).
-        A cancelled reply lets go of the model when its generator is closed, within one decode step;
-        the next queued reply may already be here, so it waits for that."""
+        Closing the generator cancels the reply at the scheduler's next step."""
         self._check(options)
-        with self.model_lock.hold():
-            yield from self._reply(inputs, options, cancel, clock or ReplyClock())
+        yield from self.scheduler.serve(Sequence(inputs, options, cancel, clock or ReplyClock()))
 
-    def _reply(self, inputs: PreparedInputs, options: GenerationOptions, cancel: threading.Event | None,
-               clock: ReplyClock) -> Iterator[Event]:
-        """The streaming loop: one text token, then one codec step when the speech side is ready."""
-        text = self._text_stream(inputs, options)
-        speech: SpeechStream | None = None  # set up after the first text token, so it never delays it
-        cancelled = False
-        while not (text.done and (speech is None or speech.done)):
-            if cancel is not None and cancel.is_set():
-                cancelled = True
-                break
-            if not text.done:
-                if delta := text.next_token():
-                    event = TextDelta(delta)
-                    clock.mark(event)
-                    yield event
-                if options.speech and speech is None:
-                    speech = self._speech_stream(inputs, options, text)
-                reply_part = text.feed()
-                if speech is not None and reply_part is not None:
-                    speech.feed(reply_part)
-                if speech is not None and text.done:
-                    speech.end_of_text()
-            if speech is not None and speech.ready and (chunk := speech.step()):
-                clock.mark(chunk)
-                yield chunk
-        if self.conversation_cache is not None:
-            self._remember(inputs, text, speech)
-        yield self._finished(inputs, text, speech, "cancelled" if cancelled else text.stop_reason, clock)
+    # -- the scheduler's side: one reply's streams and its end ----------------------------------------
 
-    def _text_stream(self, inputs: PreparedInputs, options: GenerationOptions) -> TextStream:
-        decoder = ThinkerDecoder(self.model.thinker, self.decode_step("thinker"))
+    def text_stream(self, inputs: PreparedInputs, options: GenerationOptions, slot: int | None) -> TextStream:
+        decoder = ThinkerDecoder(self.model.thinker, self.decode_step("thinker", slot))
         sampler = thinker_sampler(self.model.thinker, options, inputs.prompt_len, self.loaded.device)
         return TextStream(decoder, sampler, TextDetokenizer(self.processor.tokenizer), inputs,
                           max_new_tokens=options.max_new_tokens, eos=self.thinker_eos, speech=options.speech,
                           conversation_cache=self.conversation_cache, scope=options.cache_scope)
 
-    def _speech_stream(self, inputs: PreparedInputs, options: GenerationOptions, text: TextStream) -> SpeechStream:
+    def speech_stream(self, inputs: PreparedInputs, options: GenerationOptions, text: TextStream,
+                      slot: int | None) -> SpeechStream:
         speaker = self.model.speaker_map[options.voice]
         token2wav = StreamingToken2Wav(self.model.token2wav, speaker, self.streaming,
                                        max_codes=options.max_audio_tokens, seed=options.seed)
         sampler = talker_sampler(self.model.talker, options, inputs.prompt_len + 2, self.loaded.device)
-        return SpeechStream(TalkerDecoder(self.model, self.decode_step("talker")), token2wav, sampler,
+        return SpeechStream(TalkerDecoder(self.model, self.decode_step("talker", slot)), token2wav, sampler,
                             inputs=inputs, text=text, speaker_bos=speaker["bos_token"], eos=self.talker_eos,
                             max_codes=options.max_audio_tokens)
+
+    def finished(self, sequence: Sequence) -> Finished:
+        """The reply's Finished, once its turn is in the conversation cache (when it was prefilled)."""
+        text, speech = sequence.text, sequence.speech
+        prefilled = text is not None and text.logits is not None
+        if self.conversation_cache is not None and prefilled:
+            self._remember(sequence.inputs, text, speech)
+        if sequence.cancelled:
+            stop_reason = "cancelled"
+        else:
+            stop_reason = text.stop_reason
+        return self._finished(sequence.inputs, text, speech, stop_reason, sequence.clock)
 
     def _remember(self, inputs: PreparedInputs, text: TextStream, speech: SpeechStream | None) -> None:
         """Keep this turn's prompt and fed reply tokens in the conversation cache."""
@@ -252,13 +242,13 @@ class OmniEngine:
         self.conversation_cache.add(kept, replaces=replaces)
         self.media_cache.trim()  # the turn may have added encoder outputs to its items
 
-    def _finished(self, inputs: PreparedInputs, text: TextStream, speech: SpeechStream | None, stop_reason: str,
-                  clock: ReplyClock) -> Finished:
+    def _finished(self, inputs: PreparedInputs, text: TextStream | None, speech: SpeechStream | None,
+                  stop_reason: str, clock: ReplyClock) -> Finished:
         codes, samples = (speech.codes, speech.next_sample) if speech else ([], 0)
-        thinker = text.decoder  # only the party's own hits are reported (CacheScope)
+        token_ids = text.token_ids if text is not None else []
+        reused = text.decoder.reused if text is not None and text.decoder.own else 0  # the party's own hits only
         stats = clock.stats(audio_s=samples / SAMPLE_RATE, prompt_tokens=inputs.prompt_len,
-                            reused_prompt_tokens=thinker.reused if thinker.own else 0, text_tokens=len(text.token_ids),
-                            audio_tokens=len(codes))
+                            reused_prompt_tokens=reused, text_tokens=len(token_ids), audio_tokens=len(codes))
         assert samples == SAMPLES_PER_CODE * len(codes) or stop_reason == "cancelled"
-        return Finished(text.detokenizer.text, text.token_ids, list(codes), samples, stop_reason, stats,
-                        inputs.messages)
+        return Finished(text.detokenizer.text if text is not None else "", token_ids, list(codes), samples,
+                        stop_reason, stats, inputs.messages)

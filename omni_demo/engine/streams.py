@@ -10,6 +10,7 @@ thinker has fed token t (to produce token t + 1), so the talker runs one step be
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Generator
 
 import numpy as np
 import torch
@@ -70,14 +71,21 @@ class TextStream:
                  inputs: PreparedInputs, *, max_new_tokens: int, eos: list[int], speech: bool,
                  conversation_cache: ConversationCache | None = None, scope: CacheScope = CacheScope()):
         self.decoder, self.sampler, self.detokenizer = decoder, sampler, detokenizer
+        self.inputs, self.conversation_cache, self.scope = inputs, conversation_cache, scope
         self.prompt_len, self.max_new_tokens, self.eos = inputs.prompt_len, max_new_tokens, eos
         self.speech = speech  # the talker needs at least one reply part, even from a one-token reply
         self.tokens = TokenBuffer(inputs.input_ids, self.prompt_len + max_new_tokens)  # prompt + reply
-        self.logits = decoder.prefill(inputs, conversation_cache, scope)  # [1, V]: the next token's
+        self.logits: torch.Tensor | None = None  # [1, V]: the next token's, once the prompt is prefilled
         self.token: torch.Tensor | None = None  # [1] on the device: sampled, not yet fed
         self.reply_parts: list[torch.Tensor] = []  # [1, 1, D] of each token fed, in order
         self.done = False
         self.stop_reason: str | None = None  # "eos" or "length", once done
+
+    def prefill(self, chunk_tokens: int | None = None) -> Generator[None, None, None]:
+        """Prefill the prompt (omni_demo.engine.decoders.ThinkerDecoder.prefill_chunks), yielding
+        between pieces; afterwards the first token can be sampled."""
+        self.logits = yield from self.decoder.prefill_chunks(self.inputs, self.conversation_cache, self.scope,
+                                                              chunk_tokens)
 
     @property
     def token_ids(self) -> list[int]:
@@ -99,14 +107,24 @@ class TextStream:
             self.stop_reason = "eos" if is_eos else "length"
         return "" if is_eos else self.detokenizer.push(token)
 
-    def feed(self) -> torch.Tensor | None:
-        """Run the thinker on the sampled token. -> its reply part [1, 1, D], or None when the reply
-        ended with it: the last token is fed only when the talker would otherwise get nothing."""
+    @property
+    def wants_feed(self) -> bool:
+        """The sampled token goes through the thinker (for the next token's logits and its reply
+        part) unless the reply ended with it: the last token is fed only when the talker would
+        otherwise get no reply part at all."""
         generated = self.tokens.length - self.prompt_len
         lone_token = self.speech and generated == 1 and self.stop_reason == "length"
-        if self.done and not lone_token:
+        return not self.done or lone_token
+
+    def feed(self) -> torch.Tensor | None:
+        """Run the thinker on the sampled token. -> its reply part [1, 1, D], or None (`wants_feed`)."""
+        if not self.wants_feed:
             return None
-        self.logits, reply_part = self.decoder.step(self.token)
+        return self.accept(*self.decoder.step(self.token))
+
+    def accept(self, logits: torch.Tensor, reply_part: torch.Tensor) -> torch.Tensor:
+        """The thinker's outputs for the token fed (one row of a batched step, or `feed`'s)."""
+        self.logits = logits
         self.reply_parts.append(reply_part)
         return reply_part
 
@@ -147,14 +165,30 @@ class SpeechStream:
         """One step behind the thinker: codec step t waits for reply part t until the text has ended."""
         return not self.done and (bool(self.pending) or self.text_ended)
 
+    @property
+    def prefilled(self) -> bool:
+        return self.last_code is not None
+
+    def _next_part(self) -> torch.Tensor:
+        return self.pending.popleft() if self.pending else self.text_pad
+
     def step(self) -> AudioChunk | None:
-        """One codec token. -> the samples that became final, if any."""
-        reply_part = self.pending.popleft() if self.pending else self.text_pad
+        """One codec token (the talker's prefill first). -> the samples that became final, if any."""
+        reply_part = self._next_part()
         if self.last_code is None:
             logits = self.talker.prefill(self.inputs, self.text.decoder, self.speaker_bos, self.text.first_token,
                                          reply_part)
         else:
             logits = self.talker.step(self.last_code, reply_part)
+        return self.take(logits)
+
+    def next_input(self) -> torch.Tensor:
+        """After the prefill: the talker stack's input for the next codec step [1, 1, D_talker] (its
+        logits come back through `take`, from one row of a batched step)."""
+        return self.talker.input_embeds(self.last_code, self._next_part())
+
+    def take(self, logits: torch.Tensor) -> AudioChunk | None:
+        """Sample a codec token from `logits` [1, V]. -> the samples that became final, if any."""
         self.last_code = self.sampler(self.codec_ids.ids, logits)
         self.codec_ids.append(self.last_code)
         code = int(self.last_code)  # the one host sync of the step
