@@ -17,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-from omni_demo.flags import add_model_arguments, model_config
+from omni_demo.flags import add_model_arguments, batch_config, model_config
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -33,8 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--share", action="store_true", default=bool(env("OMNI_SHARE", "")),
                         help="also serve a public https link through Gradio")
-    parser.add_argument("--concurrency", type=int, default=int(env("OMNI_CONCURRENCY", 1)),
-                        help="replies generated at once (one GPU: 1; others wait in the queue)")
+    parser.add_argument("--concurrency", type=int, default=int(env("OMNI_CONCURRENCY", 0)) or None,
+                        help="replies streamed at once through the page (default: the engine's --max-batch; "
+                             "with --backend, 4); the rest wait in the queue")
     parser.add_argument("--max-queue", type=int, default=int(env("OMNI_MAX_QUEUE", 16)),
                         help="requests that may wait; past it users are told the server is busy")
     parser.add_argument("--max-upload-mb", type=float, default=float(env("OMNI_MAX_UPLOAD_MB", 100)))
@@ -61,7 +62,8 @@ def build_app(args):
         from omni_demo.backends.remote import RemoteBackend
 
         backend = RemoteBackend(args.backend, args.api_key)
-        return build_demo(backend, voice_activity_model).queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
+        return build_demo(backend, voice_activity_model).queue(default_concurrency_limit=args.concurrency or 4,
+                                                               max_size=args.max_queue)
     from omni_demo.backends.zerogpu import ZeroGPUBackend, on_zerogpu
     from omni_demo.config import CacheConfig
     from omni_demo.engine.omni_engine import OmniEngine
@@ -70,14 +72,16 @@ def build_app(args):
     quiet_libraries()
     loaded = load_model(model_config(args))
     zerogpu = on_zerogpu()
-    # ZeroGPU lends the GPU per reply: state kept on it between replies would not be there next time.
-    engine = OmniEngine(loaded, lean=args.lean, cache=CacheConfig(enabled=not zerogpu))
+    # ZeroGPU lends the GPU per reply, to one call's process: state kept on it between replies would
+    # not be there next time, and a loop thread of our own would not hold it. One reply at a time there.
+    engine = OmniEngine(loaded, lean=args.lean, cache=CacheConfig(enabled=not zerogpu),
+                        batch=batch_config(args, threaded=not zerogpu))
     backend = ZeroGPUBackend(engine) if zerogpu else engine
     demo = build_demo(backend, voice_activity_model)
-    if args.concurrency > 1:
-        logging.getLogger("app").warning("one engine serves one reply at a time; extra concurrent replies will be "
-                                         "refused with a message. Keep --concurrency 1 on one GPU.")
-    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
+    concurrency = 1 if zerogpu else args.concurrency or engine.max_batch
+    logging.getLogger("app").info("replies at once: %d (--max-batch %d, real-time guard %s)", concurrency,
+                                  engine.max_batch, "on" if engine.batch.realtime_guard else "off")
+    demo.queue(default_concurrency_limit=concurrency, max_size=args.max_queue)
     return demo
 
 

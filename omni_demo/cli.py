@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from omni_demo.config import DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, GenerationOptions
-from omni_demo.flags import add_model_arguments, model_config
+from omni_demo.flags import add_model_arguments, batch_config, model_config
 from omni_demo.inputs.messages import system_message
 
 
@@ -64,7 +64,7 @@ def run(args) -> dict:
     loaded = load_model(model_config(args))
     if loaded.is_random:
         print("note: tiny random-weight checkpoint; its replies are deliberately nonsense", file=sys.stderr)
-    engine = OmniEngine(loaded, lean=args.lean)
+    engine = OmniEngine(loaded, lean=args.lean, batch=batch_config(args))
     messages = build_messages(args.prompt, args.system, args.image, args.audio, args.video)
     chunks, finished = [], None
     for event in engine.stream(messages, options):

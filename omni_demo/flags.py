@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from omni_demo.config import ATTN_IMPLEMENTATIONS, DEFAULT_MODEL, DTYPES, ModelConfig
+from omni_demo.config import ATTN_IMPLEMENTATIONS, DEFAULT_MODEL, DTYPES, BatchConfig, ModelConfig
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +21,23 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: flash_attention_2 where installed on CUDA, else sdpa")
     parser.add_argument("--lean", action=argparse.BooleanOptionalAction, default=env("OMNI_LEAN", "1") != "0",
                         help="lean decode steps: static KV cache, fused matmuls, CUDA graphs on CUDA (default on)")
+    parser.add_argument("--max-batch", type=int, default=int(env("OMNI_MAX_BATCH", 0)) or None,
+                        help="replies decoded together (default: as many KV slots as a share of the free memory "
+                             "holds, at most 16 on CUDA, 8 on a CPU)")
+    parser.add_argument("--realtime-guard", action=argparse.BooleanOptionalAction,
+                        default=env("OMNI_REALTIME_GUARD", "1") != "0",
+                        help="admit a new reply only while every running reply's speech stays ahead of real time; "
+                             "--no-realtime-guard: everyone at once, speech slower than real time if need be")
 
 
 def model_config(args) -> ModelConfig:
     return ModelConfig(model=args.model, device=args.device, dtype=args.dtype, attn=args.attn)
+
+
+def batch_config(args, **overrides) -> BatchConfig:
+    """The scheduler's settings from --max-batch and --realtime-guard (and `overrides` by name)."""
+    values = {"max_batch": args.max_batch, "realtime_guard": args.realtime_guard, **overrides}
+    try:
+        return BatchConfig(**values)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc

@@ -64,11 +64,12 @@ def run(engine, messages, options, cancel=None):
 
 @pytest.fixture(scope="session")
 def api_server(tiny_dir):
-    """`python -m omni_demo.serve --model tiny` on loopback: API key, one waiting reply at most, small size
-    and time limits."""
+    """`python -m omni_demo.serve --model tiny` on loopback: API key, one reply at a time and one waiting
+    at most, small size and time limits."""
     from .serverhelpers import API_KEY, METRICS_KEY, ApiServer
 
-    server = ApiServer("--api-key", API_KEY, "--metrics-key", METRICS_KEY, "--max-queue", "1", "--max-request-mb", "2",
+    server = ApiServer("--api-key", API_KEY, "--metrics-key", METRICS_KEY, "--max-batch", "1", "--max-queue", "1",
+                       "--max-request-mb", "2",
                        "--max-media-mb", "0.5", "--upload-timeout-s", "2").wait()
     yield server
     server.stop()

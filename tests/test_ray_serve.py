@@ -40,7 +40,9 @@ def ray_server(tiny_dir):
     start = time.monotonic()
     # --max-queue 2: Ray's router counts a request as queued until it is assigned, so with 1 the second
     # of two simultaneous requests can be refused though a replica is idle (ray/serve/_private/router.py).
-    server = ApiServer("--ray", "--replicas", "2", "--max-queue", "2",
+    # --max-batch 1: one reply per replica, so "both replicas busy" is two replies (a replica batches
+    # up to its --max-batch; tests/test_batching.py checks the batching itself).
+    server = ApiServer("--ray", "--replicas", "2", "--max-queue", "2", "--max-batch", "1",
                        env={"RAY_ADDRESS": None, "RAY_DISABLE_USAGE_STATS": "1"}).wait(timeout=300)
     replica_ids(server, 2)
     print(f"Ray Serve with 2 tiny replicas answered after {time.monotonic() - start:.1f} s")

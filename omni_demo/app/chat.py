@@ -20,7 +20,7 @@ import gradio as gr
 from omni_demo.backends.protocol import Backend
 from omni_demo.config import STOP_GRACE_S
 from omni_demo.errors import InputError
-from omni_demo.events import AudioChunk, ContextTrimmed, Finished, TextDelta
+from omni_demo.events import AudioChunk, ContextTrimmed, Finished, TextDelta, Waiting
 from omni_demo.inputs.messages import check_request
 
 from .chat_history import UploadRegistry, chat_to_conversation, media_summary, new_upload_paths, user_turn
@@ -208,5 +208,7 @@ class _Streamed:
                 yield ChatView(audio=player("speaking", "Speaking…", event.pcm16()))
             elif isinstance(event, ContextTrimmed):
                 gr.Warning(trimmed_text(event))
+            elif isinstance(event, Waiting):
+                yield ChatView(audio=player("queued", waiting_text(event.ahead)))
             elif isinstance(event, Finished):
                 self.finished = event

@@ -33,6 +33,7 @@ STOP_JS = "() => { if (window.omniPlayer) window.omniPlayer.stop(); return []; }
 # Returns its inputs as a list: a bare array (the chat's messages) would be read as one input each.
 CALL_START_JS = "(chat) => { if (window.omniCall) window.omniCall.prepare(); return [chat]; }"
 CALL_END_JS = "(call) => { if (window.omniPlayer) window.omniPlayer.stop(); return [call]; }"
+MAX_CALLS = 16  # voice calls open at once per server (each is one waiting thread; the engine batches their replies)
 CALL_HINT = "Hands-free: pause and it answers, talk over it to interrupt."
 # Example chips: (label, what they put in the box). Chosen, not sent: the user can edit first.
 EXAMPLES = [
@@ -206,14 +207,15 @@ def _wire_chat(chats: ChatHandler, chat: _Chat, settings: _Settings) -> None:
 
 
 def _wire_call(calls: CallHandler, chat: _Chat, settings: _Settings) -> None:
-    """Start call registers the call outside the queue and starts the microphone; its loop holds the
-    model like a reply; the microphone streams beside it."""
+    """Start call registers the call outside the queue and starts the microphone; its loop runs in a
+    group of its own (it holds no model: its replies and its listening are the engine's requests like
+    any other), and the microphone streams beside it."""
     pending = gr.State(None)
     outputs = [chat.chatbot, chat.player, chat.call_status, chat.stats, chat.call_start, chat.call_end, chat.textbox]
     accepted = chat.call_start.click(calls.accept, [chat.chatbot], [pending, *outputs], js=CALL_START_JS,
                                      queue=False, show_progress="hidden", api_visibility="private")
-    accepted.then(calls.run, [pending, *settings.reply, *settings.call], outputs, concurrency_id="gpu",
-                  show_progress="minimal", show_progress_on=[chat.call_status], api_visibility="private")
+    accepted.then(calls.run, [pending, *settings.reply, *settings.call], outputs, concurrency_id="calls",
+                  concurrency_limit=MAX_CALLS, show_progress="minimal", show_progress_on=[chat.call_status], api_visibility="private")
     chat.call_mic.stream(calls.hear, [chat.call_mic], None, stream_every=MIC_CHUNK_S,
                          time_limit=calls.config.max_call_s + 60, concurrency_limit=None, concurrency_id="call-mic",
                          show_progress="hidden", api_visibility="private")

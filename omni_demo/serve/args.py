@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from omni_demo.flags import add_model_arguments, model_config
+from omni_demo.flags import add_model_arguments, batch_config, model_config
 
 from .http import ServerConfig
 from .openai_protocol import MB, ApiLimits
@@ -59,9 +59,9 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gpus-per-replica", type=float,
                        help="default: 1; 0 with --device cpu or where the cluster has no GPU (an autoscaling "
                             "cluster whose GPU nodes start later needs 1 here)")
-    group.add_argument("--max-ongoing-requests", type=int, default=1,
-                       help="requests Ray sends one replica at once (default 1: Ray holds the rest, so each "
-                            "goes to the first idle replica)")
+    group.add_argument("--max-ongoing-requests", type=int,
+                       help="requests Ray sends one replica at once, which it batches (default: --max-batch, else "
+                            "8); Ray holds the rest for the first replica with room")
 
 
 def replica_parser() -> argparse.ArgumentParser:
@@ -95,4 +95,4 @@ def load_engine(args):
     from omni_demo.models.loading import load_model, quiet_libraries
 
     quiet_libraries()
-    return OmniEngine(load_model(model_config(args)), lean=args.lean)
+    return OmniEngine(load_model(model_config(args)), lean=args.lean, batch=batch_config(args))

@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from omni_demo.config import CacheScope
 from omni_demo.errors import EngineError, InputError
-from omni_demo.events import AudioChunk, ContextTrimmed, Finished, TextDelta
+from omni_demo.events import AudioChunk, ContextTrimmed, Finished, TextDelta, Waiting
 
 from .metrics import ServerMetrics
 from .openai_protocol import (MB, ApiError, ApiLimits, ChatRequest, ChunkEncoder, parse_body, parse_chat_request, sse,
@@ -44,7 +44,7 @@ RETRY_AFTER_S = 1  # what a busy server (503) tells clients to wait
 class ServerConfig:
     api_key: str | None = None  # required as "Authorization: Bearer <key>" on /v1/*; several, comma-separated,
     # are several parties (each its own conversation cache); None: open
-    max_waiting: int | None = 16  # requests admitted besides the running reply; past it: 503. None: no
+    max_waiting: int | None = 16  # requests admitted besides the running replies; past it: 503. None: no
     # bound here (Ray Serve bounds what reaches a replica with max_ongoing_requests)
     max_uploads_per_client: int = 32  # request bodies one client address may be sending at once; past it: 429
     metrics_key: str | None = None  # GET /metrics wants "Authorization: Bearer <it>"; None: no /metrics
@@ -172,8 +172,8 @@ async def _disconnect(request: Request) -> None:
 async def first_event(job: Job):
     """(first text/audio/finished event, the ContextTrimmed event before it or None)."""
     trimmed = None
-    while isinstance(event := await job.next(), ContextTrimmed):
-        trimmed = event
+    while isinstance(event := await job.next(), (ContextTrimmed, Waiting)):
+        trimmed = event if isinstance(event, ContextTrimmed) else trimmed
     return event, trimmed
 
 

@@ -8,8 +8,9 @@ replicas and replaces dead ones; none of that is ours.
 
 Replica options are the server's model and API flags (`--model`, `--api-key`, `--max-media-mb`,
 ...), passed as a dict (`model: tiny` in serve_config.yaml). Where to listen and how many requests
-may wait are Ray's deployment options: with max_ongoing_requests 1, each replica gets one request
-at a time and Ray holds the others (up to max_queued_requests) for the first idle replica.
+may wait are Ray's deployment options: each replica gets up to max_ongoing_requests at once (its
+--max-batch, else 8), which its engine batches, and Ray holds the others (up to
+max_queued_requests) for the first replica with room.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .http import RETRY_AFTER_S, ServerConfig, create_app
 
 log = logging.getLogger(__name__)
 APP_NAME = "omni"
+REPLICA_BATCH = 8  # requests one replica batches, unless --max-ongoing-requests or --max-batch says otherwise
 
 
 def replica_args(options: dict) -> argparse.Namespace:
@@ -39,7 +41,7 @@ def replica_args(options: dict) -> argparse.Namespace:
 
 
 @serve.deployment(
-    max_ongoing_requests=1,  # the replica's real concurrency: Ray holds the rest and routes each to an idle replica
+    max_ongoing_requests=REPLICA_BATCH,  # the replica's engine batches these; Ray holds the rest for a replica with room
     max_queued_requests=ServerConfig.max_waiting,  # per proxy; past it Ray answers 503, as our server does
     backpressure_config={"status_code": 503, "retry_after_s": RETRY_AFTER_S},
     health_check_period_s=10,
@@ -86,10 +88,11 @@ def gpus_per_replica(args, cluster_gpus: float) -> float:
 
 def deployment_options(args, gpus: float) -> dict:
     options = {"ray_actor_options": {"num_cpus": 1, "num_gpus": gpus},
-               "max_ongoing_requests": args.max_ongoing_requests, "max_queued_requests": args.max_queue}
+               "max_ongoing_requests": args.max_ongoing_requests or args.max_batch or REPLICA_BATCH,
+               "max_queued_requests": args.max_queue}
     if args.max_replicas and args.max_replicas > args.replicas:
         options["autoscaling_config"] = {"min_replicas": args.replicas, "max_replicas": args.max_replicas,
-                                         "target_ongoing_requests": 1}
+                                         "target_ongoing_requests": options["max_ongoing_requests"] // 2 or 1}
     else:
         options["num_replicas"] = args.replicas
     return options

@@ -1,9 +1,10 @@
-"""One engine, one reply at a time, for an asyncio server.
+"""One engine, as many replies at once as it batches, for an asyncio server.
 
-The engine is a blocking generator, so one worker thread runs the replies in turn: it iterates
-`engine.stream` and hands each event to the request's asyncio queue. A request that is cancelled
-(client gone) sets its `cancel` Event: a running reply stops within one decode step or audio
-chunk, a waiting one is skipped. The thread lives as long as the server and is joined by `stop`.
+The engine's `stream` is a blocking generator, so `workers` threads (the engine's --max-batch)
+each iterate one reply's `engine.stream` and hand its events to the request's asyncio queue; the
+engine's scheduler steps those replies together. A request that is cancelled (client gone) sets
+its `cancel` Event: a running reply stops within one decode step or audio chunk, a waiting one is
+skipped. The threads live as long as the server and are joined by `stop`.
 
 A request takes its place (`admit`) once its body has arrived and parsed (the HTTP app bounds the
 bodies being read, per client address), so a slow sender holds no place; its place is free again
@@ -16,6 +17,7 @@ import asyncio
 import logging
 import shutil
 import threading
+import time
 from collections import deque
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -58,40 +60,47 @@ class Job:
 
 
 class ReplyWorker:
-    """Runs replies on `engine` one at a time, in one thread; admits one running and `max_waiting`
-    more (None: no bound here, where something in front bounds them, as Ray Serve does)."""
+    """Runs replies on `engine`, `workers` at once (default: the engine's max batch), one thread
+    each; admits those running and `max_waiting` more (None: no bound here, where something in
+    front bounds them, as Ray Serve does)."""
 
-    def __init__(self, engine, max_waiting: int | None = 16, on_finished=None):
+    def __init__(self, engine, max_waiting: int | None = 16, on_finished=None, workers: int | None = None):
         self.engine = engine
         self.max_waiting = max_waiting
         self.on_finished = on_finished  # called with each reply's Finished (the server's metrics)
+        self.workers = workers or getattr(engine, "max_batch", 1)
         self._admitted = 0  # requests between `admit` and the end of their reply (or `withdraw`)
         self._jobs: deque[Job] = deque()
         self._changed = threading.Condition()
-        self._running: Job | None = None
+        self._running: set[Job] = set()
         self._closing = False
-        self._thread = threading.Thread(target=self._loop, name="reply-worker", daemon=True)
+        self._threads = [threading.Thread(target=self._loop, name=f"reply-worker-{n}", daemon=True)
+                         for n in range(self.workers)]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Cancel every reply, running or waiting (those get an EngineError), and join the thread."""
         with self._changed:
             self._closing = True
-            for job in [*self._jobs, *([self._running] if self._running else [])]:
+            for job in [*self._jobs, *self._running]:
                 job.cancel.set()
             self._changed.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return all(thread.is_alive() for thread in self._threads)
 
     @property
     def running(self) -> int:
-        return int(self._running is not None)
+        with self._changed:
+            return len(self._running)
 
     @property
     def waiting(self) -> int:
@@ -105,9 +114,9 @@ class ReplyWorker:
             self._drop_cancelled()
             if self._closing:
                 raise QueueFull("the server is shutting down")
-            if self.max_waiting is not None and self._admitted > self.max_waiting:
-                raise QueueFull(f"the server is busy: one reply is running and {self.max_waiting} more are "
-                                "waiting or being sent; try again shortly")
+            if self.max_waiting is not None and self._admitted >= self.workers + self.max_waiting:
+                raise QueueFull(f"the server is busy: {self.workers} replies are running and {self.max_waiting} "
+                                "more are waiting or being sent; try again shortly")
             self._admitted += 1
 
     def withdraw(self) -> None:
@@ -121,7 +130,7 @@ class ReplyWorker:
             if self._closing:
                 raise QueueFull("the server is shutting down")
             self._jobs.append(job)
-            self._changed.notify()
+            self._changed.notify_all()
         return job
 
     def _loop(self) -> None:
@@ -131,7 +140,7 @@ class ReplyWorker:
             finally:
                 self._finish(job)
                 with self._changed:
-                    self._running = None
+                    self._running.discard(job)
 
     def _next(self) -> Job | None:
         with self._changed:
@@ -141,9 +150,11 @@ class ReplyWorker:
                 for job in self._jobs:
                     job.put(EngineError("the server is shutting down"))
                     self._finish(job)
+                self._jobs.clear()
                 return None
-            self._running = self._jobs.popleft()
-            return self._running
+            job = self._jobs.popleft()
+            self._running.add(job)
+            return job
 
     def _run(self, job: Job) -> None:
         try:
