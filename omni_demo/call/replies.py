@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from omni_demo.config import STOP_GRACE_S
-from omni_demo.events import AudioChunk, Finished
+from omni_demo.events import AudioChunk, Finished, TextDelta
 
 from .events import TurnLatency
 from .turns import SpeechPaused, TurnEnded
@@ -33,13 +33,16 @@ class ActiveReply:
 
     def stop(self) -> None:
         """Barge-in: cancel it and close it. The engine stops within one decode step and yields its
-        Finished; a backend that goes on (ZeroGPU's worker) is closed after STOP_GRACE_S, and a reply
-        not begun yet is closed at once."""
+        Finished (the text it wrote before it saw the cancel is kept, so the transcript is the text as
+        far as it was generated); a backend that goes on (ZeroGPU's worker) is closed after
+        STOP_GRACE_S, and a reply not begun yet is closed at once."""
         self.cancel.set()
         if self.started:
             deadline = time.monotonic() + STOP_GRACE_S
             try:
                 for event in self.events:
+                    if isinstance(event, TextDelta):
+                        self.text += event.text
                     if isinstance(event, Finished):
                         self.finished = event
                     if time.monotonic() > deadline:

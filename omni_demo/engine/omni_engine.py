@@ -218,10 +218,12 @@ class OmniEngine:
                             max_codes=options.max_audio_tokens)
 
     def finished(self, sequence: Sequence) -> Finished:
-        """The reply's Finished, once its turn is in the conversation cache (when it was prefilled)."""
+        """The reply's Finished, once its turn is in the conversation cache: when it was prefilled,
+        and not closed by its reader (a voice call drops a reply to words the user went on from:
+        of no use to anyone's later turn; a reply cancelled by its `cancel` Event is kept)."""
         text, speech = sequence.text, sequence.speech
         prefilled = text is not None and text.logits is not None
-        if self.conversation_cache is not None and prefilled:
+        if self.conversation_cache is not None and prefilled and not sequence.closed:
             self._remember(sequence.inputs, text, speech)
         if sequence.cancelled:
             stop_reason = "cancelled"

@@ -43,6 +43,7 @@ from omni_demo.events import Event, TextDelta, Waiting
 
 from .decode_step import LeanStep, SlotStep
 from .sequence import Sequence
+from .token2wav import push_many
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +223,11 @@ class Scheduler:
     def _timed(self, stage: str, batch: int, fn: Callable, *args) -> None:
         start = time.perf_counter()
         fn(*args)
-        elapsed = time.perf_counter() - start
+        self._observe(stage, batch, time.perf_counter() - start)
+
+    def _observe(self, stage: str, batch: int, seconds: float) -> None:
         for observer in self.observers:
-            observer(stage, batch, elapsed)
+            observer(stage, batch, seconds)
 
     # -- the stages -----------------------------------------------------------------------------
 
@@ -259,27 +262,39 @@ class Scheduler:
             sequence.speech = self.engine.speech_stream(sequence.inputs, sequence.options, sequence.text, sequence.slot)
 
     def _talker_step(self, speaking: list[Sequence]) -> None:
-        batched = []
+        """One codec step for every reply in `speaking`, then their new codes through Token2Wav together."""
+        sampled: list[tuple[Sequence, list[int]]] = []
+        batched = [s for s in speaking if s.speech.prefilled]
         for sequence in speaking:
-            if sequence.speech.prefilled:
-                batched.append(sequence)
-            else:  # its talker prefill: the prompt's states, on its own
-                self._guarded(sequence, self._speak, sequence, None)
-        if not batched:
+            if not sequence.speech.prefilled:  # its talker prefill: the prompt's states, on its own
+                self._guarded(sequence, self._sample_code, sequence, None, sampled)
+        if batched:
+            speech = [s.speech for s in batched]
+            embeds = torch.cat([stream.next_input() for stream in speech])
+            logits = speech[0].talker.logits(_decode([stream.talker.decode_step for stream in speech], embeds))
+            for row, sequence in enumerate(batched):
+                self._guarded(sequence, self._sample_code, sequence, logits[row : row + 1], sampled)
+        self._synthesize([(s, codes) for s, codes in sampled if not s.finished])
+
+    def _synthesize(self, sampled: list[tuple[Sequence, list[int]]]) -> None:
+        """The new codes of several replies through their streaming Token2Wav, batched (DiT windows and
+        vocoder spans of the same shape run together); each reply's new samples go out as its chunk."""
+        items = [(s.speech.token2wav, codes, s.speech.done) for s, codes in sampled]
+        try:
+            samples = push_many(items, timer=self._observe)
+        except Exception as exc:
+            for sequence, _ in sampled:
+                self._end(sequence, engine_error(exc))
             return
-        speech = [s.speech for s in batched]
-        embeds = torch.cat([stream.next_input() for stream in speech])
-        logits = speech[0].talker.logits(_decode([stream.talker.decode_step for stream in speech], embeds))
-        for row, sequence in enumerate(batched):
-            self._guarded(sequence, self._speak, sequence, logits[row : row + 1])
+        for (sequence, _), new in zip(sampled, samples):
+            if chunk := sequence.speech.chunk(new):
+                sequence.emit(chunk)
 
     @staticmethod
-    def _speak(sequence: Sequence, logits: torch.Tensor | None) -> None:
-        """One codec step from `logits` [1, V] (None: the talker's prefill gives them) and the audio
-        it makes final, if any."""
+    def _sample_code(sequence: Sequence, logits: torch.Tensor | None, sampled: list) -> None:
+        """Sample the reply's next code from `logits` [1, V] (None: its talker prefill gives them)."""
         speech = sequence.speech
-        if chunk := speech.step() if logits is None else speech.take(logits):
-            sequence.emit(chunk)
+        sampled.append((sequence, speech.sample(speech.logits_alone() if logits is None else logits)))
 
     def _guarded(self, sequence: Sequence, fn: Callable, *args) -> None:
         """Run one reply's own work; its failure ends that reply only."""

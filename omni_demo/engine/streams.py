@@ -174,31 +174,41 @@ class SpeechStream:
 
     def step(self) -> AudioChunk | None:
         """One codec token (the talker's prefill first). -> the samples that became final, if any."""
+        return self.take(self.logits_alone())
+
+    def logits_alone(self) -> torch.Tensor:
+        """The next codec logits [1, V] from this reply alone: the talker's prefill, or one step."""
         reply_part = self._next_part()
         if self.last_code is None:
-            logits = self.talker.prefill(self.inputs, self.text.decoder, self.speaker_bos, self.text.first_token,
-                                         reply_part)
-        else:
-            logits = self.talker.step(self.last_code, reply_part)
-        return self.take(logits)
+            return self.talker.prefill(self.inputs, self.text.decoder, self.speaker_bos, self.text.first_token,
+                                       reply_part)
+        return self.talker.step(self.last_code, reply_part)
 
     def next_input(self) -> torch.Tensor:
         """After the prefill: the talker stack's input for the next codec step [1, 1, D_talker] (its
-        logits come back through `take`, from one row of a batched step)."""
+        logits come back from one row of a batched step, to `sample`)."""
         return self.talker.input_embeds(self.last_code, self._next_part())
 
     def take(self, logits: torch.Tensor) -> AudioChunk | None:
-        """Sample a codec token from `logits` [1, V]. -> the samples that became final, if any."""
+        """Sample a codec token from `logits` [1, V] and decode it. -> the samples that became final, if any."""
+        new = self.sample(logits)
+        samples = self.token2wav.push(new)
+        if self.done:
+            samples = np.concatenate([samples, self.token2wav.flush()])
+        return self.chunk(samples)
+
+    def sample(self, logits: torch.Tensor) -> list[int]:
+        """Sample a codec token from `logits` [1, V]. -> the new code ([] for end-of-speech)."""
         self.last_code = self.sampler(self.codec_ids.ids, logits)
         self.codec_ids.append(self.last_code)
         code = int(self.last_code)  # the one host sync of the step
-        samples = np.zeros(0, dtype=np.float32)
-        if code not in self.eos:
-            self.codes.append(code)
-            samples = self.token2wav.push([code])
+        new = [] if code in self.eos else [code]
+        self.codes.extend(new)
         self.done = code in self.eos or len(self.codes) >= self.max_codes
-        if self.done:
-            samples = np.concatenate([samples, self.token2wav.flush()])
+        return new
+
+    def chunk(self, samples: np.ndarray) -> AudioChunk | None:
+        """The samples Token2Wav made final as the reply's next chunk (None: none yet)."""
         if not len(samples):
             return None
         chunk = AudioChunk(samples, self.next_sample)

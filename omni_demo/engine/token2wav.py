@@ -19,6 +19,9 @@ Geometry (1 codec token = 2 mel frames = 480 samples; DiT block = 24 frames = 12
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import RungeKutta4ODESolver
@@ -38,30 +41,31 @@ class DiTVelocity:
     """
 
     def __init__(self, dit, codes, conditioning, reference_mel, *, guidance_scale=0.5, speaker_code=None):
-        # codes [1, N]; conditioning [1, enc_emb_dim]; reference_mel [1, T, 80]
+        # codes [B, N]; conditioning [B, enc_emb_dim]; reference_mel [1, T, 80] (B = 1; else pass
+        # speaker_code [2B, enc_dim]: every row's reference encoding, then every row's silence encoding)
         self.dit = dit
         self.guidance_scale = guidance_scale
-        frames = codes.shape[1] * dit.repeats
+        batch, frames = codes.shape[0], codes.shape[1] * dit.repeats
         if speaker_code is None:
             speaker_code = encode_speaker(dit, reference_mel)
         code_embed = torch.cat([dit.text_embed(codes), dit.text_embed(codes, drop_code=True)], dim=0)
         speaker = conditioning.unsqueeze(1).repeat(1, frames, 1)
         speaker = torch.cat([speaker, torch.zeros_like(speaker)], dim=0)
-        # Everything the input projection sees besides the noisy mel: [2, F, enc_dim + emb_dim + enc_emb_dim]
+        # Everything the input projection sees besides the noisy mel: [2B, F, enc_dim + emb_dim + enc_emb_dim]
         self.condition = torch.cat([speaker_code.unsqueeze(1).repeat(1, frames, 1), code_embed, speaker], dim=-1)
-        positions = torch.arange(frames, device=codes.device)[None, :].repeat(2, 1)
+        positions = torch.arange(frames, device=codes.device)[None, :].repeat(2 * batch, 1)
         self.rotary = dit.rotary_embed(self.condition, positions)
         block = torch.arange(frames, device=codes.device) // dit.block_size
-        block_diff = (block[None, :] - block[:, None]).expand(2, dit.num_attention_heads, frames, frames)
+        block_diff = (block[None, :] - block[:, None]).expand(2 * batch, dit.num_attention_heads, frames, frames)
         self.masks = [
             (block_diff >= -float(layer.look_backward_block)) & (block_diff <= float(layer.look_ahead_block))
             for layer in dit.transformer_blocks
         ]
 
     def __call__(self, time_step, state):
-        """state [1, F, 80] -> guided velocity [1, F, 80]."""
+        """state [B, F, 80] -> guided velocity [B, F, 80]."""
         dit = self.dit
-        time = dit.time_embed(time_step.repeat(2))
+        time = dit.time_embed(time_step.repeat(2 * state.shape[0]))
         hidden = dit.input_embed.proj(torch.cat([torch.cat([state, state], dim=0), self.condition], dim=-1))
         for layer, mask in zip(dit.transformer_blocks, self.masks):
             norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = layer.attn_norm(hidden, emb=time)
@@ -83,8 +87,8 @@ def dit_sample(dit, codes, conditioning, reference_mel, noise, *, steps=10, guid
                speaker_code=None):
     """Upstream `Qwen2_5OmniToken2WavDiTModel.sample`, with the initial noise passed in.
 
-    codes [1, N] long, conditioning [1, enc_emb_dim], reference_mel [1, T, 80],
-    noise [1, 2N, 80] -> mel [1, 80, 2N].
+    codes [B, N] long, conditioning [B, enc_emb_dim], reference_mel [1, T, 80] (or speaker_code, see
+    DiTVelocity), noise [B, 2N, 80] -> mel [B, 80, 2N].
     """
     velocity = DiTVelocity(
         dit, codes, conditioning, reference_mel, guidance_scale=guidance_scale, speaker_code=speaker_code
@@ -99,6 +103,32 @@ def dit_sample(dit, codes, conditioning, reference_mel, noise, *, steps=10, guid
 def vocode(bigvgan, mel) -> torch.Tensor:
     """mel [1, 80, F] -> [F * 240] float32 samples on the CPU."""
     return bigvgan(mel).reshape(-1).float()
+
+
+@torch.no_grad()
+def vocode_many(bigvgan, mel) -> torch.Tensor:
+    """mel [B, 80, F] -> [B, F * 240] float32 samples on the CPU."""
+    return bigvgan(mel).reshape(mel.shape[0], -1).float()
+
+
+@dataclass
+class DitWindow:
+    """One chunk's DiT work: the codes of its window, their noise, and the codes it makes final."""
+
+    start: int  # first code made final
+    end: int  # one past the last
+    window_start: int  # first code of the window (block-aligned)
+    codes: torch.Tensor  # [1, N] the window's codes
+    noise: torch.Tensor  # [1, 2N, 80] their slice of the reply's noise
+
+
+@dataclass
+class VocoderSpan:
+    """One BigVGAN call's work: final mel frames from `begin` (context included), samples up to `stop`."""
+
+    begin: int  # first mel frame vocoded (vocoder context before the new frames)
+    stop: int  # one past the last frame whose samples are emitted
+    mel: torch.Tensor  # [1, 80, F] frames begin..end of the final mel
 
 
 class StreamingToken2Wav:
@@ -134,54 +164,140 @@ class StreamingToken2Wav:
         return self.decoded_codes + min(config.chunk_codes * 2 ** (self.chunks - 1), config.max_chunk_codes)
 
     def push(self, codes: list[int]) -> np.ndarray:
+        """Add codes; -> the samples they made final (decoding every chunk that is due)."""
+        self.add(codes)
+        return self._decode_due(final=False)
+
+    def flush(self) -> np.ndarray:
+        """The reply has ended: decode the rest. -> the last samples."""
+        return self._decode_due(final=True)
+
+    def _decode_due(self, *, final: bool) -> np.ndarray:
+        while (window := self.next_window(final=final)) is not None:
+            self.accept_mel(window, self.sample(window))
+        span = self.vocoder_span(final=final)
+        return np.zeros(0, dtype=np.float32) if span is None else self.accept_wave(span, vocode(self.bigvgan, span.mel))
+
+    # The steps of push and flush, for a scheduler that batches them across replies (`push_many`).
+
+    def add(self, codes: list[int]) -> None:
         if len(self.codes) + len(codes) > self.noise.shape[1] // MEL_FRAMES_PER_CODE:
             raise ValueError(f"more than max_codes={self.noise.shape[1] // MEL_FRAMES_PER_CODE} codec tokens")
         self.codes.extend(codes)
-        while True:
-            end = self._next_chunk_end()
-            config = self.config
-            lookahead = config.first_chunk_future_codes if self.chunks == 0 else config.future_context_codes
-            if len(self.codes) < end + lookahead:
-                break
-            self._decode_chunk(end)
-        return self._vocode(final=False)
 
-    def flush(self) -> np.ndarray:
-        while self.decoded_codes < len(self.codes):
-            self._decode_chunk(min(self._next_chunk_end(), len(self.codes)))
-        return self._vocode(final=True)
-
-    def _decode_chunk(self, end: int) -> None:
-        """Make the mel of codes [decoded_codes, end) final."""
-        start = self.decoded_codes
-        window_start = max(0, start - self.config.past_context_codes) // self.block_codes * self.block_codes
-        window_end = min(len(self.codes), end + self.config.future_context_codes)
+    def next_window(self, *, final: bool = False) -> DitWindow | None:
+        """The next chunk's DiT window if that chunk is due: its look-ahead exists, or (`final`) the
+        reply has ended and codes are left."""
+        start, config = self.decoded_codes, self.config
+        end = self._next_chunk_end()
+        lookahead = config.first_chunk_future_codes if self.chunks == 0 else config.future_context_codes
+        if final:
+            if start >= len(self.codes):
+                return None
+            end = min(end, len(self.codes))
+        elif len(self.codes) < end + lookahead:
+            return None
+        window_start = max(0, start - config.past_context_codes) // self.block_codes * self.block_codes
+        window_end = min(len(self.codes), end + config.future_context_codes)
         codes = torch.tensor([self.codes[window_start:window_end]], device=self.device)
         noise = self.noise[:, window_start * MEL_FRAMES_PER_CODE : window_end * MEL_FRAMES_PER_CODE]
-        mel = dit_sample(
-            self.dit,
-            codes,
-            self.conditioning,
-            self.reference_mel,
-            noise,
-            steps=self.config.ode_steps,
-            guidance_scale=self.config.guidance_scale,
-            sway=self.config.sway_coefficient,
-            speaker_code=self.speaker_code,
-        )
-        keep = slice((start - window_start) * MEL_FRAMES_PER_CODE, (end - window_start) * MEL_FRAMES_PER_CODE)
+        return DitWindow(start, end, window_start, codes, noise)
+
+    def sample(self, window: DitWindow) -> torch.Tensor:
+        """The window's mel [1, 80, 2N], decoded alone."""
+        return dit_sample(self.dit, window.codes, self.conditioning, self.reference_mel, window.noise,
+                          steps=self.config.ode_steps, guidance_scale=self.config.guidance_scale,
+                          sway=self.config.sway_coefficient, speaker_code=self.speaker_code)
+
+    def accept_mel(self, window: DitWindow, mel: torch.Tensor) -> None:
+        """Keep the chunk's own frames of its window's mel [1, 80, 2N]: codes [start, end) are final."""
+        keep = slice((window.start - window.window_start) * MEL_FRAMES_PER_CODE,
+                     (window.end - window.window_start) * MEL_FRAMES_PER_CODE)
         self.mel = torch.cat([self.mel, mel[:, :, keep]], dim=2)
-        self.decoded_codes = end
+        self.decoded_codes = window.end
         self.chunks += 1
 
-    def _vocode(self, *, final: bool) -> np.ndarray:
-        """Emit samples for final frames, holding back `vocoder_context_frames` unless final."""
+    def vocoder_span(self, *, final: bool) -> VocoderSpan | None:
+        """Final frames to vocode, holding back `vocoder_context_frames` unless final; None: none yet."""
         total = self.mel.shape[2]
         stop = total if final else total - self.config.vocoder_context_frames
         if stop <= self.vocoded_frames:
-            return np.zeros(0, dtype=np.float32)
+            return None
         begin = max(0, self.vocoded_frames - self.config.vocoder_context_frames)
-        wave = vocode(self.bigvgan, self.mel[:, :, begin:])
-        samples = wave[(self.vocoded_frames - begin) * HOP : (stop - begin) * HOP].cpu().numpy()
-        self.vocoded_frames = stop
+        return VocoderSpan(begin, stop, self.mel[:, :, begin:])
+
+    def accept_wave(self, span: VocoderSpan, wave: torch.Tensor) -> np.ndarray:
+        """The span's new samples, out of BigVGAN's wave [F * 240] for it."""
+        samples = wave[(self.vocoded_frames - span.begin) * HOP : (span.stop - span.begin) * HOP].cpu().numpy()
+        self.vocoded_frames = span.stop
         return samples
+
+    def _next_chunk_end(self) -> int:
+        config = self.config
+        if self.chunks == 0:
+            return config.first_chunk_codes
+        return self.decoded_codes + min(config.chunk_codes * 2 ** (self.chunks - 1), config.max_chunk_codes)
+
+
+def push_many(items: list[tuple[StreamingToken2Wav, list[int], bool]], timer=None) -> list[np.ndarray]:
+    """`push` (then `flush`, where the bool says the reply has ended) for several replies' streams at
+    once: their due DiT windows decoded together where they have the same length, then their
+    vocoder spans likewise. -> each item's new samples. `timer(stage, batch, seconds)`, if given,
+    hears each batched "dit" and "bigvgan" call."""
+    for stream, codes, _ in items:
+        stream.add(codes)
+    samples = _decode_round([stream for stream, _, _ in items], False, timer)
+    ended = [index for index, (_, _, final) in enumerate(items) if final]
+    if ended:
+        rest = _decode_round([items[index][0] for index in ended], True, timer)
+        for index, more in zip(ended, rest):
+            samples[index] = np.concatenate([samples[index], more])
+    return samples
+
+
+def _decode_round(streams: list[StreamingToken2Wav], final: bool, timer) -> list[np.ndarray]:
+    """Every due window of `streams`, then their vocoder spans, batched by shape (`_decode_due`'s work)."""
+    while due := [(stream, window) for stream in streams if (window := stream.next_window(final=final)) is not None]:
+        for group in _same_shape(due, lambda pair: pair[1].codes.shape[1]):
+            mels = _timed(timer, "dit", len(group), _sample_many, group)
+            for (stream, window), mel in zip(group, mels):
+                stream.accept_mel(window, mel)
+    samples = [np.zeros(0, dtype=np.float32)] * len(streams)
+    spans = [(index, span) for index, stream in enumerate(streams)
+             if (span := stream.vocoder_span(final=final)) is not None]
+    for group in _same_shape(spans, lambda pair: pair[1].mel.shape[2]):
+        mel = torch.cat([span.mel for _, span in group])
+        waves = _timed(timer, "bigvgan", len(group), vocode_many, streams[group[0][0]].bigvgan, mel)
+        for (index, span), wave in zip(group, waves):
+            samples[index] = streams[index].accept_wave(span, wave)
+    return samples
+
+
+def _sample_many(group: list[tuple[StreamingToken2Wav, DitWindow]]) -> list[torch.Tensor]:
+    """Same-length DiT windows of several replies through one batched ODE. -> each one's mel [1, 80, 2N]."""
+    if len(group) == 1:
+        stream, window = group[0]
+        return [stream.sample(window)]
+    first = group[0][0]
+    streams, windows = [stream for stream, _ in group], [window for _, window in group]
+    speaker_code = torch.cat([s.speaker_code[:1] for s in streams] + [s.speaker_code[1:] for s in streams])
+    mel = dit_sample(first.dit, torch.cat([w.codes for w in windows]), torch.cat([s.conditioning for s in streams]),
+                     None, torch.cat([w.noise for w in windows]), steps=first.config.ode_steps,
+                     guidance_scale=first.config.guidance_scale, sway=first.config.sway_coefficient,
+                     speaker_code=speaker_code)
+    return list(mel.split(1))
+
+
+def _same_shape(pairs: list, size) -> list[list]:
+    groups: dict[int, list] = {}
+    for pair in pairs:
+        groups.setdefault(size(pair), []).append(pair)
+    return list(groups.values())
+
+
+def _timed(timer, stage: str, batch: int, fn, *args):
+    start = time.perf_counter()
+    result = fn(*args)
+    if timer is not None:
+        timer(stage, batch, time.perf_counter() - start)
+    return result
