@@ -242,9 +242,7 @@ def fail_at_call(fn, n: int):
     return failing
 
 
-@pytest.mark.parametrize("where", ["speech_stream", "talker", pytest.param("token2wav", marks=pytest.mark.xfail(
-    strict=True, reason="push_many runs the Token2Wav work of every reply of the step unguarded: one reply's "
-    "failure there ends them all (see the final report)"))])
+@pytest.mark.parametrize("where", ["speech_stream", "talker", "token2wav"])
 def test_a_failing_reply_ends_alone(batched, alone, monkeypatch, where):
     messages, voices = text_messages(), batched.voices
     wanted = [reply_options(2, voices[0]), reply_options(1, voices[1], seed=FAIL_SEED), reply_options(0, voices[1])]
@@ -407,8 +405,6 @@ class WorstInterleaving:
         return backend.encode_batch(*args, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="the processor's tokenizer is shared by every request's thread, and "
-                   "`split_special_tokens` is a setting of its Rust backend, set per call (see the final report)")
 def test_prompts_prepared_at_once_are_tokenized_alike(batched, monkeypatch):
     wanted = reply_options(0)
     expected = batched.fit_context(text_messages(), wanted)[0].input_ids

@@ -114,8 +114,12 @@ class LeanStep:
         graph = self._graph_for(len(slots), max(lengths) + 1)
         if graph is not None:
             hidden = graph.run(embeds, slots, positions, lengths)
-        else:
+        elif len(slots) == 1:
             hidden = self._step(embeds, slots, self.cos[positions], self.sin[positions], lengths)
+        else:  # one attention call for the batch, each row masked to its own slot's positions
+            index = torch.tensor(lengths, device=self.device)
+            hidden = self._step_masked(embeds, torch.tensor(slots, device=self.device), self.cos[positions],
+                                       self.sin[positions], index, max(lengths) + 1)
         for slot in slots:
             self.lengths[slot] += 1
         return hidden
@@ -126,9 +130,10 @@ class LeanStep:
 
     def _step(self, hidden, slots, cos, sin, lengths):
         """Eager: the decoder layers for one token per slot, written at each slot's cache position;
-        each row attends to its own slot's [0, length] (so a row's attention is the same
-        arithmetic at any batch size). Same ops as Qwen2_5OmniDecoderLayer, minus module dispatch,
-        with q/k/v and gate/up as one matmul each and q and k rotated together."""
+        each row attends to its own slot's [0, length] in a call of its own (a batch of one: the
+        reference arithmetic; larger batches take `_step_masked`). Same ops as
+        Qwen2_5OmniDecoderLayer, minus module dispatch, with q/k/v and gate/up as one matmul each
+        and q and k rotated together."""
         batch = hidden.shape[0]
         cos, sin = cos.view(batch, 1, 1, -1), sin.view(batch, 1, 1, -1)
         for w, keys, values in zip(self.fused, self.keys, self.values):
@@ -146,8 +151,9 @@ class LeanStep:
         return _rms_norm(hidden, self.norm_weight, self.norm_eps)
 
     def _step_masked(self, hidden, slot_ids, cos, sin, index, span):
-        """The graph body: slots and positions as tensors ([B] long), every row attending to the
-        first `span` positions of its slot under a mask (no host sync, one shape per bucket)."""
+        """A batch in one pass: slots and cache positions as tensors ([B] long), every row attending
+        to the first `span` positions of its slot under a mask (no host sync: the CUDA graphs' body,
+        one shape per bucket; eager, the step of a batch of more than one)."""
         batch = hidden.shape[0]
         cos, sin = cos.view(batch, 1, 1, -1), sin.view(batch, 1, 1, -1)
         mask = (torch.arange(span, device=hidden.device)[None, :] <= index[:, None]).view(batch, 1, 1, span)

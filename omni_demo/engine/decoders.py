@@ -170,9 +170,9 @@ class ThinkerDecoder:
     # A batched step (omni_demo.engine.scheduler) is `input_embeds`, the stack over every reply's
     # rows at once, then `outputs` over those rows: the same arithmetic as `step`, split in two.
     @torch.inference_mode()
-    def input_embeds(self, token: torch.Tensor) -> torch.Tensor:
-        """token [1] long -> its input embedding [1, 1, D]."""
-        return self.embed(token.view(1, 1))
+    def input_embeds(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B] long -> their input embeddings [B, 1, D]."""
+        return self.embed(tokens.view(-1, 1))
 
     @torch.inference_mode()
     def outputs(self, hidden: torch.Tensor, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,12 +3,12 @@ in the order `generate` applies them, so greedy decoding matches the reference e
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import (
     LogitsProcessorList,
-    MinNewTokensLengthLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
-    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -42,10 +42,10 @@ class Sampler:
         # logits / value overflows would make NaN probabilities: below the floors nothing changes.
         if repetition_penalty is not None and repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(penalty=max(float(repetition_penalty), MIN_PENALTY)))
-        if min_new_tokens > 0 and eos_ids:
-            processors.append(MinNewTokensLengthLogitsProcessor(prompt_len, min_new_tokens, list(eos_ids), device))
-        if suppress_ids:
-            processors.append(SuppressTokensLogitsProcessor(list(suppress_ids), device))
+        if min_new_tokens > 0 and eos_ids:  # as MinNewTokensLengthLogitsProcessor
+            processors.append(Suppress(eos_ids, device, prompt_len=prompt_len, until_new_tokens=min_new_tokens))
+        if suppress_ids:  # as SuppressTokensLogitsProcessor
+            processors.append(Suppress(suppress_ids, device))
         if do_sample:
             if temperature != 1.0:
                 processors.append(TemperatureLogitsWarper(max(float(temperature), MIN_TEMPERATURE)))
@@ -59,11 +59,28 @@ class Sampler:
 
     def __call__(self, token_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """token_ids [1, L] long, logits [1, V] -> next token [1] long."""
-        scores = self.processors(token_ids, logits.float())
+        scores = logits.float()
+        for processor in self.processors:  # as LogitsProcessorList does, without its per-call signature checks
+            scores = processor(token_ids, scores)
         if not self.do_sample:
             return scores.argmax(dim=-1)
         probs = torch.softmax(scores, dim=-1)
         return torch.multinomial(probs, num_samples=1, generator=self.generator).squeeze(1)
+
+
+class Suppress:
+    """Scores of `ids` to -inf (only while fewer than `until_new_tokens` follow the prompt, if
+    given): what transformers' SuppressTokens and MinNewTokensLength processors do, with the same
+    values, without building a whole-vocabulary mask on every call (a cost per token per reply)."""
+
+    def __init__(self, ids, device, *, prompt_len: int = 0, until_new_tokens: int | None = None):
+        self.ids = torch.tensor(list(ids), dtype=torch.long, device=device)
+        self.prompt_len, self.until_new_tokens = prompt_len, until_new_tokens
+
+    def __call__(self, token_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.until_new_tokens is not None and token_ids.shape[-1] - self.prompt_len >= self.until_new_tokens:
+            return scores
+        return scores.index_fill(-1, self.ids, -math.inf)
 
 
 def token_id_list(ids) -> list[int]:

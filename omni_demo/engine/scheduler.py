@@ -39,11 +39,11 @@ import torch
 
 from omni_demo.config import BatchConfig
 from omni_demo.errors import EngineError
-from omni_demo.events import Event, TextDelta, Waiting
+from omni_demo.events import Event, Waiting
 
-from .decode_step import LeanStep, SlotStep
+from .batch_step import Stages, engine_error
+from .decode_step import LeanStep
 from .sequence import Sequence
-from .token2wav import push_many
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class Scheduler:
         self.free_slots = list(range(max_batch))
         self.jobs: deque[tuple[Callable, Future]] = deque()
         self.observers: list[Callable[[str, int, float], None]] = []  # (stage, batch size, seconds) per step
+        self.stages = Stages(engine, end=self._end, observe=self._observe)
         self._changed = threading.Condition()
         self._alone = threading.Lock()  # threaded=False: the one reply or job running
         self._thread: threading.Thread | None = None
@@ -210,13 +211,13 @@ class Scheduler:
             self._end(sequence, None)
         prefilling = [s for s in self.running if s.prefill is not None and not s.finished]
         if prefilling:
-            self._timed("prefill", 1, self._prefill_piece, prefilling[0])
+            self._timed("prefill", 1, self.stages.prefill_piece, prefilling[0])
         writing = [s for s in self.running if s.writing and not s.finished]
         if writing:
-            self._timed("thinker", len(writing), self._thinker_step, writing)
+            self._timed("thinker", len(writing), self.stages.thinker_step, writing)
         speaking = [s for s in self.running if s.speech is not None and s.speech.ready and not s.finished]
         if speaking:
-            self._timed("talker", len(speaking), self._talker_step, speaking)
+            self._timed("talker", len(speaking), self.stages.talker_step, speaking)
         for sequence in [s for s in self.running if s.done and not s.finished]:
             self._end(sequence, None)
 
@@ -228,80 +229,6 @@ class Scheduler:
     def _observe(self, stage: str, batch: int, seconds: float) -> None:
         for observer in self.observers:
             observer(stage, batch, seconds)
-
-    # -- the stages -----------------------------------------------------------------------------
-
-    def _prefill_piece(self, sequence: Sequence) -> None:
-        try:
-            next(sequence.prefill)
-        except StopIteration:
-            sequence.prefill = None
-        except Exception as exc:
-            self._end(sequence, engine_error(exc))
-
-    def _thinker_step(self, writing: list[Sequence]) -> None:
-        for sequence in writing:
-            self._guarded(sequence, self._sample_text, sequence)
-        feeding = [s for s in writing if not s.finished and s.text.wants_feed]
-        if feeding:
-            decoders = [s.text.decoder for s in feeding]
-            embeds = torch.cat([d.input_embeds(s.text.token) for d, s in zip(decoders, feeding)])
-            logits, parts = decoders[0].outputs(_decode([d.decode_step for d in decoders], embeds), embeds)
-            for row, sequence in enumerate(feeding):
-                part = sequence.text.accept(logits[row : row + 1], parts[row : row + 1])
-                if sequence.speech is not None:
-                    sequence.speech.feed(part)
-        for sequence in writing:
-            if sequence.speech is not None and sequence.text.done and not sequence.finished:
-                sequence.speech.end_of_text()
-
-    def _sample_text(self, sequence: Sequence) -> None:
-        if delta := sequence.text.next_token():
-            sequence.emit(TextDelta(delta))
-        if sequence.options.speech and sequence.speech is None:
-            sequence.speech = self.engine.speech_stream(sequence.inputs, sequence.options, sequence.text, sequence.slot)
-
-    def _talker_step(self, speaking: list[Sequence]) -> None:
-        """One codec step for every reply in `speaking`, then their new codes through Token2Wav together."""
-        sampled: list[tuple[Sequence, list[int]]] = []
-        batched = [s for s in speaking if s.speech.prefilled]
-        for sequence in speaking:
-            if not sequence.speech.prefilled:  # its talker prefill: the prompt's states, on its own
-                self._guarded(sequence, self._sample_code, sequence, None, sampled)
-        if batched:
-            speech = [s.speech for s in batched]
-            embeds = torch.cat([stream.next_input() for stream in speech])
-            logits = speech[0].talker.logits(_decode([stream.talker.decode_step for stream in speech], embeds))
-            for row, sequence in enumerate(batched):
-                self._guarded(sequence, self._sample_code, sequence, logits[row : row + 1], sampled)
-        self._synthesize([(s, codes) for s, codes in sampled if not s.finished])
-
-    def _synthesize(self, sampled: list[tuple[Sequence, list[int]]]) -> None:
-        """The new codes of several replies through their streaming Token2Wav, batched (DiT windows and
-        vocoder spans of the same shape run together); each reply's new samples go out as its chunk."""
-        items = [(s.speech.token2wav, codes, s.speech.done) for s, codes in sampled]
-        try:
-            samples = push_many(items, timer=self._observe)
-        except Exception as exc:
-            for sequence, _ in sampled:
-                self._end(sequence, engine_error(exc))
-            return
-        for (sequence, _), new in zip(sampled, samples):
-            if chunk := sequence.speech.chunk(new):
-                sequence.emit(chunk)
-
-    @staticmethod
-    def _sample_code(sequence: Sequence, logits: torch.Tensor | None, sampled: list) -> None:
-        """Sample the reply's next code from `logits` [1, V] (None: its talker prefill gives them)."""
-        speech = sequence.speech
-        sampled.append((sequence, speech.sample(speech.logits_alone() if logits is None else logits)))
-
-    def _guarded(self, sequence: Sequence, fn: Callable, *args) -> None:
-        """Run one reply's own work; its failure ends that reply only."""
-        try:
-            fn(*args)
-        except Exception as exc:
-            self._end(sequence, engine_error(exc))
 
     def _end(self, sequence: Sequence, error: BaseException | None) -> None:
         """Finish `sequence`: its Finished (or `error`) out, its slot back."""
@@ -325,15 +252,6 @@ class Scheduler:
             sequence.ended.set()
 
 
-def _decode(steps: list, embeds: torch.Tensor) -> torch.Tensor:
-    """One token for each reply's decode step: embeds [B, 1, D] -> hidden [B, 1, D]. Slots of one
-    LeanStep go through it in one batched pass; plain steps one by one."""
-    first = steps[0]
-    if isinstance(first, SlotStep) and all(isinstance(s, SlotStep) and s.lean is first.lean for s in steps):
-        return first.lean.step_many([s.slot for s in steps], embeds)
-    return torch.cat([step.step(embeds[row : row + 1]) for row, step in enumerate(steps)])
-
-
 def max_batch(config: BatchConfig, stacks: dict, windows: dict[str, int], device: torch.device) -> int:
     """`config.max_batch`, or as many KV slots (thinker and talker, whole windows) as a share of the
     device's free memory holds, at least 1 and at most MAX_BATCH_CAP."""
@@ -354,13 +272,3 @@ def _available_ram() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def engine_error(exc: BaseException) -> BaseException:
-    """A reply's failure as its caller should see it (an out-of-memory says what to do)."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # hand the failed request's memory back for the next one
-        return EngineError("the GPU ran out of memory on this request; try shorter or fewer media, "
-                           "or a shorter reply")
-    return exc

@@ -44,20 +44,28 @@ class TokenBuffer:
 
 
 class TextDetokenizer:
-    """Incremental decode that never emits half of a multi-byte character."""
+    """Incremental decode that never emits half of a multi-byte character. Each token decodes a
+    short window (the ids since the last emitted text, plus those before it, whose text is
+    known), not the whole reply: byte-level BPE decodes a run of ids to the concatenation of its
+    pieces, so the text is the same, at a constant cost per token."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.text = ""
+        self.window = 0  # ids[window:] are decoded for each token: the last delta's ids and those after
+        self.emitted = 0  # ids[:emitted] have had their text emitted
+        self.known = ""  # the text of ids[window:emitted] (the last delta)
 
     def push(self, token: int) -> str:
         """The text that `token` completes; "" while a character is still incomplete."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        text = self.tokenizer.decode(self.ids[self.window :], skip_special_tokens=True)
+        if text.endswith("\ufffd") or len(text) <= len(self.known):
             return ""
-        delta, self.text = text[len(self.text) :], text
+        delta = text[len(self.known) :]
+        self.window, self.emitted, self.known = self.emitted, len(self.ids), delta
+        self.text += delta
         return delta
 
 

@@ -239,38 +239,63 @@ class StreamingToken2Wav:
         return self.decoded_codes + min(config.chunk_codes * 2 ** (self.chunks - 1), config.max_chunk_codes)
 
 
-def push_many(items: list[tuple[StreamingToken2Wav, list[int], bool]], timer=None) -> list[np.ndarray]:
+def push_many(items: list[tuple[StreamingToken2Wav, list[int], bool]], timer=None) -> list[np.ndarray | Exception]:
     """`push` (then `flush`, where the bool says the reply has ended) for several replies' streams at
     once: their due DiT windows decoded together where they have the same length, then their
-    vocoder spans likewise. -> each item's new samples. `timer(stage, batch, seconds)`, if given,
-    hears each batched "dit" and "bigvgan" call."""
-    for stream, codes, _ in items:
-        stream.add(codes)
-    samples = _decode_round([stream for stream, _, _ in items], False, timer)
-    ended = [index for index, (_, _, final) in enumerate(items) if final]
-    if ended:
-        rest = _decode_round([items[index][0] for index in ended], True, timer)
-        for index, more in zip(ended, rest):
-            samples[index] = np.concatenate([samples[index], more])
-    return samples
+    vocoder spans likewise. -> each item's new samples, or the exception that ended that item
+    alone (a batched call that fails is run again item by item, so the failure is the item's own).
+    `timer(stage, batch, seconds)`, if given, hears each batched "dit" and "bigvgan" call."""
+    results: list = [np.zeros(0, dtype=np.float32)] * len(items)
+    for index, (stream, codes, _) in enumerate(items):
+        _guard(results, index, stream.add, codes)
+    for final in (False, True):
+        indices = [i for i, (_, _, ended) in enumerate(items) if ended or not final]
+        _decode_round({i: items[i][0] for i in indices if not isinstance(results[i], Exception)}, final, results, timer)
+    return results
 
 
-def _decode_round(streams: list[StreamingToken2Wav], final: bool, timer) -> list[np.ndarray]:
-    """Every due window of `streams`, then their vocoder spans, batched by shape (`_decode_due`'s work)."""
-    while due := [(stream, window) for stream in streams if (window := stream.next_window(final=final)) is not None]:
-        for group in _same_shape(due, lambda pair: pair[1].codes.shape[1]):
-            mels = _timed(timer, "dit", len(group), _sample_many, group)
-            for (stream, window), mel in zip(group, mels):
-                stream.accept_mel(window, mel)
-    samples = [np.zeros(0, dtype=np.float32)] * len(streams)
-    spans = [(index, span) for index, stream in enumerate(streams)
-             if (span := stream.vocoder_span(final=final)) is not None]
-    for group in _same_shape(spans, lambda pair: pair[1].mel.shape[2]):
-        mel = torch.cat([span.mel for _, span in group])
-        waves = _timed(timer, "bigvgan", len(group), vocode_many, streams[group[0][0]].bigvgan, mel)
-        for (index, span), wave in zip(group, waves):
-            samples[index] = streams[index].accept_wave(span, wave)
-    return samples
+def _decode_round(streams: dict[int, StreamingToken2Wav], final: bool, results: list, timer) -> None:
+    """Every due window of `streams` (by item index), then their vocoder spans, batched by shape
+    (`_decode_due`'s work); new samples are appended to `results`, failures put there."""
+    while due := {i: window for i, stream in streams.items() if not isinstance(results[i], Exception)
+                  and (window := _guard(results, i, stream.next_window, final=final)) is not None}:
+        for group in _same_shape(due, lambda i: due[i].codes.shape[1]):
+            mels = _batched(timer, "dit", group, results, lambda g: _sample_many([(streams[i], due[i]) for i in g]))
+            for i, mel in mels.items():
+                _guard(results, i, streams[i].accept_mel, due[i], mel)
+    spans = {i: span for i, stream in streams.items() if not isinstance(results[i], Exception)
+             and (span := _guard(results, i, stream.vocoder_span, final=final)) is not None}
+    for group in _same_shape(spans, lambda i: spans[i].mel.shape[2]):
+        bigvgan = streams[group[0]].bigvgan
+        waves = _batched(timer, "bigvgan", group, results,
+                         lambda g: list(vocode_many(bigvgan, torch.cat([spans[i].mel for i in g]))))
+        for i, wave in waves.items():
+            if (new := _guard(results, i, streams[i].accept_wave, spans[i], wave)) is not None:
+                results[i] = np.concatenate([results[i], new])
+
+
+def _batched(timer, stage: str, group: list[int], results: list, fn) -> dict:
+    """fn(group) -> one output per item, timed; if it fails, each item alone (its failure its own)."""
+    start = time.perf_counter()
+    try:
+        outputs = dict(zip(group, fn(group)))
+    except Exception:
+        outputs = {}
+        for i in group:
+            if (output := _guard(results, i, lambda i=i: fn([i])[0])) is not None:
+                outputs[i] = output
+    if timer is not None:
+        timer(stage, len(group), time.perf_counter() - start)
+    return outputs
+
+
+def _guard(results: list, index: int, fn, *args, **kwargs):
+    """fn(...), or None with the exception put in results[index]."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        results[index] = exc
+        return None
 
 
 def _sample_many(group: list[tuple[StreamingToken2Wav, DitWindow]]) -> list[torch.Tensor]:
@@ -288,16 +313,8 @@ def _sample_many(group: list[tuple[StreamingToken2Wav, DitWindow]]) -> list[torc
     return list(mel.split(1))
 
 
-def _same_shape(pairs: list, size) -> list[list]:
-    groups: dict[int, list] = {}
-    for pair in pairs:
-        groups.setdefault(size(pair), []).append(pair)
+def _same_shape(indices, size) -> list[list[int]]:
+    groups: dict[int, list[int]] = {}
+    for index in indices:
+        groups.setdefault(size(index), []).append(index)
     return list(groups.values())
-
-
-def _timed(timer, stage: str, batch: int, fn, *args):
-    start = time.perf_counter()
-    result = fn(*args)
-    if timer is not None:
-        timer(stage, batch, time.perf_counter() - start)
-    return result

@@ -141,6 +141,19 @@ def render_pieces(processor, messages: list[dict]) -> tuple[list[str], list[str]
     return _PIECES.split(rendered), texts
 
 
+_TOKENIZER_LOCK = threading.Lock()
+
+
+def encode(tokenizer, texts: list[str], *, split_special_tokens: bool) -> list[list[int]]:
+    """Token ids of each text, without special tokens added; `split_special_tokens`: what a person
+    typed, where "<|im_start|>" is plain text. One at a time across threads: transformers (5.23,
+    tokenization_utils_tokenizers.py) sets that flag on the tokenizer's shared Rust backend for the
+    call, so two requests prepared at once could each get the other's setting (a user's typed
+    "<|im_end|>" read as a control token, or the template's split into plain text)."""
+    with _TOKENIZER_LOCK:
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
+
+
 def build_prompt(processor, messages: list[dict], items: list[MediaItem]) -> tuple[list[int], list[MediaSpan]]:
     """Token ids of the conversation with `items` (one per media part, in message order) in their
     places. -> (input ids, where each item sits)."""
@@ -152,13 +165,13 @@ def build_prompt(processor, messages: list[dict], items: list[MediaItem]) -> tup
     for piece in pieces:
         if piece.startswith("\x00text"):
             text = texts[int(piece[5:-1])]
-            ids += tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            ids += encode(tokenizer, [text], split_special_tokens=True)[0]
         elif piece in PLACEHOLDERS.values():
             item = next(media)
             spans.append(MediaSpan(item, len(ids), len(ids) + len(item.token_ids)))
             ids += item.token_ids
         elif piece:
-            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+            ids += encode(tokenizer, [piece], split_special_tokens=False)[0]
     return ids, spans
 
 
@@ -185,8 +198,8 @@ def count_tokens(processor, messages: list[dict], media_tokens: list[int]) -> tu
     for split in (True, False):
         group = [(block, text) for block, text, typed in chunks if typed == split and text]
         if group:
-            encoded = tokenizer([text for _, text in group], add_special_tokens=False, split_special_tokens=split)
-            for (block, _), ids in zip(group, encoded["input_ids"]):
+            encoded = encode(tokenizer, [text for _, text in group], split_special_tokens=split)
+            for (block, _), ids in zip(group, encoded):
                 blocks[block] += len(ids)
     per_message = blocks[-1 - len(messages):-1]
     return per_message, sum(blocks) - sum(per_message)

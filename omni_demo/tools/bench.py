@@ -36,7 +36,7 @@ from omni_demo.config import (ASSETS, DEFAULT_SYSTEM_PROMPT, INPUT_SAMPLE_RATE, 
                               GenerationOptions)
 from omni_demo.errors import ModelLoadError
 from omni_demo.events import AudioChunk, Finished, TextDelta
-from omni_demo.flags import add_model_arguments, model_config
+from omni_demo.flags import add_model_arguments, batch_config, model_config
 from omni_demo.inputs.messages import system_message
 from omni_demo.inputs.prepare import PreparedInputs
 from omni_demo.models.loading import quiet_libraries
@@ -154,14 +154,14 @@ def time_decode_steps(engine, inputs: PreparedInputs, steps: int, *, lean: bool)
         _sync(device)
         return 1e3 * (time.perf_counter() - start) / steps
 
-    thinker = ThinkerDecoder(model.thinker, engine.decode_step("thinker", lean))
+    thinker = ThinkerDecoder(model.thinker, engine.decode_step("thinker", 0 if lean else None))
     token = thinker.prefill(inputs).argmax(-1)  # [1] on the device
     result = {"thinker_step_ms": per_step_ms(lambda: thinker.step(token))}
     if engine.loaded.has_talker:
-        thinker = ThinkerDecoder(model.thinker, engine.decode_step("thinker", lean))
+        thinker = ThinkerDecoder(model.thinker, engine.decode_step("thinker", 0 if lean else None))
         thinker.prefill(inputs)
         _, reply_part = thinker.step(token)
-        talker = TalkerDecoder(model, engine.decode_step("talker", lean))
+        talker = TalkerDecoder(model, engine.decode_step("talker", 0 if lean else None))
         talker.prefill(inputs, thinker, next(iter(model.speaker_map.values()))["bos_token"], int(token), reply_part)
         pad = talker.text_embedding(model.talker.text_pad_token)
         code = torch.tensor([100], device=device)
@@ -406,6 +406,8 @@ def parse_args(argv=None):
                         help="stream counts to play at once, e.g. 1,2,4,8: speech s per wall s, first audio p50/p95, "
                              "each stream's real-time factor (omni_demo/tools/concurrency.py)")
     parser.add_argument("--stagger-s", type=float, default=0.2, help="between two streams' arrivals (--concurrency)")
+    parser.add_argument("--speech", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-speech: text only (the talker and Token2Wav never run)")
     return parser.parse_args(argv)
 
 
@@ -441,7 +443,7 @@ def main(argv=None) -> int:
     options = GenerationOptions(
         voice=args.voice, greedy=True, seed=0,
         max_new_tokens=args.text_tokens, min_new_tokens=args.text_tokens,
-        max_audio_tokens=args.audio_tokens, min_audio_tokens=args.audio_tokens,
+        max_audio_tokens=args.audio_tokens, min_audio_tokens=args.audio_tokens, speech=args.speech,
     )
     if args.conversation:
         result = conversation_bench(loaded, args, replace(options, use_audio_in_video=True))
@@ -449,18 +451,15 @@ def main(argv=None) -> int:
         print_conversation(result)
         print(json.dumps(result))
         return 0
-    engine = OmniEngine(loaded, lean=args.lean, cache=CacheConfig(enabled=False))
+    engine = OmniEngine(loaded, lean=args.lean, cache=CacheConfig(enabled=False), batch=batch_config(args))
     if inputs is None:
         messages = [system_message(DEFAULT_SYSTEM_PROMPT), {"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
         inputs = engine.prepare(messages, options)
     if args.concurrency:
-        from .concurrency import concurrency_bench, print_levels
+        from .concurrency import concurrency_main
 
         run_stream(engine, inputs, GenerationOptions(voice=args.voice, greedy=True, max_new_tokens=4, max_audio_tokens=30))
-        result = concurrency_bench(engine, inputs, options, args.concurrency, args.stagger_s)
-        print_levels(result)
-        print(json.dumps({"concurrency": result}))
-        return 0
+        return concurrency_main(engine, inputs, options, args)
     warmup = GenerationOptions(voice=args.voice, greedy=True, max_new_tokens=4, max_audio_tokens=30)
     run_stream(engine, inputs, warmup)
     run_reference(loaded, inputs, warmup)
