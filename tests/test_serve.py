@@ -45,20 +45,65 @@ def client(server, **options) -> "openai.OpenAI":
 
 def stream_reply(server, messages=MESSAGES, **request) -> dict:
     """One streamed reply, with its chunks as dicts (delta.audio read through model_dump)."""
+    api = client(server)
     start, reply = time.monotonic(), {"chunks": [], "text": "", "transcript": "", "pcm": b"", "audio_at": []}
-    stream = client(server).chat.completions.create(model="tiny", messages=messages, stream=True, **request)
+    stream = api.chat.completions.create(model="tiny", messages=messages, stream=True, **request)
     for chunk in stream:
         data = chunk.model_dump()
         reply["chunks"].append(data)
         for choice in data["choices"]:
             audio = choice["delta"].get("audio") or {}
             reply["text"] += choice["delta"].get("content") or ""
+            if choice["delta"].get("content") and "first_text_at" not in reply:
+                reply["first_text_at"] = time.monotonic() - start
             reply["transcript"] += audio.get("transcript") or ""
             if audio.get("data"):
                 reply["pcm"] += base64.b64decode(audio["data"])
                 reply["audio_at"].append(time.monotonic() - start)
     reply["done_at"] = time.monotonic() - start
     return reply
+
+
+@pytest.fixture(scope="module")
+def batching_server(tiny_dir):
+    """A server that batches up to 4 replies, every one admitted at once (no real-time guard)."""
+    from .serverhelpers import ApiServer
+
+    server = ApiServer("--api-key", API_KEY, "--metrics-key", METRICS_KEY, "--max-batch", "4",
+                       "--no-realtime-guard").wait()
+    yield server
+    server.stop()
+
+
+def test_four_clients_stream_at_once_each_reply_as_alone(batching_server):
+    """Four official clients at once: each reply's text equals (greedy) its reply served alone, with
+    the same length of speech, and the thinker ran them as one batch of four."""
+    def request(n: int) -> dict:
+        prompt = [{"role": "user", "content": f"Client {n}: tell me about the number {n}."}]
+        return dict(messages=prompt, modalities=["text", "audio"], audio={"voice": "Ethan", "format": "pcm16"},
+                    temperature=0, seed=n, max_completion_tokens=40,
+                    extra_body={"min_tokens": 40, "max_audio_tokens": 120, "min_audio_tokens": 120})
+
+    alone = [stream_reply(batching_server, **request(n)) for n in range(4)]
+    url = f"http://127.0.0.1:{batching_server.port}/metrics"
+    scrape = lambda: httpx.get(url, headers={"Authorization": f"Bearer {METRICS_KEY}"}, timeout=10).text  # noqa: E731
+    before = scrape()
+    together: list[dict] = [{} for _ in range(4)]
+    threads = [threading.Thread(target=lambda n=n: together[n].update(stream_reply(batching_server, **request(n))))
+               for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for n in range(4):
+        assert together[n]["text"] == alone[n]["text"] and len(alone[n]["text"]) > 20
+        assert len(together[n]["pcm"]) == len(alone[n]["pcm"]) == 120 * SAMPLES_PER_CODE * 2
+    batched = lambda text: float(re.search(r'omni_step_batch_size_count\{stage="thinker"\} (\S+)', text)[1]) - float(
+        re.search(r'omni_step_batch_size_bucket\{le="3.0",stage="thinker"\} (\S+)', text)[1])  # noqa: E731
+    assert batched(scrape()) - batched(before) > 0, "no thinker step ran the four replies together"
+    alone_first = max(reply["first_text_at"] for reply in alone)
+    firsts = ", ".join(f"{reply['first_text_at']:.3f}" for reply in together)
+    print(f"\nfirst text: alone up to {alone_first:.3f} s; four at once {firsts} s")
 
 
 @pytest.fixture(scope="module")
@@ -325,4 +370,8 @@ def test_prometheus_metrics_count_replies_tokens_and_times(api_server):
     assert grew("omni_speech_seconds_total") == pytest.approx(96 * SAMPLES_PER_CODE / 24_000)
     assert grew("omni_time_to_first_audio_seconds_count") == 1 and grew("omni_speech_real_time_factor_count") == 1
     assert after["omni_replies_running"] == 0 and after["omni_replies_waiting"] == 0
+    # the scheduler's steps: 24 thinker steps of one reply (this server's --max-batch is 1), and talker steps
+    assert grew('omni_step_batch_size_count{stage="thinker"}') == 24
+    assert grew('omni_step_batch_size_sum{stage="thinker"}') == 24
+    assert grew('omni_step_seconds_count{stage="talker"}') >= 96 and grew('omni_step_seconds_count{stage="dit"}') >= 1
     assert reply["pcm"]

@@ -228,6 +228,9 @@ class ChatServer:
         self.config = config
         self.worker = ReplyWorker(engine, config.max_waiting, on_finished=lambda event: self.metrics.observe(event))
         self.metrics = ServerMetrics(running=lambda: self.worker.running, waiting=lambda: self.worker.waiting)
+        scheduler = getattr(engine, "scheduler", None)  # a test's fake engine has none
+        if scheduler is not None:
+            scheduler.observers.append(self.metrics.observe_step)
         self.uploads = UploadSlots(config.max_uploads_per_client)
         self.model_name = config.model_name or engine.model_name
 

@@ -1,6 +1,7 @@
 """What an operator scrapes from `GET /metrics` (Prometheus text format, `prometheus_client`): replies
 running and waiting, time to first text and first audio, the speech's real-time factor, tokens and
-replies by how they ended, and how many prompt tokens the conversation cache served."""
+replies by how they ended, how many prompt tokens the conversation cache served, and the engine
+scheduler's steps: how many replies each stage batched and how long it took."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from omni_demo.events import Finished
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)  # seconds
 RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)  # below 1: faster than real time
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # replies in one stage of a step
+STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # seconds per stage call
 
 
 class ServerMetrics:
@@ -37,6 +40,16 @@ class ServerMetrics:
         self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens of the replies.", **options)
         self.cached_prompt_tokens = Counter("cached_prompt_tokens", "Prompt tokens the conversation cache served "
                                             "(the caller's own hits).", **options)
+        self.batch_size = Histogram("step_batch_size", "Replies one stage of a scheduler step ran together "
+                                    "(prefill, thinker, talker, dit, bigvgan).", ["stage"], buckets=BATCH_BUCKETS,
+                                    **options)
+        self.step_seconds = Histogram("step_seconds", "Time of one stage of a scheduler step.", ["stage"],
+                                      buckets=STEP_BUCKETS, **options)
+
+    def observe_step(self, stage: str, batch: int, seconds: float) -> None:
+        """One stage of one scheduler step (an observer of omni_demo.engine.scheduler)."""
+        self.batch_size.labels(stage).observe(batch)
+        self.step_seconds.labels(stage).observe(seconds)
 
     def observe(self, finished: Finished) -> None:
         """One reply's figures, once it has ended."""
