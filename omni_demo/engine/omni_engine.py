@@ -13,8 +13,10 @@ the decoders under them are in `decoders.py`. `OmniEngine` implements the `Backe
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from omni_demo.config import (DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, SAMPLES_PER_CODE, BatchConfig, CacheConfig,
                               GenerationOptions, Limits, StreamingConfig)
@@ -37,6 +39,17 @@ from .streams import SpeechStream, TextDetokenizer, TextStream
 from .token2wav import StreamingToken2Wav
 
 log = logging.getLogger(__name__)
+PREPARE_WORKERS = 8  # requests whose media are read and processed at once (the rest wait for a worker)
+PREPARE_NICENESS = 10  # how much lower the CPU priority of that work is than the scheduler's
+
+
+def lower_priority() -> None:
+    """Lower this thread's CPU priority by PREPARE_NICENESS (Linux: a thread's nice value is its own)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + PREPARE_NICENESS))
+    except (AttributeError, OSError):  # not Linux, or not allowed: the same priority, as before
+        pass
 
 
 class OmniEngine:
@@ -57,6 +70,9 @@ class OmniEngine:
         self.lean_steps: dict[str, LeanStep] = self._make_lean_steps() if lean else {}
         log.info("serving up to %d replies at once (--max-batch)", self.max_batch)
         self.scheduler = Scheduler(self, self.batch, self.max_batch)
+        # Requests' media are read and processed here, at a lower CPU priority than the scheduler's
+        # steps: on a small CPU a 4K video being decoded would otherwise hold the running replies back.
+        self.preparing = ThreadPoolExecutor(PREPARE_WORKERS, "omni-prepare", initializer=lower_priority)
         cache = cache or CacheConfig()
         self.conversation_cache = self.media_cache = None  # what later turns reuse
         if cache.enabled:
@@ -88,6 +104,7 @@ class OmniEngine:
     def close(self) -> None:
         """Stop serving: running and waiting replies end with an EngineError; the loop is joined."""
         self.scheduler.close()
+        self.preparing.shutdown(wait=False, cancel_futures=True)
 
     def _default_system_ids(self) -> list[int]:
         """The tokens every prompt with the default system prompt begins with: what all parties share."""
@@ -184,7 +201,7 @@ class OmniEngine:
         options = options or GenerationOptions()
         clock = ReplyClock()
         try:
-            inputs, dropped = self.fit_context(messages, options, cancel)
+            inputs, dropped = self.preparing.submit(self.fit_context, messages, options, cancel).result()
         except Cancelled:
             return
         if dropped:

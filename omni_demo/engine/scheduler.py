@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -51,6 +52,7 @@ MAX_BATCH_CAP = {"cuda": 16, "cpu": 8}  # the derived --max-batch is at most thi
 KV_MEMORY_SHARE = {"cuda": 0.5, "cpu": 0.25}  # of the free memory, for the slots (the rest: prefills, media, Token2Wav)
 ADMIT_LEAD_S = 1.0  # the real-time guard admits a reply while every running speech is this far ahead
 IDLE_WAIT_S = 1.0  # the idle loop's longest sleep between looks at its queues
+SWITCH_INTERVAL_S = 0.0005  # the process's GIL switch interval once a scheduler runs (see _start)
 CLOSE_WAIT_S = 30.0  # how long closing a reply's generator waits for the step in progress
 
 
@@ -126,6 +128,11 @@ class Scheduler:
 
     def _start(self) -> None:
         if self._thread is None:
+            # A step is hundreds of short torch calls, each letting go of the GIL; a thread doing
+            # Python work (a request's prompt and media) then holds it for up to the switch
+            # interval (5 ms by default) before each call goes on: a 1,000-turn history being
+            # fitted slowed the steps 10x (omni_demo/tools/hostile.py). 0.5 ms bounds that.
+            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
             self._thread = threading.Thread(target=self._loop, name="omni-scheduler", daemon=True)
             self._thread.start()
             atexit.register(self.close)  # joined at exit at the latest, never left inside a step

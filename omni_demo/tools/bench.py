@@ -406,6 +406,9 @@ def parse_args(argv=None):
                         help="stream counts to play at once, e.g. 1,2,4,8: speech s per wall s, first audio p50/p95, "
                              "each stream's real-time factor (omni_demo/tools/concurrency.py)")
     parser.add_argument("--stagger-s", type=float, default=0.2, help="between two streams' arrivals (--concurrency)")
+    parser.add_argument("--hostile", action="store_true",
+                        help="how long a heavy request joining (a 1,000-turn history, a 4K video) holds a running "
+                             "reply's speech back (omni_demo/tools/hostile.py)")
     parser.add_argument("--speech", action=argparse.BooleanOptionalAction, default=True,
                         help="--no-speech: text only (the talker and Token2Wav never run)")
     return parser.parse_args(argv)
@@ -455,6 +458,13 @@ def main(argv=None) -> int:
     if inputs is None:
         messages = [system_message(DEFAULT_SYSTEM_PROMPT), {"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
         inputs = engine.prepare(messages, options)
+    if args.hostile:
+        from .hostile import hostile_bench, print_hostile
+
+        result = hostile_bench(engine, inputs, options)
+        print_hostile(result)
+        print(json.dumps({"hostile": result}))
+        return 0
     if args.concurrency:
         from .concurrency import concurrency_main
 
