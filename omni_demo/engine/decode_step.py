@@ -186,7 +186,8 @@ class LeanStep:
         """CUDA only: capture the step for each (batch, cache-length) bucket (warm-up included).
         Nothing changes unless every capture succeeds."""
         keys = [(b, s) for b in sorted(set(batches)) if b <= self.slots for s in sorted(set(spans)) if s <= self.max_len]
-        self.graphs = {key: _GraphStep(self, *key) for key in keys}
+        pool = torch.cuda.graph_pool_handle()  # one memory pool for all: they replay one at a time (one loop)
+        self.graphs = {key: _GraphStep(self, *key, pool=pool) for key in keys}
 
 
 class SlotStep:
@@ -255,7 +256,7 @@ class _GraphStep:
     """The decode step as one CUDA graph, for up to `batch` slots whose caches hold less than
     `span` positions. Padding rows write to the scratch slot and are dropped."""
 
-    def __init__(self, lean: LeanStep, batch: int, span: int):
+    def __init__(self, lean: LeanStep, batch: int, span: int, pool=None):
         self.lean, self.batch, self.span = lean, batch, span
         d, hidden = lean, lean.stack.config.hidden_size
         self.embeds = torch.zeros(batch, 1, hidden, device=d.device, dtype=d.dtype)
@@ -270,7 +271,7 @@ class _GraphStep:
                 self._body()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.inference_mode():
+        with torch.cuda.graph(self.graph, pool=pool), torch.inference_mode():
             self.output = self._body()
         d.keys.copy_(saved[0])  # the warm-up wrote into the cache
         d.values.copy_(saved[1])
