@@ -20,6 +20,9 @@ from pathlib import Path
 from omni_demo.flags import add_model_arguments, batch_config, model_config
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+# Gradio's worker threads: up to 16 replies streaming at once (--max-batch), up to 16 calls each
+# holding one for its loop and one for its microphone, and room for everything else (Gradio: 40).
+MAX_THREADS = 64
 
 
 def env(name: str, default):
@@ -114,6 +117,7 @@ def main(argv=None) -> int:
     demo.launch(
         server_name=args.host, server_port=args.port, share=args.share, auth=auth_pair(args.auth),
         max_file_size=f"{args.max_upload_mb:g}mb", allowed_paths=[str(ASSETS)], show_error=True,
+        max_threads=MAX_THREADS,
     )
     return 0
 

@@ -24,6 +24,7 @@ from omni_demo.config import BatchConfig, GenerationOptions
 from omni_demo.engine import scheduler as scheduler_module
 from omni_demo.engine.decode_step import graph_buckets
 from omni_demo.engine.omni_engine import OmniEngine
+from omni_demo.errors import EngineError
 from omni_demo.events import AudioChunk, Finished, TextDelta, Waiting
 
 from .conftest import text_messages
@@ -298,8 +299,56 @@ def test_the_realtime_guard_holds_a_newcomer_while_speech_is_behind(loaded, alon
         engine.close()
 
 
+def test_a_reply_that_cannot_be_admitted_fails_alone_and_the_loop_goes_idle(batched, alone, monkeypatch):
+    messages, voices = text_messages(), batched.voices
+    wanted = [reply_options(1, voices[0]), reply_options(0, voices[1], seed=FAIL_SEED)]
+    text_stream = batched.text_stream
+
+    def failing(inputs, options, slot):
+        if options.seed == FAIL_SEED:
+            raise RuntimeError("injected failure at admission")
+        return text_stream(inputs, options, slot)
+
+    monkeypatch.setattr(batched, "text_stream", failing)
+    first, failed = Reply(batched, messages, wanted[0]), Reply(batched, messages, wanted[1])
+    run_staggered(batched, [first, failed], Stagger(joins=(3,)))
+    assert isinstance(failed.error, RuntimeError) and not failed.events
+    assert first.error is None
+    same_tokens(first.finished, alone(messages, wanted[0]))
+    assert_idle(batched)  # nothing left behind in `running`: the loop sleeps again
+
+
+def test_a_cancelled_reply_leaves_the_line_at_once(loaded):
+    engine = OmniEngine(loaded, batch=BatchConfig(max_batch=1, realtime_guard=False))
+    try:
+        long = GenerationOptions(greedy=True, max_new_tokens=400, min_new_tokens=400, speech=False)
+        running = engine.stream(text_messages(), long)
+        next(running)
+        cancel = threading.Event()
+        waiting = engine.stream(text_messages("another"), reply_options(0, speech=False), cancel)
+        assert next(waiting) == Waiting(ahead=0)
+        cancel.set()
+        started = time.monotonic()
+        assert [e.stop_reason for e in waiting if isinstance(e, Finished)] == ["cancelled"]
+        assert time.monotonic() - started < 5 and not engine.scheduler.waiting
+        closed = engine.stream(text_messages("a third"), reply_options(0, speech=False))
+        assert next(closed) == Waiting(ahead=0)
+        started = time.monotonic()
+        closed.close()  # returns once the scheduler has let it go, not after the running reply
+        assert time.monotonic() - started < 5 and not engine.scheduler.waiting
+        assert engine.scheduler.running, "the first reply was still running all along"
+        running.close()
+    finally:
+        engine.close()
+    started = time.monotonic()
+    with pytest.raises(EngineError, match="shutting down"):
+        next(engine.stream(text_messages(), reply_options(0)))
+    assert time.monotonic() - started < 5
+
+
 def test_without_the_loop_thread_concurrent_callers_are_served_one_after_the_other(loaded, alone):
     engine = OmniEngine(loaded, batch=BatchConfig(max_batch=2, threaded=False))
+    assert engine.max_batch == 1  # one reply at a time needs one KV slot, whatever max_batch says
     messages, voices = text_messages(), engine.voices
     wanted = [reply_options(1, voices[0]), reply_options(0, voices[1])]
     first, second = Reply(engine, messages, wanted[0]).start(), Reply(engine, messages, wanted[1])
@@ -311,7 +360,7 @@ def test_without_the_loop_thread_concurrent_callers_are_served_one_after_the_oth
         assert reply.error is None
         same_tokens(reply.finished, alone(messages, o))
     assert engine.scheduler._thread is None
-    assert sorted(engine.scheduler.free_slots) == [0, 1]
+    assert engine.scheduler.free_slots == [0]
 
 
 def prefilled_slots(engine, stack: str) -> list[torch.Tensor]:
@@ -416,3 +465,27 @@ def test_prompts_prepared_at_once_are_tokenized_alike(batched, monkeypatch):
     monkeypatch.undo()
     assert ours.shape == expected.shape and torch.equal(ours, expected), \
         f"{ours.shape[1] - expected.shape[1]} more prompt tokens when another request was prepared meanwhile"
+
+
+@pytest.mark.gpu
+def test_cuda_graph_batches_equal_replies_served_alone_on_gpu(tiny_dir):
+    """On CUDA the batched steps replay graphs per (batch, cache length) bucket; greedy replies served
+    together still equal those served alone (float32, so the comparison is as on the CPU)."""
+    from omni_demo.config import ModelConfig
+    from omni_demo.models.loading import load_model
+
+    engine = OmniEngine(load_model(ModelConfig(model="tiny", device="cuda", dtype="float32")),
+                        batch=BatchConfig(realtime_guard=False, max_batch=4))
+    try:
+        assert any(batch > 1 for batch, _ in engine.lean_steps["thinker"].graphs), "no batched graph was captured"
+        messages, voices = text_messages(), engine.voices
+        wanted = [reply_options(i, voices[i % 2]) for i in range(3)]
+        expected = [Reply(engine, messages, o).start().join().finished for o in wanted]
+        replies = [Reply(engine, messages, o) for o in wanted]
+        stagger = run_staggered(engine, replies)
+        for reply, reference in zip(replies, expected):
+            assert reply.error is None
+            same_tokens(reply.finished, reference)
+        assert stagger.largest["thinker"] > 1
+    finally:
+        engine.close()

@@ -42,7 +42,8 @@ class Stages:
             embeds = decoders[0].input_embeds(torch.cat([s.text.token for s in feeding]))
             logits, parts = decoders[0].outputs(_decode([d.decode_step for d in decoders], embeds), embeds)
             for row, sequence in enumerate(feeding):
-                part = sequence.text.accept(logits[row : row + 1], parts[row : row + 1])
+                # its own copy: a view would keep the whole batch's tensor alive as long as the reply
+                part = sequence.text.accept(logits[row : row + 1], parts[row : row + 1].clone())
                 if sequence.speech is not None:
                     sequence.speech.feed(part)
         for sequence in writing:
@@ -92,6 +93,7 @@ class Stages:
             fn(*args)
         except Exception as exc:
             self.end(sequence, engine_error(exc))
+
 
 def _decode(steps: list, embeds: torch.Tensor) -> torch.Tensor:
     """One token for each reply's decode step: embeds [B, 1, D] -> hidden [B, 1, D]. Slots of one

@@ -6,9 +6,10 @@ Both decoders call `step(embeds) -> hidden` on one of two twins, loaded with the
   spends most of a one-token step on Cache objects, mask building, position and rotary tensors
   and output dataclasses; `LeanStep` keeps a preallocated KV cache per layer and precomputed
   rotary tables, and runs the ops of `Qwen2_5OmniDecoderLayer` with q/k/v and gate/up fused (so
-  greedy tokens match `PlainStep` exactly). On CUDA it is captured as CUDA graphs, one per
-  cache-length bucket (attention then runs over the whole bucket with a mask), at engine start,
-  so the first reply does not pay for the capture.
+  greedy tokens match `PlainStep` exactly). It holds one cache slot per reply of a batch and
+  decodes a batch in one pass (`step_many`). On CUDA it is captured as CUDA graphs, one per
+  (batch size, cache length) bucket (attention then runs over the whole bucket with a mask), at
+  engine start, so the first reply does not pay for the capture.
 
 Decode positions advance all three mRoPE axes together: position = cache length + the prompt's
 rope delta (`rope_offset`).
@@ -75,6 +76,7 @@ class LeanStep:
         self.lengths = [0] * slots  # cached positions, per slot
         self.rope_offsets = [0] * slots  # mRoPE position minus cache position (the prompt's rope delta)
         self.graphs: dict[tuple[int, int], _GraphStep] = {}  # by (batch bucket, cache-length bucket)
+        self.failed: list[tuple[int, int]] = []  # buckets whose capture failed (they and larger ones: eager)
         self.fused = [_fuse(layer) for layer in stack.layers]
         self.norm_weight, self.norm_eps = stack.norm.weight, stack.norm.variance_epsilon
 
@@ -154,7 +156,7 @@ class LeanStep:
         """A batch in one pass: slots and cache positions as tensors ([B] long), every row attending
         to the first `span` positions of its slot under a mask (no host sync: the CUDA graphs' body,
         one shape per bucket; eager, the step of a batch of more than one)."""
-        batch = hidden.shape[0]
+        batch, group = hidden.shape[0], self.heads // self.kv_heads
         cos, sin = cos.view(batch, 1, 1, -1), sin.view(batch, 1, 1, -1)
         mask = (torch.arange(span, device=hidden.device)[None, :] <= index[:, None]).view(batch, 1, 1, span)
         for w, keys, values in zip(self.fused, self.keys, self.values):
@@ -162,10 +164,13 @@ class LeanStep:
             q, k, v = self._qkv(w, hidden, cos, sin)
             keys[slot_ids, :, index] = k[:, :, 0]
             values[slot_ids, :, index] = v[:, :, 0]
+            # Query head h reads kv head h // group (repeat_kv's order), so the heads sharing a kv head
+            # go in as that head's `group` query positions: [B, kv, group, hd], no K/V repeated.
             out = F.scaled_dot_product_attention(
-                q, keys[:, :, :span].index_select(0, slot_ids), values[:, :, :span].index_select(0, slot_ids),
-                attn_mask=mask, scale=w.scaling, enable_gqa=self.heads != self.kv_heads)
-            hidden = self._after_attention(w, residual, out)
+                q.reshape(batch, self.kv_heads, group, self.head_dim),
+                keys[:, :, :span].index_select(0, slot_ids), values[:, :, :span].index_select(0, slot_ids),
+                attn_mask=mask, scale=w.scaling)
+            hidden = self._after_attention(w, residual, out.reshape(batch, self.heads, 1, self.head_dim))
         return _rms_norm(hidden, self.norm_weight, self.norm_eps)
 
     def _qkv(self, w, hidden, cos, sin):
@@ -183,11 +188,21 @@ class LeanStep:
         return hidden + F.linear(w.act(gate) * up, w.down_weight)
 
     def capture(self, batches: list[int], spans: list[int]) -> None:
-        """CUDA only: capture the step for each (batch, cache-length) bucket (warm-up included).
-        Nothing changes unless every capture succeeds."""
-        keys = [(b, s) for b in sorted(set(batches)) if b <= self.slots for s in sorted(set(spans)) if s <= self.max_len]
-        pool = torch.cuda.graph_pool_handle()  # one memory pool for all: they replay one at a time (one loop)
-        self.graphs = {key: _GraphStep(self, *key, pool=pool) for key in keys}
+        """CUDA only: capture the step for each (batch, cache-length) bucket, smallest first; a
+        bucket that fails (out of memory, say) and every larger one are left to the eager step.
+        The graphs share one memory pool and one warm-up stream: they replay one at a time, from
+        the scheduler's one loop, and each output is copied out at once (`_GraphStep.run`)."""
+        keys = sorted((b, s) for b in set(batches) if b <= self.slots for s in set(spans) if s <= self.max_len)
+        pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+        for key in keys:
+            if any(key[0] >= b and key[1] >= s for b, s in self.failed):
+                continue
+            try:
+                self.graphs[key] = _GraphStep(self, *key, pool=pool, stream=stream)
+            except Exception:
+                log.exception("CUDA graph capture failed for (batch, cache length) %s: eager there", key)
+                self.failed.append(key)
+        torch.cuda.empty_cache()
 
 
 class SlotStep:
@@ -253,35 +268,34 @@ def _rotate(x, cos, sin):
 
 
 class _GraphStep:
-    """The decode step as one CUDA graph, for up to `batch` slots whose caches hold less than
-    `span` positions. Padding rows write to the scratch slot and are dropped."""
+    """The decode step as one CUDA graph, for up to `batch` slots whose caches hold fewer than
+    `span` positions. Padding rows write to the scratch slot (position 0) and are dropped."""
 
-    def __init__(self, lean: LeanStep, batch: int, span: int, pool=None):
+    def __init__(self, lean: LeanStep, batch: int, span: int, pool=None, stream=None):
         self.lean, self.batch, self.span = lean, batch, span
-        d, hidden = lean, lean.stack.config.hidden_size
-        self.embeds = torch.zeros(batch, 1, hidden, device=d.device, dtype=d.dtype)
-        self.slot_ids = torch.full((batch,), d.slots, dtype=torch.long, device=d.device)
-        self.position = torch.zeros(batch, dtype=torch.long, device=d.device)
-        self.index = torch.zeros(batch, dtype=torch.long, device=d.device)
-        saved = (d.keys.clone(), d.values.clone())
-        stream = torch.cuda.Stream()
+        device, hidden_size = lean.device, lean.stack.config.hidden_size
+        self.embeds = torch.zeros(batch, 1, hidden_size, device=device, dtype=lean.dtype)
+        self.slot_ids = torch.full((batch,), lean.slots, dtype=torch.long, device=device)  # all scratch
+        self.position = torch.zeros(batch, dtype=torch.long, device=device)
+        self.index = torch.zeros(batch, dtype=torch.long, device=device)
+        stream = stream or torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(2):  # warm-up outside the graph, as capture requires
+            for _ in range(2):  # warm-up outside the graph, as capture requires (it writes the scratch slot only)
                 self._body()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool), torch.inference_mode():
-            self.output = self._body()
-        d.keys.copy_(saved[0])  # the warm-up wrote into the cache
-        d.values.copy_(saved[1])
+            self.output = self._body()  # [batch, 1, D] in the shared pool: another graph's replay reuses it
 
     def _body(self):
-        d = self.lean
-        cos, sin = d.cos.index_select(0, self.position), d.sin.index_select(0, self.position)
-        return d._step_masked(self.embeds, self.slot_ids, cos, sin, self.index, self.span)
+        lean = self.lean
+        cos, sin = lean.cos.index_select(0, self.position), lean.sin.index_select(0, self.position)
+        return lean._step_masked(self.embeds, self.slot_ids, cos, sin, self.index, self.span)
 
     def run(self, embeds, slots: list[int], positions: list[int], lengths: list[int]) -> torch.Tensor:
+        """embeds [n, 1, D] of slots `slots` (n <= batch), at mRoPE `positions` and cache `lengths`
+        -> their hidden states [n, 1, D], copied out of the graph's output."""
         n, pad = len(slots), self.batch - len(slots)
         self.embeds[:n].copy_(embeds)
         device = self.slot_ids.device

@@ -134,7 +134,8 @@ class Listener:
         part = {"type": "audio", "audio": samples}
         windows = self.windows[: self._finished_windows(len(samples))]
         if windows:
-            self.engine.scheduler.call(lambda: self._keep_item(part, windows))
+            # (skipped where replies run one at a time and one is running: processed whole, as ever)
+            self.engine.scheduler.call(lambda: self._keep_item(part, windows), skip_if_busy=True)
         return self.history + [{"role": "user", "content": [part]}]
 
     def _keep_item(self, part: dict, windows: list[Window]) -> None:

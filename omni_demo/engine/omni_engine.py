@@ -200,6 +200,7 @@ class OmniEngine:
         """
         options = options or GenerationOptions()
         clock = ReplyClock()
+        self.scheduler.check_serving()
         try:
             inputs, dropped = self.preparing.submit(self.fit_context, messages, options, cancel).result()
         except Cancelled:

@@ -53,6 +53,7 @@ KV_MEMORY_SHARE = {"cuda": 0.5, "cpu": 0.25}  # of the free memory, for the slot
 ADMIT_LEAD_S = 1.0  # the real-time guard admits a reply while every running speech is this far ahead
 IDLE_WAIT_S = 1.0  # the idle loop's longest sleep between looks at its queues
 SWITCH_INTERVAL_S = 0.0005  # the process's GIL switch interval once a scheduler runs (see _start)
+POLL_S = 1.0  # how often a caller waiting on the loop checks that it still runs
 CLOSE_WAIT_S = 30.0  # how long closing a reply's generator waits for the step in progress
 
 
@@ -69,6 +70,7 @@ class Scheduler:
         self._alone = threading.Lock()  # threaded=False: the one reply or job running
         self._thread: threading.Thread | None = None
         self._closing = False
+        self.failure: BaseException | None = None  # what stopped the loop thread, if anything did
 
     # -- the callers' side ------------------------------------------------------------------------
 
@@ -77,19 +79,19 @@ class Scheduler:
         if not self.config.threaded:
             yield from self._run_alone(sequence)
             return
+        with self._changed:
+            self.check_serving()
+            self.waiting.append(sequence)
+            self._start()
+            self._changed.notify_all()
         try:
-            with self._changed:
-                if self._closing:
-                    raise EngineError("the engine is shutting down")
-                self.waiting.append(sequence)
-                self._start()
-                self._changed.notify_all()
-            yield from sequence.read()
+            yield from sequence.read(lambda: self.alive)
         finally:
             sequence.closed = True
             with self._changed:
                 self._changed.notify_all()
-            sequence.ended.wait(CLOSE_WAIT_S)  # so a closed reply has stopped when close() returns
+            if threading.current_thread() is not self._thread:  # (a generator collected on the loop thread)
+                sequence.ended.wait(CLOSE_WAIT_S)  # so a closed reply has stopped when close() returns
 
     def call(self, fn: Callable, *, skip_if_busy: bool = False):
         """Run `fn()` (model work that is not a reply) between two steps; -> its result. Threaded,
@@ -104,12 +106,26 @@ class Scheduler:
                 self._alone.release()
         future: Future = Future()
         with self._changed:
-            if self._closing:
-                raise EngineError("the engine is shutting down")
+            self.check_serving()
             self.jobs.append((fn, future))
             self._start()
             self._changed.notify_all()
-        return future.result()
+        while True:
+            try:
+                return future.result(timeout=POLL_S)
+            except TimeoutError:
+                self.check_serving()
+
+    @property
+    def alive(self) -> bool:
+        """The loop thread is running or not started yet (not stopped by a failure or `close`)."""
+        return self.failure is None and not self._closing
+
+    def check_serving(self) -> None:
+        if self._closing:
+            raise EngineError("the engine is shutting down")
+        if self.failure is not None:
+            raise EngineError(f"the engine stopped after an internal error: {self.failure}")
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Cancel every reply, running or waiting, and join the loop thread."""
@@ -138,6 +154,21 @@ class Scheduler:
             atexit.register(self.close)  # joined at exit at the latest, never left inside a step
 
     def _loop(self) -> None:
+        try:
+            self._serve_until_closed()
+        except BaseException as exc:  # a bug, or a CUDA error past recovery: say so to every caller
+            log.exception("the scheduler's loop stopped")
+            self.failure = exc
+        finally:
+            with self._changed:
+                ended = [*self.running, *self.waiting]
+                jobs, self.jobs = list(self.jobs), deque()
+            for sequence in ended:
+                self._end(sequence, EngineError("the engine is shutting down"))
+            for _, future in jobs:
+                future.set_exception(EngineError("the engine is shutting down"))
+
+    def _serve_until_closed(self) -> None:
         while True:
             with self._changed:
                 while not (self._closing or self.jobs or self.running or self.waiting):
@@ -153,10 +184,6 @@ class Scheduler:
                 log.exception("a scheduler step failed")
                 for sequence in list(self.running):
                     self._end(sequence, engine_error(exc))
-        for sequence in [*self.running, *self.waiting]:
-            self._end(sequence, EngineError("the engine is shutting down"))
-        for _, future in self.jobs:
-            future.set_exception(EngineError("the engine is shutting down"))
 
     @staticmethod
     def _run_job(fn: Callable, future: Future) -> None:
@@ -166,16 +193,22 @@ class Scheduler:
             future.set_exception(exc)
 
     def _run_alone(self, sequence: Sequence) -> Iterator[Event]:
+        """threaded=False: step `sequence` alone in this thread, handing out its events as they come."""
         with self._alone:
-            self.running.append(self._admitted(sequence, self.free_slots.pop()))
+            self._bind_slot(sequence, self.free_slots.pop())
             try:
-                while not sequence.finished:
-                    self._step_running()
+                while True:
                     while not sequence.events.empty():
                         event = sequence.events.get()
                         if isinstance(event, BaseException):
                             raise event
                         yield event
+                    if sequence.finished:
+                        return
+                    try:
+                        self._step_running()
+                    except Exception as exc:
+                        self._end(sequence, engine_error(exc))
             finally:
                 sequence.closed = True
                 if not sequence.finished:
@@ -188,30 +221,36 @@ class Scheduler:
         self._step_running()
 
     def _admit(self) -> None:
-        """Waiting replies into free slots, in order of arrival, while the guard allows; those left
-        waiting are told so, once."""
+        """Waiting replies into free slots, in order of arrival, while the guard allows (then one
+        per step: a newcomer counts as behind until its speech is out); those left waiting are
+        told so, once. Cancelled ones leave the line wherever they stand."""
+        for sequence in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(sequence)
+            self._end(sequence, None)
         now = time.monotonic()
+        guarded = self.config.realtime_guard and bool(self.running)
         while self.waiting and self.free_slots:
-            if self.waiting[0].cancelled:
-                self._end(self.waiting.popleft(), None)
-                continue
-            guarded = self.config.realtime_guard and self.running
             if guarded and min(sequence.lead_s(now) for sequence in self.running) < ADMIT_LEAD_S:
                 break
-            self.running.append(self._admitted(self.waiting.popleft(), self.free_slots.pop(0)))
+            self._bind_slot(self.waiting.popleft(), self.free_slots.pop(0))
+            if self.config.realtime_guard:
+                break
         for ahead, sequence in enumerate(self.waiting):
             if not sequence.told_waiting:
                 sequence.told_waiting = True
                 sequence.emit(Waiting(ahead))
 
-    def _admitted(self, sequence: Sequence, slot: int) -> Sequence:
+    def _bind_slot(self, sequence: Sequence, slot: int) -> None:
+        """`sequence` takes KV slot `slot` and runs from the next step (or ends now, with the error,
+        if its streams cannot be made)."""
         sequence.slot = slot
+        self.running.append(sequence)
+        sequence.admitted_at = time.monotonic()
         try:
             sequence.text = self.engine.text_stream(sequence.inputs, sequence.options, slot)
             sequence.prefill = sequence.text.prefill(self.config.prefill_chunk_tokens)
         except Exception as exc:
-            self._end(sequence, exc)
-        return sequence
+            self._end(sequence, engine_error(exc))
 
     def _step_running(self) -> None:
         for sequence in [s for s in self.running if s.cancelled and not s.finished]:
@@ -235,7 +274,10 @@ class Scheduler:
 
     def _observe(self, stage: str, batch: int, seconds: float) -> None:
         for observer in self.observers:
-            observer(stage, batch, seconds)
+            try:
+                observer(stage, batch, seconds)
+            except Exception:  # a metrics hook must not end anyone's reply
+                log.exception("a scheduler observer failed")
 
     def _end(self, sequence: Sequence, error: BaseException | None) -> None:
         """Finish `sequence`: its Finished (or `error`) out, its slot back."""
@@ -262,6 +304,8 @@ class Scheduler:
 def max_batch(config: BatchConfig, stacks: dict, windows: dict[str, int], device: torch.device) -> int:
     """`config.max_batch`, or as many KV slots (thinker and talker, whole windows) as a share of the
     device's free memory holds, at least 1 and at most MAX_BATCH_CAP."""
+    if not config.threaded:  # one reply at a time: one slot
+        return 1
     if config.max_batch is not None:
         return config.max_batch
     slot = sum(LeanStep.slot_bytes(stack, windows[name]) for name, stack in stacks.items())

@@ -11,13 +11,18 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 from omni_demo.config import SAMPLE_RATE, GenerationOptions
+from omni_demo.errors import EngineError
 from omni_demo.events import AudioChunk, Event, Finished, ReplyClock, TextDelta
 from omni_demo.inputs.prepare import PreparedInputs
 
 from .streams import SpeechStream, TextStream
+
+
+FIRST_AUDIO_GRACE_S = 3.0  # how long a new reply without speech yet holds the real-time guard shut
+POLL_S = 1.0  # how often a reader waiting for events checks that the scheduler still runs
 
 
 class Sequence:
@@ -33,6 +38,7 @@ class Sequence:
         self.finished = False
         self.ended = threading.Event()  # set once finished: its slot is free and nothing more runs for it
         self.told_waiting = False  # a Waiting event went out
+        self.admitted_at: float | None = None  # time.monotonic() when it took its slot
         self.first_audio_at: float | None = None  # time.monotonic() of its first audio chunk
         self.audio_samples = 0  # samples handed out so far
 
@@ -63,16 +69,27 @@ class Sequence:
         self.events.put(error)
 
     def lead_s(self, now: float) -> float:
-        """Seconds of speech handed out ahead of playing it in real time from its first chunk
-        (infinite while it has no speech playing: it cannot fall behind yet)."""
-        if self.first_audio_at is None or self.speech is None or self.speech.done:
+        """Seconds of speech handed out ahead of playing it in real time from its first chunk.
+        Before its first chunk a reply that speaks counts as behind (0), for FIRST_AUDIO_GRACE_S
+        after its admission at most; a reply that does not speak, or has said everything, is
+        never behind (infinite)."""
+        if self.first_audio_at is None:
+            starting = self.options.speech and now - (self.admitted_at or now) < FIRST_AUDIO_GRACE_S
+            return 0.0 if starting else math.inf
+        if self.speech is None or self.speech.done:
             return math.inf
         return self.audio_samples / SAMPLE_RATE - (now - self.first_audio_at)
 
-    def read(self) -> Iterator[Event]:
-        """The events as they come, until Finished; raises the exception that ended the reply."""
+    def read(self, alive: Callable[[], bool]) -> Iterator[Event]:
+        """The events as they come, until Finished; raises the exception that ended the reply, or an
+        EngineError if the scheduler stops (`alive()` false) with nothing more for it."""
         while True:
-            item = self.events.get()
+            try:
+                item = self.events.get(timeout=POLL_S)
+            except queue.Empty:
+                if not alive():
+                    raise EngineError("the engine stopped before this reply ended") from None
+                continue
             if isinstance(item, BaseException):
                 raise item
             yield item

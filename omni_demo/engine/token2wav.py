@@ -232,12 +232,6 @@ class StreamingToken2Wav:
         self.vocoded_frames = span.stop
         return samples
 
-    def _next_chunk_end(self) -> int:
-        config = self.config
-        if self.chunks == 0:
-            return config.first_chunk_codes
-        return self.decoded_codes + min(config.chunk_codes * 2 ** (self.chunks - 1), config.max_chunk_codes)
-
 
 def push_many(items: list[tuple[StreamingToken2Wav, list[int], bool]], timer=None) -> list[np.ndarray | Exception]:
     """`push` (then `flush`, where the bool says the reply has ended) for several replies' streams at

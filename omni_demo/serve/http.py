@@ -227,9 +227,12 @@ class ChatServer:
         self.engine = engine
         self.config = config
         self.worker = ReplyWorker(engine, config.max_waiting, on_finished=lambda event: self.metrics.observe(event))
-        self.metrics = ServerMetrics(running=lambda: self.worker.running, waiting=lambda: self.worker.waiting)
         scheduler = getattr(engine, "scheduler", None)  # a test's fake engine has none
-        if scheduler is not None:
+        if scheduler is None:
+            self.metrics = ServerMetrics(running=lambda: self.worker.running, waiting=lambda: self.worker.waiting)
+        else:  # the engine's own count: a reply handed to it may still wait there (the real-time guard)
+            self.metrics = ServerMetrics(running=lambda: scheduler.load[0],
+                                         waiting=lambda: self.worker.waiting + scheduler.load[1])
             scheduler.observers.append(self.metrics.observe_step)
         self.uploads = UploadSlots(config.max_uploads_per_client)
         self.model_name = config.model_name or engine.model_name

@@ -95,7 +95,9 @@ class ReplyWorker:
 
     @property
     def alive(self) -> bool:
-        return all(thread.is_alive() for thread in self._threads)
+        """Every worker thread runs, and so does the engine's scheduler (where it has one)."""
+        scheduler = getattr(self.engine, "scheduler", None)
+        return all(thread.is_alive() for thread in self._threads) and (scheduler is None or scheduler.alive)
 
     @property
     def running(self) -> int:
