@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from omni_demo.config import DEFAULT_SYSTEM_PROMPT, SAMPLES_PER_CODE, GenerationOptions, ModelConfig
+from omni_demo.config import DEFAULT_SYSTEM_PROMPT, SAMPLES_PER_CODE, BatchConfig, GenerationOptions, ModelConfig
 from omni_demo.engine.omni_engine import OmniEngine
 from omni_demo.events import AudioChunk, Finished, TextDelta
 from omni_demo.models.loading import load_model, resolve_model_path
@@ -169,7 +169,7 @@ def run(request, real_dir):
     reply and, in float32, the plain reply."""
     dtype = request.param
     loaded = load_model(ModelConfig(model=str(real_dir), device="cpu", dtype=dtype))
-    engine = OmniEngine(loaded, lean=True)
+    engine = OmniEngine(loaded, lean=True, batch=BatchConfig(max_batch=1))
     events = _reply(engine)
     plain = _reply(OmniEngine(loaded, lean=False)) if dtype == "float32" else None
     yield {"dtype": dtype, "loaded": loaded, "engine": engine, "events": events, "plain": plain}
@@ -198,10 +198,11 @@ def test_weights_have_the_real_shapes(run):
 
 
 def test_lean_caches_have_the_real_head_dims(run):
-    """The lean steps' static KV caches: [layers, 1, KV heads, positions, head_dim]."""
+    """The lean steps' static KV caches: [layers, slots + the scratch slot (--max-batch 1 here), KV heads,
+    positions, head_dim]."""
     engine, dtype = run["engine"], getattr(torch, run["dtype"])
-    assert engine.lean_steps["thinker"].keys.shape == (LAYERS, 1, 4, 32768, 128)
-    assert engine.lean_steps["talker"].keys.shape == (LAYERS, 1, 4, 32768, 128)
+    assert engine.lean_steps["thinker"].keys.shape == (LAYERS, 2, 4, 32768, 128)
+    assert engine.lean_steps["talker"].keys.shape == (LAYERS, 2, 4, 32768, 128)
     assert engine.lean_steps["thinker"].keys.dtype == dtype
 
 

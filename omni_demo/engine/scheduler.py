@@ -311,7 +311,7 @@ def max_batch(config: BatchConfig, stacks: dict, windows: dict[str, int], device
     slot = sum(LeanStep.slot_bytes(stack, windows[name]) for name, stack in stacks.items())
     kind = "cuda" if device.type == "cuda" else "cpu"
     free = torch.cuda.mem_get_info(device)[0] if kind == "cuda" else _available_ram()
-    return max(1, min(MAX_BATCH_CAP[kind], int(free * KV_MEMORY_SHARE[kind] // slot)))
+    return max(1, min(MAX_BATCH_CAP[kind], int(free * KV_MEMORY_SHARE[kind] // slot) - 1))  # less the scratch slot
 
 
 def _available_ram() -> int:

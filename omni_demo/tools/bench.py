@@ -459,19 +459,15 @@ def main(argv=None) -> int:
         messages = [system_message(DEFAULT_SYSTEM_PROMPT), {"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
         inputs = engine.prepare(messages, options)
     if args.hostile:
-        from .hostile import hostile_bench, print_hostile
+        from .hostile import hostile_main
 
-        result = hostile_bench(engine, inputs, options)
-        print_hostile(result)
-        print(json.dumps({"hostile": result}))
-        return 0
+        return hostile_main(engine, inputs, options)
+    warmup = GenerationOptions(voice=args.voice, greedy=True, max_new_tokens=4, max_audio_tokens=30)
+    run_stream(engine, inputs, warmup)
     if args.concurrency:
         from .concurrency import concurrency_main
 
-        run_stream(engine, inputs, GenerationOptions(voice=args.voice, greedy=True, max_new_tokens=4, max_audio_tokens=30))
         return concurrency_main(engine, inputs, options, args)
-    warmup = GenerationOptions(voice=args.voice, greedy=True, max_new_tokens=4, max_audio_tokens=30)
-    run_stream(engine, inputs, warmup)
     run_reference(loaded, inputs, warmup)
     stream_runs, reference_runs = [], []
     for repeat in range(args.repeats):  # alternate the order, so neither always runs second

@@ -13,6 +13,7 @@ first chunk) needed it. Joiners: a 1,000-turn typed history (left out down to th
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -104,6 +105,14 @@ def hostile_bench(engine, inputs: PreparedInputs, options: GenerationOptions) ->
                             "stall_alone_s": stall(alone), "stall_with_s": stall(joined)}
             print(f"{name} done", file=sys.stderr)
     return result
+
+
+def hostile_main(engine, inputs: PreparedInputs, options: GenerationOptions) -> int:
+    """`--hostile`: the table, then one JSON line."""
+    result = hostile_bench(engine, inputs, options)
+    print_hostile(result)
+    print(json.dumps({"hostile": result}))
+    return 0
 
 
 def print_hostile(result: dict, file=sys.stdout) -> None:
