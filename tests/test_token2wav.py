@@ -128,3 +128,30 @@ def test_too_many_codes_is_an_error(parts):
     streaming = StreamingToken2Wav(t2w, speaker, StreamingConfig(), max_codes=4, seed=0)
     with pytest.raises(ValueError, match="max_codes=4"):
         streaming.push([1, 2, 3, 4, 5])
+
+
+def test_push_many_batches_chunks_that_come_due_a_few_codes_apart(parts):
+    """Two replies a few codes apart: after their first chunks, a due chunk waits (at most
+    MAX_HOLD_STEPS codes) for the other's window of the same length, and they run as one DiT batch
+    and one BigVGAN batch. Their samples are those of each stream alone, up to a batched matmul's
+    rounding; the first chunk (whose window would grow while it waits) never waits."""
+    from omni_demo.engine.token2wav import push_many
+
+    t2w, speaker, _, _ = parts
+    config, codes = StreamingConfig(), codes_of(160)
+    alone = [np.concatenate(stream(StreamingToken2Wav(t2w, speaker, config, max_codes=200, seed=s), codes, step=1))
+             for s in (1, 2)]
+    pair = [StreamingToken2Wav(t2w, speaker, config, max_codes=200, seed=s) for s in (1, 2)]
+    batches, got = [], [[], []]
+    lag = 2  # the second reply is two codes behind the first
+    for step in range(len(codes) + lag):
+        items = [(s, [codes[n]] if 0 <= n < len(codes) else [], n == len(codes) - 1)
+                 for s, n in ((pair[0], step), (pair[1], step - lag)) if 0 <= n < len(codes)]
+        new = push_many(items, timer=lambda stage, batch, _: batches.append((stage, batch)))
+        for (s, _, _), samples in zip(items, new):
+            got[pair.index(s)].append(samples)
+    assert ("dit", 2) in batches and ("bigvgan", 2) in batches
+    for ours, theirs in zip(got, alone):
+        ours = np.concatenate(ours)
+        assert ours.shape == theirs.shape
+        np.testing.assert_allclose(ours, theirs, atol=2e-4)

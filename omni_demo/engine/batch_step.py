@@ -56,8 +56,8 @@ class Stages:
         if sequence.options.speech and sequence.speech is None:
             sequence.speech = self.engine.speech_stream(sequence.inputs, sequence.options, sequence.text, sequence.slot)
 
-    def talker_step(self, speaking: list[Sequence]) -> None:
-        """One codec step for every reply in `speaking`, then their new codes through Token2Wav together."""
+    def talker_step(self, speaking: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+        """One codec step for every reply in `speaking`. -> (reply, its new codes) for `synthesize`."""
         sampled: list[tuple[Sequence, list[int]]] = []
         batched = [s for s in speaking if s.speech.prefilled]
         for sequence in speaking:
@@ -69,9 +69,9 @@ class Stages:
             logits = speech[0].talker.logits(_decode([stream.talker.decode_step for stream in speech], embeds))
             for row, sequence in enumerate(batched):
                 self._guarded(sequence, self._sample_code, sequence, logits[row : row + 1], sampled)
-        self._synthesize([(s, codes) for s, codes in sampled if not s.finished])
+        return [(s, codes) for s, codes in sampled if not s.finished]
 
-    def _synthesize(self, sampled: list[tuple[Sequence, list[int]]]) -> None:
+    def synthesize(self, sampled: list[tuple[Sequence, list[int]]]) -> None:
         """The new codes of several replies through their streaming Token2Wav, batched (DiT windows and
         vocoder spans of the same shape run together); each reply's new samples go out as its chunk."""
         items = [(s.speech.token2wav, codes, s.speech.done) for s, codes in sampled]

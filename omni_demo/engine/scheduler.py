@@ -263,14 +263,16 @@ class Scheduler:
             self._timed("thinker", len(writing), self.stages.thinker_step, writing)
         speaking = [s for s in self.running if s.speech is not None and s.speech.ready and not s.finished]
         if speaking:
-            self._timed("talker", len(speaking), self.stages.talker_step, speaking)
+            sampled = self._timed("talker", len(speaking), self.stages.talker_step, speaking)
+            self.stages.synthesize(sampled)  # its DiT and BigVGAN calls are timed one by one ("dit", "bigvgan")
         for sequence in [s for s in self.running if s.done and not s.finished]:
             self._end(sequence, None)
 
-    def _timed(self, stage: str, batch: int, fn: Callable, *args) -> None:
+    def _timed(self, stage: str, batch: int, fn: Callable, *args):
         start = time.perf_counter()
-        fn(*args)
+        result = fn(*args)
         self._observe(stage, batch, time.perf_counter() - start)
+        return result
 
     def _observe(self, stage: str, batch: int, seconds: float) -> None:
         for observer in self.observers:

@@ -29,6 +29,7 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import RungeKutta4OD
 from omni_demo.config import MEL_FRAMES_PER_CODE, StreamingConfig
 
 HOP = 240  # samples per mel frame
+MAX_HOLD_STEPS = 4  # codec steps (80 ms of speech) a due chunk may wait for another reply's, to batch them
 
 
 class DiTVelocity:
@@ -156,6 +157,7 @@ class StreamingToken2Wav:
         self.chunks = 0  # DiT chunks decoded
         self.mel = torch.empty(1, self.dit.config.mel_dim, 0, device=device)  # [1, 80, final frames]
         self.vocoded_frames = 0  # frames whose samples were emitted
+        self.held = 0  # steps its due chunk has waited for another reply's (push_many)
 
     def _next_chunk_end(self) -> int:
         config = self.config
@@ -203,6 +205,18 @@ class StreamingToken2Wav:
         noise = self.noise[:, window_start * MEL_FRAMES_PER_CODE : window_end * MEL_FRAMES_PER_CODE]
         return DitWindow(start, end, window_start, codes, noise)
 
+    def upcoming(self) -> tuple[int, int] | None:
+        """(codes still to come before the next chunk is due, its DiT window's length in codes), for
+        the chunks after the first: their windows are fixed once due, so waiting a few codes for
+        another reply's window of the same length changes nothing but when they run. The first
+        chunk's window grows while it waits (no look-ahead by default): None, never held."""
+        if self.chunks == 0:
+            return None
+        config = self.config
+        end = self._next_chunk_end() + config.future_context_codes
+        window_start = max(0, self.decoded_codes - config.past_context_codes) // self.block_codes * self.block_codes
+        return end - len(self.codes), end - window_start
+
     def sample(self, window: DitWindow) -> torch.Tensor:
         """The window's mel [1, 80, 2N], decoded alone."""
         return dit_sample(self.dit, window.codes, self.conditioning, self.reference_mel, window.noise,
@@ -216,6 +230,7 @@ class StreamingToken2Wav:
         self.mel = torch.cat([self.mel, mel[:, :, keep]], dim=2)
         self.decoded_codes = window.end
         self.chunks += 1
+        self.held = 0
 
     def vocoder_span(self, *, final: bool) -> VocoderSpan | None:
         """Final frames to vocode, holding back `vocoder_context_frames` unless final; None: none yet."""
@@ -251,8 +266,13 @@ def push_many(items: list[tuple[StreamingToken2Wav, list[int], bool]], timer=Non
 def _decode_round(streams: dict[int, StreamingToken2Wav], final: bool, results: list, timer) -> None:
     """Every due window of `streams` (by item index), then their vocoder spans, batched by shape
     (`_decode_due`'s work); new samples are appended to `results`, failures put there."""
-    while due := {i: window for i, stream in streams.items() if not isinstance(results[i], Exception)
+    held: set[int] = set()
+    while due := {i: window for i, stream in streams.items() if i not in held and not isinstance(results[i], Exception)
                   and (window := _guard(results, i, stream.next_window, final=final)) is not None}:
+        if not final:
+            held |= {i for i in due if _waits_for_company(streams, i, due)}
+            if not (due := {i: window for i, window in due.items() if i not in held}):
+                break
         for group in _same_shape(due, lambda i: due[i].codes.shape[1]):
             mels = _batched(timer, "dit", group, results, lambda g: _sample_many([(streams[i], due[i]) for i in g]))
             for i, mel in mels.items():
@@ -266,6 +286,21 @@ def _decode_round(streams: dict[int, StreamingToken2Wav], final: bool, results: 
         for i, wave in waves.items():
             if (new := _guard(results, i, streams[i].accept_wave, spans[i], wave)) is not None:
                 results[i] = np.concatenate([results[i], new])
+
+
+def _waits_for_company(streams: dict[int, StreamingToken2Wav], index: int, due: dict) -> bool:
+    """Whether the due chunk of streams[index] waits this step (at most MAX_HOLD_STEPS in all) for
+    another stream whose window of the same length is due within those steps, to run with it."""
+    stream = streams[index]
+    if stream.upcoming() is None or stream.held >= MAX_HOLD_STEPS:
+        return False
+    length = due[index].codes.shape[1]
+    for other_index, other in streams.items():
+        upcoming = other.upcoming() if other_index not in due else None
+        if upcoming is not None and 0 < upcoming[0] <= MAX_HOLD_STEPS - stream.held and upcoming[1] == length:
+            stream.held += 1
+            return True
+    return False
 
 
 def _batched(timer, stage: str, group: list[int], results: list, fn) -> dict:
