@@ -1,5 +1,6 @@
 """The voice call's page handlers: Start call (outside the queue) registers the session's call; the
-call's loop (omni_demo.call.voice_call, in the queue: it holds the model while it runs) starts the page's
+call's loop (omni_demo.call.voice_call, in the queue's "calls" group: it holds no model, its replies are
+the engine's requests like any other) starts the page's
 microphone and turns the call's events into chat, player and status updates; the microphone's
 stream handler hands each chunk to the session's call. A call is the session's one activity, like a
 typed turn: End call, Esc and Clear end it, and typing waits for it to end.

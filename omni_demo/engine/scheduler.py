@@ -10,8 +10,8 @@ One loop thread, owned by the engine, runs `step` while there is work (nano-vllm
 3. samples the next text token of every reply still writing, then runs the thinker once over all
    of them (`LeanStep.step_many`: one batched pass, each row over its own slot);
 4. runs the talker once over every reply whose next reply part is ready (a reply's first codec
-   step is its talker prefill, run on its own), and pushes each new code through that reply's
-   streaming Token2Wav;
+   step is its talker prefill, run on its own), then their new codes through Token2Wav together
+   (omni_demo.engine.token2wav.push_many: DiT windows and vocoder spans of one length batched);
 5. finishes the replies that are done: keeps their turn in the conversation cache, sends
    Finished, frees their slot.
 
