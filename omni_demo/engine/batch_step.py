@@ -6,6 +6,7 @@ reply only (`end`), the others go on.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -16,6 +17,8 @@ from omni_demo.events import TextDelta
 from .decode_step import SlotStep
 from .sequence import Sequence
 from .token2wav import push_many
+
+log = logging.getLogger(__name__)
 
 
 class Stages:
@@ -107,8 +110,10 @@ def _decode(steps: list, embeds: torch.Tensor) -> torch.Tensor:
 def engine_error(exc: BaseException) -> BaseException:
     """A reply's failure as its caller should see it (an out-of-memory says what to do)."""
     if isinstance(exc, torch.OutOfMemoryError):
-        if torch.cuda.is_available():
+        try:
             torch.cuda.empty_cache()  # hand the failed request's memory back for the next one
+        except Exception:  # a device past recovery: the error below still says what happened
+            log.exception("emptying the CUDA cache failed")
         return EngineError("the GPU ran out of memory on this request; try shorter or fewer media, "
                            "or a shorter reply")
     return exc

@@ -102,8 +102,8 @@ class LeanStep:
     def snapshot(self, slot: int):
         """`slot`'s KV cache so far, copied into a DynamicCache (the slot serves the next reply)."""
         n = self.lengths[slot]
-        return kv_cache([(k[slot : slot + 1, :, :n], v[slot : slot + 1, :, :n]) for k, v in zip(self.keys, self.values)],
-                        self.stack.config)
+        layers = [(k[slot : slot + 1, :, :n], v[slot : slot + 1, :, :n]) for k, v in zip(self.keys, self.values)]
+        return kv_cache(layers, self.stack.config)
 
     @torch.inference_mode()
     def step_many(self, slots: list[int], embeds: torch.Tensor) -> torch.Tensor:

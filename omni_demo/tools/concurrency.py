@@ -144,7 +144,8 @@ def print_levels(levels: dict, file=sys.stdout) -> None:
         cells = []
         for stage in STAGES:
             by_batch = level["stages"].get(stage, {})
-            cells.append(f"{stage} " + ", ".join(f"b{b}: {v['median_ms']:.2f} ({v['calls']})" for b, v in by_batch.items()))
+            calls = ", ".join(f"b{b}: {v['median_ms']:.2f} ({v['calls']})" for b, v in by_batch.items())
+            cells.append(f"{stage} {calls}")
         print(f"{count:>3} streams | " + " | ".join(cells), file=file)
 
 

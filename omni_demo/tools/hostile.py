@@ -39,9 +39,9 @@ def long_history(turns: int = 1000) -> list[dict]:
 
 def video_4k(folder: Path, seconds: float = 4.0) -> list[dict]:
     path = folder / "uhd.mp4"
-    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=size=3840x2160:rate=25:duration={seconds}",
-                    "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}", "-c:v", "libx264", "-preset",
-                    "ultrafast", "-c:a", "aac", "-shortest", str(path)], check=True)
+    video, sound = f"testsrc2=size=3840x2160:rate=25:duration={seconds}", f"sine=frequency=440:duration={seconds}"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", video, "-f", "lavfi", "-i", sound,
+                    "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", "-shortest", str(path)], check=True)
     return [{"role": "user", "content": [{"type": "video", "video": str(path)},
                                          {"type": "text", "text": "What happens in this video?"}]}]
 
