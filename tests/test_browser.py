@@ -25,7 +25,10 @@ FIRST_SOUND_GOAL_S = 0.5  # engine's first audio chunk -> sound in the browser
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    app = AppServer().wait()
+    """One typed reply at a time (--concurrency 1): the tests of a turn waiting in Gradio's line need
+    one to wait there deterministically (with the default, the engine batches the second reply as
+    soon as the real-time guard lets it in; tests/test_everyone_browser.py covers that)."""
+    app = AppServer("--concurrency", "1").wait()
     yield app
     app.stop()
 
