@@ -14,6 +14,7 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-Omni-7B"
 TINY_MODEL = "tiny"
 DTYPES = ("auto", "bfloat16", "float16", "float32")  # "auto": bfloat16 on CUDA, float32 on CPU
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # "auto": flash_attention_2 if installed on CUDA
+QUANTIZE_CHOICES = ("auto", "none", "int8", "int4")  # "auto": on CUDA the least that fits the free memory; CPU: none
 SAMPLE_RATE = 24_000  # the spoken reply (Token2Wav's output)
 INPUT_SAMPLE_RATE = 16_000  # what the audio feature extractor (and the VAD) read
 SAMPLES_PER_CODE = 480
@@ -38,8 +39,14 @@ class ModelConfig:
     device: str = "auto"  # "auto": cuda if available, else cpu
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU ("bfloat16", "float16", "float32")
     attn: str = "auto"  # "auto": flash_attention_2 with flash-attn on CUDA, else sdpa ("sdpa", "eager")
+    quantize: str = "auto"  # weight-only quantization of the decoders' linears (omni_demo.models.quantize)
+    context_window: int | None = None  # tokens each reply's static KV caches hold; None: the model's windows
 
     def __post_init__(self):
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, not {self.quantize!r}")
+        if self.context_window is not None and not 256 <= self.context_window <= MAX_TOKENS:
+            raise ValueError(f"context_window must be between 256 and {MAX_TOKENS} tokens")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.attn not in ATTN_IMPLEMENTATIONS:

@@ -19,7 +19,7 @@ LAYERS = [
     {"call"},
     {"app"},
     {"tools"},
-    {"cli", "__main__", "bench"},  # entry points
+    {"cli", "__main__", "bench", "memory"},  # entry points
 ]
 TORCH_FREE = ["omni_demo.app", "omni_demo.call", "omni_demo.backends", "omni_demo.inputs.messages"]
 TORCH_ALLOWED = {"omni_demo.call.vad"}  # the VAD model: given to the page by app.py, never imported by it

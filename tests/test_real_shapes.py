@@ -17,7 +17,8 @@ import torch
 from omni_demo.config import DEFAULT_SYSTEM_PROMPT, SAMPLES_PER_CODE, BatchConfig, GenerationOptions, ModelConfig
 from omni_demo.engine.omni_engine import OmniEngine
 from omni_demo.events import AudioChunk, Finished, TextDelta
-from omni_demo.models.loading import load_model, resolve_model_path
+from omni_demo.models.checkpoints import resolve_model_path
+from omni_demo.models.loading import load_model
 from omni_demo.models.tiny import (
     DEFAULT_LAYERS,
     REAL_3B,

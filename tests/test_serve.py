@@ -260,6 +260,7 @@ def test_api_key(api_server):
     assert api_server.health()["status"] == "ok"  # the health check needs no key
     card = client(api_server).models.list().data[0].model_dump()
     assert card["id"] == "tiny" and card["voices"] == ["Chelsie", "Ethan"] and card["is_random"] is True
+    assert card["precision"] == "float32" and card["quantization"] == "none"
 
 
 def test_disconnect_stops_the_reply(api_server):

@@ -22,6 +22,7 @@ class NoModel:
     voices = ["Chelsie", "Ethan"]
     model_name = "none"
     is_random = True
+    precision = "float32"
     limits = Limits()
 
     def listen(self, history, options=None):
@@ -170,3 +171,10 @@ def test_the_call_microphone_records_no_chunk_for_gradios_shutdown_clean_up(tmp_
     folder.mkdir()
     assert asyncio.run(mic.async_move_resource_to_block_cache(folder)) == str(folder)
     assert not mic.temp_files
+
+
+def test_the_title_names_the_model_and_what_its_weights_run_in():
+    backend = NoModel()
+    backend.model_name, backend.precision = "Qwen/Qwen2.5-Omni-7B", "bfloat16, int4 decoders"
+    title = component(build_demo(backend, load_vad), "title")
+    assert "Model: Qwen/Qwen2.5-Omni-7B · bfloat16, int4 decoders" in title.value

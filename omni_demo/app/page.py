@@ -101,8 +101,10 @@ def build_demo(backend: Backend, vad, *, title: str = "Qwen2.5-Omni, streaming")
     calls = CallHandler(chats, vad)
     # Uploads and replies older than a day leave Gradio's cache (checked hourly).
     with gr.Blocks(title=title, fill_height=True, delete_cache=(3600, 86400)) as demo:
+        running = " · ".join(part for part in (backend.model_name, getattr(backend, "precision", "")) if part)
         gr.Markdown(f"# {title}\nTalk with text, images, audio, video, your microphone or webcam; "
-                    "the reply is written and spoken at the same time.", elem_id="title")
+                    f"the reply is written and spoken at the same time. <small>Model: {running}</small>",
+                    elem_id="title")
         if backend.is_random:
             gr.Markdown(RANDOM_BANNER, elem_id="random-banner")
         with gr.Row(equal_height=False):

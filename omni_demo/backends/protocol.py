@@ -32,6 +32,7 @@ class Backend(Protocol):
     model_name: str  # what the page's title and /v1/models show
     voices: list[str]  # the speakers a reply may use, the default first
     is_random: bool  # random weights: the page says its replies are nonsense
+    precision: str  # what the weights run in: "bfloat16", "bfloat16, int4 decoders" (the page shows it)
     limits: Limits  # what one request may ask; the page refuses more before it queues anything
 
     def stream(self, messages: list[dict], options: GenerationOptions | None = None,

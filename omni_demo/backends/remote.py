@@ -159,6 +159,7 @@ class RemoteBackend:
         self.model_name: str = card["id"]
         self.voices: list[str] = list(card.get("voices") or [GenerationOptions.voice])
         self.is_random: bool = bool(card.get("is_random", False))
+        self.precision: str = str(card.get("precision", ""))
         self.limits = Limits()  # the page's own checks; the server applies its own limits too
 
     def _model_card(self, wait_s: float) -> dict:

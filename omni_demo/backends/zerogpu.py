@@ -31,6 +31,7 @@ class ZeroGPUBackend:
     voices = property(lambda self: self.engine.voices)
     model_name = property(lambda self: self.engine.model_name)
     is_random = property(lambda self: self.engine.is_random)
+    precision = property(lambda self: self.engine.precision)
     limits = property(lambda self: self.engine.limits)
 
     def stream(self, messages, options=None, cancel=None):

@@ -176,7 +176,7 @@ class LeanStep:
     def _qkv(self, w, hidden, cos, sin):
         """hidden [B, 1, D] -> rotated q [B, heads, 1, hd], rotated k and v [B, kv, 1, hd]."""
         batch, qk_heads, hd = hidden.shape[0], self.heads + self.kv_heads, self.head_dim
-        qkv = F.linear(_rms_norm(hidden, w.input_norm, w.eps), w.qkv_weight, w.qkv_bias)
+        qkv = w.qkv(_rms_norm(hidden, w.input_norm, w.eps))
         qk = _rotate(qkv[..., : qk_heads * hd].view(batch, 1, qk_heads, hd).transpose(1, 2), cos, sin)
         v = qkv[..., qk_heads * hd :].view(batch, 1, self.kv_heads, hd).transpose(1, 2)
         return qk[:, : self.heads], qk[:, self.heads :], v
@@ -184,7 +184,7 @@ class LeanStep:
     @staticmethod
     def _after_attention(w, residual, out):
         hidden = residual + F.linear(out.transpose(1, 2).reshape(out.shape[0], 1, -1), w.o_weight)
-        gate, up = F.linear(_rms_norm(hidden, w.post_norm, w.eps), w.gate_up_weight).chunk(2, -1)
+        gate, up = w.gate_up(_rms_norm(hidden, w.post_norm, w.eps))
         return hidden + F.linear(w.act(gate) * up, w.down_weight)
 
     def capture(self, batches: list[int], spans: list[int]) -> None:
@@ -223,21 +223,41 @@ class SlotStep:
 
 
 class _FusedWeights:
-    """One layer's tensors as plain attributes (no nn.Module lookups in the step)."""
+    """One layer's tensors as plain attributes (no nn.Module lookups in the step). Quantized
+    weights (omni_demo.models.quantize) are not concatenated: each projection runs on its own,
+    through the quantization library's matmul."""
 
-    def __init__(self, layer, qkv_weight, qkv_bias, gate_up_weight):
+    def __init__(self, layer, qkv_weight=None, qkv_bias=None, gate_up_weight=None):
+        attn, mlp = layer.self_attn, layer.mlp
         self.qkv_weight, self.qkv_bias, self.gate_up_weight = qkv_weight, qkv_bias, gate_up_weight
-        self.o_weight, self.down_weight = layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight
+        self.qkv_parts = [(m.weight, m.bias) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        self.gate_up_parts = [mlp.gate_proj.weight, mlp.up_proj.weight]
+        self.o_weight, self.down_weight = attn.o_proj.weight, mlp.down_proj.weight
         self.input_norm, self.post_norm = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-        self.eps, self.scaling, self.act = layer.input_layernorm.variance_epsilon, layer.self_attn.scaling, layer.mlp.act_fn
+        self.eps, self.scaling, self.act = layer.input_layernorm.variance_epsilon, attn.scaling, mlp.act_fn
+
+    def qkv(self, hidden):
+        if self.qkv_weight is not None:
+            return F.linear(hidden, self.qkv_weight, self.qkv_bias)
+        return torch.cat([F.linear(hidden, weight, bias) for weight, bias in self.qkv_parts], -1)
+
+    def gate_up(self, hidden):
+        if self.gate_up_weight is not None:
+            return F.linear(hidden, self.gate_up_weight).chunk(2, -1)
+        return [F.linear(hidden, weight) for weight in self.gate_up_parts]
 
 
 def _fuse(layer) -> _FusedWeights:
     """Concatenate q/k/v (and gate/up) weights into one tensor and re-seat the modules' weights as
     views of it: same values, no second copy, and one matmul where there were three (two).
-    For one-row inputs the fused matmul gives bit-identical outputs (checked by the tests)."""
+    For one-row inputs the fused matmul gives bit-identical outputs (checked by the tests).
+    Quantized weights stay as they are (see `_FusedWeights`)."""
     attn, mlp = layer.self_attn, layer.mlp
     if getattr(layer, "_omni_fused", None) is not None:
+        return layer._omni_fused
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if any(type(module.weight.data) is not torch.Tensor for module in projections):
+        layer._omni_fused = _FusedWeights(layer)
         return layer._omni_fused
     qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
     qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])

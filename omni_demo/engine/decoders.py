@@ -43,7 +43,7 @@ def item_features(model, item: MediaItem) -> dict[int, torch.Tensor]:
     """A media item's encoder outputs by placeholder token id, each [n, D]: computed once per item
     (the item keeps them; see prompt.MediaCache). `model` is the thinker's multimodal model."""
     if not item.features:
-        device = model.get_input_embeddings().weight.device
+        device = model.audio_tower.proj.weight.device  # the embedding table may live in host memory
         t = {name: value.to(device) for name, value in item.tensors.items()}
         config = model.config
         if "pixel_values" in t:

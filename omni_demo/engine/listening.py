@@ -166,7 +166,7 @@ class Listener:
     def _encode(self, features: torch.Tensor) -> torch.Tensor:
         """[128, frames] (one window or less) -> audio encoder output [tokens, D]."""
         thinker = self.engine.model.thinker.model
-        device = thinker.get_input_embeddings().weight.device
+        device = thinker.audio_tower.proj.weight.device
         mask = torch.ones(1, features.shape[1], dtype=torch.long, device=device)
         with torch.inference_mode():
             return thinker.get_audio_features(features[None].to(device), feature_attention_mask=mask).last_hidden_state

@@ -83,9 +83,11 @@ class OmniEngine:
         self.talker_eos = talker_eos(self.model.talker) if loaded.has_talker else []
 
     def _windows(self) -> dict[str, int]:
-        config = self.model.config
-        return {"thinker": config.thinker_config.text_config.max_position_embeddings,
-                "talker": config.talker_config.max_position_embeddings}
+        """Positions each decoder's static caches hold per reply: the model's, or --context-window."""
+        config, window = self.model.config, self.loaded.context_window
+        windows = {"thinker": config.thinker_config.text_config.max_position_embeddings,
+                   "talker": config.talker_config.max_position_embeddings}
+        return {name: min(size, window or size) for name, size in windows.items()}
 
     def _make_lean_steps(self) -> dict[str, LeanStep]:
         """Static KV caches over the whole windows, one slot per reply of a batch; on CUDA, the
@@ -140,6 +142,14 @@ class OmniEngine:
     def is_random(self) -> bool:
         return self.loaded.is_random
 
+    @property
+    def precision(self) -> str:
+        return self.loaded.precision
+
+    @property
+    def quantization(self) -> str:
+        return self.loaded.quantization
+
     def _check(self, options: GenerationOptions) -> None:
         if options.speech and not self.loaded.has_talker:
             raise InputError("this model was loaded without its talker; ask for text only")
@@ -154,10 +164,10 @@ class OmniEngine:
 
     def prompt_limit(self, options: GenerationOptions) -> int:
         """Longest prompt that leaves room for the reply in the thinker's (and talker's) window."""
-        config = self.model.config
-        limit = config.thinker_config.text_config.max_position_embeddings - options.max_new_tokens
+        windows = self._windows()
+        limit = windows["thinker"] - options.max_new_tokens
         if options.speech:  # the talker's prompt is the thinker's + 2, then one position per code
-            limit = min(limit, config.talker_config.max_position_embeddings - 2 - options.max_audio_tokens)
+            limit = min(limit, windows["talker"] - 2 - options.max_audio_tokens)
         if self.limits.max_context_tokens is not None:
             limit = min(limit, self.limits.max_context_tokens)
         return limit

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from omni_demo.config import TINY_MODEL, ModelConfig
+from omni_demo.config import ModelConfig
 from omni_demo.errors import ModelLoadError, first_line
+
+from .checkpoints import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,14 @@ class LoadedModel:
     dtype: torch.dtype  # thinker and talker; token2wav always runs in float32
     attn: str
     is_random: bool  # a tiny or real-shape random checkpoint: nonsense replies
+    quantization: str = "none"  # of the decoders' linears (omni_demo.models.quantize)
+    context_window: int | None = None  # tokens per reply's static caches; None: the model's own windows
+
+    @property
+    def precision(self) -> str:
+        """What the banner and /v1/models say: "bfloat16", "bfloat16, int4 decoders"."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        return dtype if self.quantization == "none" else f"{dtype}, {self.quantization} decoders"
 
     @property
     def voices(self) -> list[str]:
@@ -46,9 +54,11 @@ def pick_device(requested: str) -> torch.device:
     return device
 
 
-def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+def pick_dtype(requested: str, device: torch.device, quantize: str = "none") -> torch.dtype:
+    """auto: bfloat16 on CUDA and for quantized weights (torchao's int4 kernels run in bfloat16),
+    else float32."""
     if requested == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or quantize not in ("none", "auto") else torch.float32
     return getattr(torch, requested)  # one of config.DTYPES
 
 
@@ -61,95 +71,54 @@ def pick_attn(requested: str, device: torch.device) -> str:
     return requested
 
 
-_REQUIRED = {
-    "config.json": ("config.json",),
-    "speakers (spk_dict.pt)": ("spk_dict.pt",),
-    "tokenizer": ("tokenizer.json", "vocab.json"),
-    "processor config": ("processor_config.json", "preprocessor_config.json"),
-    "weights": ("*.safetensors", "*.bin", "*.safetensors.index.json"),
-}
-
-
-def check_model_dir(path: Path) -> None:
-    """Raise ModelLoadError naming every part a local checkpoint directory lacks."""
-    missing = [what for what, patterns in _REQUIRED.items() if not any(any(path.glob(p)) for p in patterns)]
-    if missing:
-        raise ModelLoadError(
-            f"{path} is not a complete Qwen2.5-Omni checkpoint: missing {', '.join(missing)}. "
-            "Download the whole model repository, or run with --model tiny for an offline demo."
-        )
-
-
-# "tiny-7b", "tiny-3b-l4": a random checkpoint at the real model's widths, built offline.
-_REAL_SHAPE_MODEL = re.compile(rf"{TINY_MODEL}-(7b|3b)(?:-l(\d+))?")
-
-
-def resolve_model_path(name: str) -> tuple[str, bool]:
-    """Return (what to pass to from_pretrained, whether it is a random-weight checkpoint)."""
-    if name == TINY_MODEL:
-        from .tiny import ensure_tiny_checkpoint
-
-        return str(ensure_tiny_checkpoint()), True
-    if match := _REAL_SHAPE_MODEL.fullmatch(name):
-        from .tiny import DEFAULT_LAYERS, ensure_checkpoint
-
-        layers = int(match.group(2) or DEFAULT_LAYERS)
-        if layers < 2:
-            raise ModelLoadError(f"{name!r}: a real-shape random checkpoint needs at least 2 layers")
-        return str(ensure_checkpoint(match.group(1), layers)), True
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"{path} is a file; pass the checkpoint's directory")
-        check_model_dir(path)
-        return str(path), (path / "tiny.json").exists()
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ModelLoadError(f"{name!r} is neither a local directory nor a hub id like Qwen/Qwen2.5-Omni-7B")
-    return fetch_from_hub(name), False
-
-
-def fetch_from_hub(repo_id: str) -> str:
-    """Local snapshot of a hub model: the cached one, else one download. Without a hub, one
-    short probe fails fast with advice instead of minutes of per-file retries."""
-    import huggingface_hub
-    from huggingface_hub import model_info, snapshot_download
-
-    try:
-        return snapshot_download(repo_id, local_files_only=True)
-    except Exception:  # not cached (yet)
-        pass
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        raise ModelLoadError(f"{repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-                             "run with --model tiny for an offline demo")
-    try:
-        model_info(repo_id, timeout=10)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"could not fetch {repo_id!r} from the Hugging Face Hub ({first_line(exc)}). "
-            "Check the network or the model id, pass a local directory, or run with --model tiny "
-            "(offline, random weights)."
-        ) from exc
-    log.info("downloading %s (about 22 GB for Qwen2.5-Omni-7B)", repo_id)
-    return snapshot_download(repo_id)
-
-
 def load_model(config: ModelConfig) -> LoadedModel:
     from transformers import AutoProcessor, Qwen2_5OmniForConditionalGeneration
 
     path, is_random = resolve_model_path(config.model)
     device = pick_device(config.device)
-    dtype = pick_dtype(config.dtype, device)
+    quantization = pick_quantization(config, path, device)
+    dtype = pick_dtype(config.dtype, device, quantization)
     attn = pick_attn(config.attn, device)
     try:
         processor = AutoProcessor.from_pretrained(path)
         model = Qwen2_5OmniForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load {config.model!r} from {path}: {first_line(exc)}") from exc
+    if quantization != "none":  # linear by linear to the device, so a small GPU never holds the unquantized weights
+        from .quantize import embeddings_to_host, quantize_model
+
+        quantize_model(model, quantization, device)
+        if embeddings_to_host(model, device):
+            log.info("the thinker's embedding table stays in host memory")
     model.to(device).eval()
     if getattr(model, "has_talker", False):
         model.token2wav.float()  # upstream requires float32 for the DiT and BigVGAN
-    log.info("loaded %s on %s (%s, %s)", config.model, device, dtype, attn)
-    return LoadedModel(model, processor, config.model, path, device, dtype, attn, is_random)
+    log.info("loaded %s on %s (%s, %s, %s)", config.model, device, dtype, attn,
+             "not quantized" if quantization == "none" else quantization)
+    return LoadedModel(model, processor, config.model, path, device, dtype, attn, is_random, quantization,
+                       config.context_window)
+
+
+def pick_quantization(config: ModelConfig, path: str, device: torch.device) -> str:
+    """--quantize, with auto resolved before any weight loads: none on a CPU; on CUDA the least
+    quantization whose memory plan fits the free memory (omni_demo.models.memory)."""
+    if config.quantize != "auto":
+        if config.quantize != "none" and importlib.util.find_spec("torchao") is None:
+            raise ModelLoadError("--quantize needs torchao: pip install -r requirements.txt")
+        return config.quantize
+    if device.type != "cuda":
+        return "none"
+    from transformers import AutoConfig
+
+    from .memory import auto_quantization
+
+    free = torch.cuda.mem_get_info(device)[0]
+    dtype = pick_dtype(config.dtype, device, "int4")
+    chosen, why = auto_quantization(AutoConfig.from_pretrained(path), config.model, dtype, device, free,
+                                    window=config.context_window)
+    log.warning(why)
+    print(why, flush=True)
+    return chosen
 
 
 def build_random_model(omni_config, config: ModelConfig, processor) -> LoadedModel:

@@ -270,7 +270,8 @@ class ChatServer:
     async def models(self, request: Request) -> Response:
         self.authorize(request)
         card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "omni-demo",
-                "voices": self.engine.voices, "is_random": self.engine.is_random}
+                "voices": self.engine.voices, "is_random": self.engine.is_random,
+                "precision": self.engine.precision, "quantization": self.engine.quantization}
         return JSONResponse({"object": "list", "data": [card]})
 
     def parse(self, raw: bytes) -> ChatRequest:
