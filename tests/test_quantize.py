@@ -161,3 +161,25 @@ def test_context_window_sizes_the_static_caches_and_the_prompt_limit(loaded):
         engine.close()
     with pytest.raises(ValueError, match="context_window"):
         ModelConfig(context_window=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_on_cuda_holds_what_the_plan_says_and_its_graphs_answer(quantization):
+    """CUDA's int4 layout (tile-packed, padded) and the host-memory embedding table, with the
+    lean step captured as CUDA graphs over the quantized weights. tiny-7b ties its lm_head to the
+    embeddings, so its table stays on the GPU."""
+    loaded = load_model(ModelConfig(model="tiny-7b", device="cuda", quantize=quantization))
+    from transformers import AutoConfig
+
+    expected = plan(meta_model(AutoConfig.from_pretrained(loaded.path), loaded.dtype), "tiny-7b", quantization,
+                    loaded.dtype, "cuda")
+    held = held_by_component(loaded.model)
+    assert held == {label: expected.parts[label] for label in held}
+    engine = OmniEngine(loaded, batch=BatchConfig(max_batch=2))
+    try:
+        assert engine.lean_steps["thinker"].graphs  # captured over the quantized weights
+        text, samples = reply(engine)
+        assert len(text) >= TEXT_TOKENS and samples == CODES * 480
+    finally:
+        engine.close()
