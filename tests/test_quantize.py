@@ -183,3 +183,33 @@ def test_quantized_on_cuda_holds_what_the_plan_says_and_its_graphs_answer(quanti
         assert len(text) >= TEXT_TOKENS and samples == CODES * 480
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_the_server_answers_the_openai_client_with_speech_on_a_quantized_7b_shape(quantization):
+    """`python -m omni_demo.serve --model tiny-7b --quantize ...` on the CPU, asked by the official
+    client: text and exactly the asked length of speech, and /v1/models says what is running."""
+    import base64
+
+    openai = pytest.importorskip("openai")
+    from .serverhelpers import API_KEY, ApiServer
+
+    server = ApiServer("--model", "tiny-7b", "--quantize", quantization, "--api-key", API_KEY, "--max-batch", "1")
+    try:
+        api = openai.OpenAI(base_url=server.wait().base_url, api_key=API_KEY, max_retries=0, timeout=300)
+        card = api.models.list().data[0].model_dump()
+        assert card["id"] == "tiny-7b" and card["quantization"] == quantization
+        assert card["precision"] == f"bfloat16, {quantization} decoders"
+        stream = api.chat.completions.create(
+            model="tiny-7b", messages=[{"role": "user", "content": "Tell me about the sea"}], stream=True,
+            modalities=["text", "audio"], audio={"voice": "Ethan", "format": "pcm16"}, temperature=0, seed=7,
+            max_completion_tokens=TEXT_TOKENS, extra_body={"min_tokens": TEXT_TOKENS, "max_audio_tokens": CODES,
+                                                           "min_audio_tokens": CODES})
+        text, pcm = "", b""
+        for chunk in stream:
+            delta = chunk.model_dump()["choices"][0]["delta"] if chunk.choices else {}
+            text += delta.get("content") or ""
+            pcm += base64.b64decode((delta.get("audio") or {}).get("data") or "")
+        assert len(text) >= TEXT_TOKENS and len(pcm) == CODES * 480 * 2
+    finally:
+        server.stop()
