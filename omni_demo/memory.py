@@ -2,7 +2,9 @@
 
 import sys
 
+from omni_demo.models.loading import quiet_libraries
 from omni_demo.models.memory import main
 
 if __name__ == "__main__":
+    quiet_libraries()
     sys.exit(main())

@@ -84,12 +84,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
         model = Qwen2_5OmniForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load {config.model!r} from {path}: {first_line(exc)}") from exc
-    if quantization != "none":  # linear by linear to the device, so a small GPU never holds the unquantized weights
-        from .quantize import embeddings_to_host, quantize_model
-
-        quantize_model(model, quantization, device)
-        if embeddings_to_host(model, device):
-            log.info("the thinker's embedding table stays in host memory")
+    quantize(model, quantization, device)
     model.to(device).eval()
     if getattr(model, "has_talker", False):
         model.token2wav.float()  # upstream requires float32 for the DiT and BigVGAN
@@ -99,7 +94,18 @@ def load_model(config: ModelConfig) -> LoadedModel:
                        config.context_window)
 
 
-def pick_quantization(config: ModelConfig, path: str, device: torch.device) -> str:
+def quantize(model, quantization: str, device: torch.device) -> None:
+    """--quantize's work once the weights are read (omni_demo.models.quantize)."""
+    if quantization == "none":
+        return
+    from .quantize import embeddings_to_host, quantize_model
+
+    quantize_model(model, quantization, device)  # linear by linear to the device: a small GPU never holds them whole
+    if embeddings_to_host(model, device):
+        log.info("the thinker's embedding table stays in host memory")
+
+
+def pick_quantization(config: ModelConfig, omni_config, device: torch.device) -> str:
     """--quantize, with auto resolved before any weight loads: none on a CPU; on CUDA the least
     quantization whose memory plan fits the free memory (omni_demo.models.memory)."""
     if config.quantize != "auto":
@@ -112,10 +118,11 @@ def pick_quantization(config: ModelConfig, path: str, device: torch.device) -> s
 
     from .memory import auto_quantization
 
+    if isinstance(omni_config, str):  # a checkpoint directory
+        omni_config = AutoConfig.from_pretrained(omni_config)
     free = torch.cuda.mem_get_info(device)[0]
     dtype = pick_dtype(config.dtype, device, "int4")
-    chosen, why = auto_quantization(AutoConfig.from_pretrained(path), config.model, dtype, device, free,
-                                    window=config.context_window)
+    chosen, why = auto_quantization(omni_config, config.model, dtype, device, free, window=config.context_window)
     log.warning(why)
     print(why, flush=True)
     return chosen
@@ -123,11 +130,13 @@ def pick_quantization(config: ModelConfig, path: str, device: torch.device) -> s
 
 def build_random_model(omni_config, config: ModelConfig, processor) -> LoadedModel:
     """A randomly initialised model of any architecture (e.g. `Qwen2_5OmniConfig()`, the 7B
-    defaults) built straight on the device, with random speakers. For benchmarks: no download."""
+    defaults) built straight on the device, with random speakers, then quantized as --quantize
+    says. For benchmarks: no download."""
     from transformers import Qwen2_5OmniForConditionalGeneration
 
     device = pick_device(config.device)
-    dtype = pick_dtype(config.dtype, device)
+    quantization = pick_quantization(config, omni_config, device)
+    dtype = pick_dtype(config.dtype, device, quantization)
     attn = pick_attn(config.attn, device)
     with torch.device(device):
         model = Qwen2_5OmniForConditionalGeneration._from_config(omni_config, dtype=dtype, attn_implementation=attn)
@@ -140,7 +149,11 @@ def build_random_model(omni_config, config: ModelConfig, processor) -> LoadedMod
             "cond": torch.randn(1, dit.enc_emb_dim),
             "ref_mel": torch.randn(1, 300, dit.mel_dim),
         }
-    return LoadedModel(model, processor, "random", "random", device, dtype, attn, is_random=True)
+    quantize(model, quantization, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the unquantized weights' blocks
+    return LoadedModel(model, processor, "random", "random", device, dtype, attn, True, quantization,
+                       config.context_window)
 
 
 def quiet_libraries() -> None:
