@@ -37,8 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", default=bool(env("OMNI_SHARE", "")),
                         help="also serve a public https link through Gradio")
     parser.add_argument("--concurrency", type=int, default=int(env("OMNI_CONCURRENCY", 0)) or None,
-                        help="replies streamed at once through the page (default: the engine's --max-batch; "
-                             "with --backend, 4); the rest wait in the queue")
+                        help="typed replies the page hands the engine at once (default: twice its --max-batch, so "
+                             "those beyond the batch wait in the engine's line, told why and for how long; with "
+                             "--backend, 4); the rest wait in Gradio's queue")
     parser.add_argument("--max-queue", type=int, default=int(env("OMNI_MAX_QUEUE", 16)),
                         help="requests that may wait; past it users are told the server is busy")
     parser.add_argument("--max-upload-mb", type=float, default=float(env("OMNI_MAX_UPLOAD_MB", 100)))
@@ -65,8 +66,9 @@ def build_app(args):
         from omni_demo.backends.remote import RemoteBackend
 
         backend = RemoteBackend(args.backend, args.api_key)
-        return build_demo(backend, voice_activity_model).queue(default_concurrency_limit=args.concurrency or 4,
-                                                               max_size=args.max_queue)
+        limit = args.concurrency or 4
+        return build_demo(backend, voice_activity_model, reply_limit=limit).queue(default_concurrency_limit=limit,
+                                                                                  max_size=args.max_queue)
     from omni_demo.backends.zerogpu import ZeroGPUBackend, on_zerogpu
     from omni_demo.config import CacheConfig
     from omni_demo.engine.omni_engine import OmniEngine
@@ -80,8 +82,8 @@ def build_app(args):
     engine = OmniEngine(loaded, lean=args.lean, cache=CacheConfig(enabled=not zerogpu),
                         batch=batch_config(args, threaded=not zerogpu))
     backend = ZeroGPUBackend(engine) if zerogpu else engine
-    demo = build_demo(backend, voice_activity_model)
-    concurrency = 1 if zerogpu else args.concurrency or engine.max_batch
+    concurrency = 1 if zerogpu else args.concurrency or 2 * engine.max_batch
+    demo = build_demo(backend, voice_activity_model, reply_limit=concurrency)
     logging.getLogger("app").info("replies at once: %d (--max-batch %d, real-time guard %s)", concurrency,
                                   engine.max_batch, "on" if engine.batch.realtime_guard else "off")
     demo.queue(default_concurrency_limit=concurrency, max_size=args.max_queue)

@@ -93,9 +93,21 @@ class ContextTrimmed:
 
 @dataclass(frozen=True)
 class Waiting:
-    """The engine is serving as many replies as it can keep real-time: this one waits its turn."""
+    """The engine cannot start this reply yet; told again when its place, its reason or its
+    estimate changes, and followed by `Admitted` when it starts."""
 
     ahead: int  # replies that will start before it
+    running: int = 0  # replies the engine is serving now
+    reason: str = "full"  # "full": every reply slot is taken; "realtime": one more reply now would make the
+    # running replies' speech fall behind real time
+    estimate_s: float | None = None  # seconds until it starts, from the server's recent replies; None: no figures yet
 
 
-Event = TextDelta | AudioChunk | ContextTrimmed | Waiting | Finished
+@dataclass(frozen=True)
+class Admitted:
+    """A reply that was told `Waiting` has its place now: it is being read and written."""
+
+    waited_s: float
+
+
+Event = TextDelta | AudioChunk | ContextTrimmed | Waiting | Admitted | Finished

@@ -111,3 +111,27 @@ def wait_state(page, *states, timeout=120):
             return
         time.sleep(0.05)
     raise AssertionError(f"state {state(page)!r}, expected one of {states}")
+
+
+# WCAG contrast of an element's text against the first opaque background behind it, with the
+# opacity of every ancestor applied (Gradio dims a pending component to 0.2).
+CONTRAST_JS = """(el) => {
+  const rgb = c => (c.match(/[\\d.]+/g) || []).map(Number);
+  const lum = ([r, g, b]) => [r, g, b].map(v => (v /= 255) <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4)
+    .reduce((sum, v, i) => sum + v * [0.2126, 0.7152, 0.0722][i], 0);
+  let opacity = 1, bg = null;
+  for (let n = el; n && n.nodeType === 1; n = n.parentElement) {
+    const style = getComputedStyle(n);
+    opacity *= parseFloat(style.opacity);
+    const c = rgb(style.backgroundColor);
+    if (!bg && c.length && (c.length < 4 || c[3] > 0.5)) bg = c.slice(0, 3);
+  }
+  bg = bg || [255, 255, 255];
+  const fg = rgb(getComputedStyle(el).color).slice(0, 3).map((v, i) => v * opacity + bg[i] * (1 - opacity));
+  const [hi, lo] = [lum(fg), lum(bg)].sort((a, b) => b - a);
+  return (hi + 0.05) / (lo + 0.05);
+}"""
+
+
+def contrast(page, selector) -> float:
+    return page.locator(selector).first.evaluate(CONTRAST_JS)

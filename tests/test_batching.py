@@ -25,7 +25,7 @@ from omni_demo.engine import scheduler as scheduler_module
 from omni_demo.engine.decode_step import graph_buckets
 from omni_demo.engine.omni_engine import OmniEngine
 from omni_demo.errors import EngineError
-from omni_demo.events import AudioChunk, Finished, TextDelta, Waiting
+from omni_demo.events import Admitted, AudioChunk, Finished, TextDelta, Waiting
 
 from .conftest import text_messages
 from .test_fidelity import CASES
@@ -269,7 +269,9 @@ def test_a_reply_over_max_batch_waits_for_a_free_slot(loaded, alone):
         replies = [Reply(engine, messages, o) for o in wanted]
         run_staggered(engine, replies)
         third = replies[2]
-        assert third.events[0][1] == Waiting(ahead=0)
+        assert third.events[0][1] == Waiting(ahead=0, running=2, reason="full", estimate_s=None)  # no figures yet
+        told = [e for _, e in third.events if isinstance(e, (Waiting, Admitted))]
+        assert [type(e) for e in told] == [Waiting, Admitted] and told[1].waited_s > 0
         assert third.first(TextDelta) > min(reply.first(Finished) for reply in replies[:2])
         for reply, o in zip(replies, wanted):
             assert reply.error is None
@@ -289,8 +291,9 @@ def test_the_realtime_guard_holds_a_newcomer_while_speech_is_behind(loaded, alon
         assert speaking.first_audio.wait(WAIT_S)
         newcomer.start().join()
         speaking.join()
-        assert [e for _, e in newcomer.events if isinstance(e, Waiting)] == [Waiting(ahead=0)]
-        assert newcomer.events[0][1] == Waiting(ahead=0)
+        assert [e for _, e in newcomer.events if isinstance(e, Waiting)] == [Waiting(0, 1, "realtime", None)]
+        assert newcomer.events[0][1] == Waiting(0, 1, "realtime", None)
+        assert isinstance(newcomer.events[1][1], Admitted) and len(engine.scheduler.line.guard_waits) == 1
         assert newcomer.first(TextDelta) > speaking.first(Finished)
         for reply, o in zip((speaking, newcomer), wanted):
             assert reply.error is None
@@ -326,13 +329,13 @@ def test_a_cancelled_reply_leaves_the_line_at_once(loaded):
         next(running)
         cancel = threading.Event()
         waiting = engine.stream(text_messages("another"), reply_options(0, speech=False), cancel)
-        assert next(waiting) == Waiting(ahead=0)
+        assert next(waiting) == Waiting(ahead=0, running=1, reason="full")
         cancel.set()
         started = time.monotonic()
         assert [e.stop_reason for e in waiting if isinstance(e, Finished)] == ["cancelled"]
         assert time.monotonic() - started < 5 and not engine.scheduler.waiting
         closed = engine.stream(text_messages("a third"), reply_options(0, speech=False))
-        assert next(closed) == Waiting(ahead=0)
+        assert next(closed) == Waiting(ahead=0, running=1, reason="full")
         started = time.monotonic()
         closed.close()  # returns once the scheduler has let it go, not after the running reply
         assert time.monotonic() - started < 5 and not engine.scheduler.waiting
@@ -489,3 +492,39 @@ def test_cuda_graph_batches_equal_replies_served_alone_on_gpu(tiny_dir):
         assert stagger.largest["thinker"] > 1
     finally:
         engine.close()
+
+
+class _Told:
+    """What WaitingLine reads and writes of a sequence."""
+
+    def __init__(self, admitted_at=None):
+        self.admitted_at, self.told, self.told_at, self.sent, self.queued_at = admitted_at, None, 0.0, [], 90.0
+
+    def emit(self, event):
+        self.sent.append(event)
+
+
+def test_the_waiting_line_estimates_from_recent_replies_and_retells_only_changes():
+    from omni_demo.engine.sequence import WaitingLine
+
+    line, now = WaitingLine(), 100.0
+    running = [_Told(admitted_at=now - 4), _Told(admitted_at=now - 8)]
+    assert line.estimate(0, "full", running, now) is None  # no reply has run out yet
+    line.runs.extend([10.0, 10.0, 12.0])  # median 10 s: the slots free in 6 s and 2 s
+    assert [line.estimate(ahead, "full", running, now) for ahead in range(3)] == [2.0, 6.0, 12.0]
+    assert line.estimate(0, "full", [_Told(admitted_at=now - 30)], now) == 1.0  # overdue: any moment
+    assert line.estimate(0, "realtime", running, now) is None
+    line.guard_waits.extend([3.0, 5.0])
+    assert line.estimate(1, "realtime", running, now) == 8.0
+    waiting = [_Told(), _Told()]
+    line.tell(waiting, running, slots_full=True, now=now)
+    assert [s.sent for s in waiting] == [[Waiting(0, 2, "full", 2.0)], [Waiting(1, 2, "full", 6.0)]]
+    line.tell(waiting, running, slots_full=True, now=now + 0.5)  # half a second later: estimates moved 0.5 s
+    assert [len(s.sent) for s in waiting] == [1, 1]
+    line.tell(waiting[1:], running, slots_full=True, now=now + 0.6)  # the first left the line: the second moves up
+    assert waiting[1].sent[-1] == Waiting(0, 2, "full", 1.4)
+    line.tell(waiting[1:], running, slots_full=False, now=now + 0.7)  # a slot is free, the guard holds it
+    assert waiting[1].sent[-1] == Waiting(0, 2, "realtime", 4.0)
+    line.admitted(waiting[1], now + 2)
+    assert waiting[1].sent[-1] == Admitted(12.0) and list(line.guard_waits) == [3.0, 5.0, 12.0]
+

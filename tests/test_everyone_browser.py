@@ -2,12 +2,13 @@
 the model (its loop runs in its own "calls" group), so a typed reply on another page starts while
 a call sits silent; and two pages' typed replies stream side by side (the engine batches them)."""
 
+import re
 import time
 
 import pytest
 
 from .apphelpers import AppServer
-from .browser import chromium_pages, fake_microphone, open_app, send, shot, state, wait_state
+from .browser import chromium_pages, contrast, fake_microphone, open_app, send, shot, state, wait_state
 from .speech import compose, write_wav
 
 MESSAGE = "Tell me something about the sea."
@@ -100,3 +101,37 @@ def test_two_pages_stream_replies_at_once(unguarded_app):
             wait_state(page, "done", timeout=120)
             chat = page.locator("#chatbot").inner_text()
             assert MESSAGE in chat and len(chat.replace(MESSAGE, "").strip()) > 0
+
+
+@pytest.fixture(scope="module")
+def one_slot_app():
+    """One reply decoded at a time (--max-batch 1), two handed to the engine (--concurrency 2): the
+    second waits in the engine's line, which says why and for how long."""
+    server = AppServer("--max-batch", "1", "--concurrency", "2").wait()
+    yield server
+    server.stop()
+
+
+def test_a_page_waiting_behind_a_reply_is_told_why_and_when_readably_and_stop_gives_the_message_back(one_slot_app):
+    with chromium_pages(2, args=UNTHROTTLED) as (talker, waiter):
+        open_app(talker, one_slot_app.url, max_speech_s=60, seed=11)
+        open_app(waiter, one_slot_app.url, max_speech_s=5, seed=11)
+        send(waiter, "Hello!")  # a short reply first: the engine's estimates come from replies that ran out
+        wait_state(waiter, "done", timeout=120)
+        send(talker, "Talk for a long time")
+        wait_state(talker, "speaking", timeout=120)
+        send(waiter, MESSAGE)
+        waiter.wait_for_function("document.querySelector('#player').innerText.includes('Waiting:')", timeout=30_000)
+        line = waiter.locator("#player .player-state").inner_text()
+        shot(waiter, "waiting-behind-a-reply")
+        print({"line": line, "contrast": round(contrast(waiter, "#player .player-state"), 2)})
+        assert "the model is answering 1 reply, as many as this server runs at once" in line, line
+        assert re.search(r"About \d+ s|Starting any moment", line), line
+        assert contrast(waiter, "#player .player-state") >= 4.5  # WCAG AA for body text
+        waiter.keyboard.press("Escape")  # Stop while in the engine's line: as if never sent
+        waiter.wait_for_function("document.querySelector('#textbox textarea').value.includes('the sea')",
+                                 timeout=30_000)
+        assert MESSAGE not in waiter.locator("#chatbot").inner_text()
+        assert "Not sent" in waiter.locator("#player").inner_text()
+        assert state(talker) == "speaking"  # the other reply went on
+        talker.keyboard.press("Escape")

@@ -1,6 +1,7 @@
 """The UI's handlers and components without a browser or a model (a stand-in backend)."""
 
 import shutil
+import threading
 import time
 
 import gradio as gr
@@ -74,15 +75,21 @@ class Request:
         self.session_hash = session
 
 
+def finished(stop_reason: str, text: str, messages):
+    from omni_demo.events import Finished, Stats
+
+    stats = Stats(0.01 if text else None, None, 0.02, 0.0, None, 10, 0, len(text.split()), 0)
+    return Finished(text, [1] * len(text.split()), [], 0, stop_reason, stats, messages)
+
+
 class OneWordModel(NoModel):
     """A backend that answers "hi" (and stops when asked to)."""
 
     def stream(self, messages, options, cancel=None):
-        from omni_demo.events import Finished, TextDelta
+        from omni_demo.events import TextDelta
 
         yield TextDelta("hi")
-        yield Finished(stop_reason="cancelled" if cancel is not None and cancel.is_set() else "eos", text="hi",
-                       text_token_ids=[1], codec_token_ids=[], messages=messages, stats=None)
+        yield finished("cancelled" if cancel is not None and cancel.is_set() else "eos", "hi", messages)
 
 
 SETTINGS = ("Chelsie", False, "", 0.7, 0.8, 32, 5, False, 1)
@@ -128,7 +135,7 @@ def test_a_running_turn_stops_through_the_engine_and_is_kept():
     handler = ChatHandler(OneWordModel())
     pending, _ = accept(handler)
     replies = handler.respond_ui(pending, *SETTINGS, Request("a"))
-    next(replies)  # the turn started
+    next(replies), next(replies)  # the turn started, and its first word is in the chat
     assert handler.stop(Request("a")) == gr.skip()  # it finishes through the engine, marked
     chats = [update.chat for update in replies if isinstance(update.chat, list)]
     assert "stopped" in chats[-1][-1]["content"]
@@ -142,7 +149,8 @@ def test_a_session_that_never_reaches_the_queue_stops_counting_in_line(monkeypat
     from omni_demo.app.chat import ChatHandler
 
     queued = {"a"}  # only session a's page queued its reply's step
-    handler = ChatHandler(OneWordModel(), sessions=sessions.Sessions(queued=lambda session: session in queued))
+    handler = ChatHandler(OneWordModel(), sessions=sessions.Sessions(queued=lambda session: session in queued),
+                          reply_limit=1)
     for session in ("a", "ghost-1", "ghost-2"):
         assert accept(handler, session)[0] is not None
     assert "In line: 3 replies" in accept(handler, "b")[1][3]["text"]
@@ -178,3 +186,69 @@ def test_the_title_names_the_model_and_what_its_weights_run_in():
     backend.model_name, backend.precision = "Qwen/Qwen2.5-Omni-7B", "bfloat16, int4 decoders"
     title = component(build_demo(backend, load_vad), "title")
     assert "Model: Qwen/Qwen2.5-Omni-7B · bfloat16, int4 decoders" in title.value
+
+
+class WaitingModel(NoModel):
+    """A backend whose reply waits in the engine's line until it is cancelled (or admitted)."""
+
+    def __init__(self):
+        self.admit = threading.Event()
+
+    def stream(self, messages, options, cancel=None):
+        from omni_demo.events import Admitted, TextDelta, Waiting
+
+        yield Waiting(ahead=1, running=2, reason="full", estimate_s=7.4)
+        while not self.admit.wait(0.01):
+            if cancel is not None and cancel.is_set():
+                yield finished("cancelled", "", messages)
+                return
+        yield Admitted(waited_s=1.0)
+        yield TextDelta("hi")
+        yield finished("eos", "hi", messages)
+
+
+def test_a_waiting_turn_says_why_and_when_then_thinking_once_admitted():
+    from omni_demo.app.chat import ChatHandler
+
+    backend = WaitingModel()
+    handler = ChatHandler(backend)
+    pending, outputs = accept(handler)
+    assert outputs[3]["text"] == "Sending…"  # no queue limit known: nothing to wait for in Gradio's queue
+    replies = handler.respond_ui(pending, *SETTINGS, Request("a"))
+    lines = [update.audio for update in (next(replies), next(replies))]
+    assert lines[-1]["state"] == "queued" and lines[-1]["text"] == (
+        "Waiting: the model is answering 2 replies, as many as this server runs at once. "
+        "1 more message before yours. About 7 s. Your message is kept.")
+    backend.admit.set()
+    assert next(replies).audio == {**lines[-1], "seq": lines[-1]["seq"] + 1, "state": "thinking", "text": "Thinking…"}
+    assert "hi" in [update for update in replies if isinstance(update.chat, list)][-1].chat[-1]["content"]
+
+
+def test_stop_while_waiting_puts_the_chat_and_the_message_back():
+    """In the engine's line (the handler runs) and in Gradio's queue (it has not started)."""
+    from omni_demo.app.chat import ChatHandler
+
+    handler, earlier = ChatHandler(WaitingModel()), [{"role": "user", "content": "earlier"}]
+    pending, _ = accept(handler, history=earlier)
+    replies = handler.respond_ui(pending, *SETTINGS, Request("a"))
+    next(replies), next(replies)  # thinking, then waiting in the engine's line
+    handler.stop_ui(pending, Request("a"))
+    updates = list(replies)
+    assert updates[-2].chat == earlier and "Not sent" in updates[-2].audio["text"]
+    assert updates[-1].textbox["value"] == MESSAGE and handler.sessions.get("a") is None
+    pending, _ = accept(handler, history=earlier)  # now still in Gradio's queue
+    textbox, chat, webcam, player = handler.stop_ui(pending, Request("a"))
+    assert textbox["value"] == MESSAGE and chat == earlier and player["state"] == "stopped"
+    assert not any(isinstance(update.chat, list) for update in handler.respond_ui(pending, *SETTINGS, Request("a")))
+
+
+def test_past_the_queue_limit_a_turn_is_told_its_place_and_the_engines_estimate():
+    from omni_demo.app.chat import ChatHandler
+
+    backend = OneWordModel()
+    backend.wait_estimate = lambda ahead: 12.0 + ahead
+    handler = ChatHandler(backend, reply_limit=2)
+    assert [accept(handler, s)[1][3]["text"] for s in "ab"] == ["Sending…", "Sending…"]
+    assert accept(handler, "c")[1][3]["text"] == ("In line: 1 reply before yours (this server streams 2 at once). "
+                                                  "About 12 s. Your message is kept.")
+    assert "In line: 2 replies" in accept(handler, "d")[1][3]["text"]

@@ -39,6 +39,7 @@ MIC_CHUNK_S = 0.25  # the page sends the microphone this often (stream_every)
 MAX_SESSIONS = 10_000  # sessions whose last call's late chunks are remembered
 CALL_PLACEHOLDER = "A voice call is running: just talk. End the call to type."
 TEXTBOX_PLACEHOLDER = "Type a message, record one with the microphone, or attach media…"
+MAX_CALLS = 16  # voice calls open at once per server (each is one waiting thread; the engine batches their replies)
 
 
 class CallView(NamedTuple):
@@ -163,8 +164,9 @@ class CallHandler:
         if busy is not None:
             what = "A call is already running" if isinstance(busy, CallActivity) else "A reply is still running"
             return (None, *CallView(player=notice(f"{what}: stop it first.")))
-        line = (f"In line: {ahead} {'reply or call' if ahead == 1 else 'replies or calls'} before yours. "
-                "The call starts when the model is free." if ahead else "Connecting…")
+        waiting = ahead - MAX_CALLS + 1  # calls have a queue of their own; their replies share the model
+        line = (f"In line: {waiting} {'call' if waiting == 1 else 'calls'} before yours ({MAX_CALLS} calls run at "
+                "once). The call starts when one ends." if waiting > 0 else "Connecting…")
         pending = {"history": list(history or []), "turn": activity.id}
         return (pending, *CallView(status=f"⏳ **{line}**", stats="",
                                    start=gr.update(visible=False), end=gr.update(visible=True),

@@ -20,13 +20,13 @@ import gradio as gr
 from omni_demo.backends.protocol import Backend
 from omni_demo.config import STOP_GRACE_S
 from omni_demo.errors import InputError
-from omni_demo.events import AudioChunk, ContextTrimmed, Finished, TextDelta, Waiting
+from omni_demo.events import Admitted, AudioChunk, ContextTrimmed, Finished, TextDelta, Waiting
 from omni_demo.inputs.messages import check_request
 
 from .chat_history import UploadRegistry, chat_to_conversation, media_summary, new_upload_paths, user_turn
 from .notices import failure_message, notice, public_message, refused, trimmed_text
-from .player import PlayerMessages, finalize
-from .sessions import Activity, Sessions, session_scope, waiting_text
+from .player import NOT_SENT, PlayerMessages, finalize, player_stopped
+from .sessions import Activity, Sessions, queue_text, session_scope, waiting_text
 from .settings import reply_options, system_text
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,10 @@ def format_stats(finished: Finished, conversation: list[dict]) -> str:
 class ChatHandler:
     """The reply handlers, bound to a backend, the upload registry and the sessions' activities."""
 
-    def __init__(self, backend: Backend, uploads: UploadRegistry | None = None, sessions: Sessions | None = None):
+    def __init__(self, backend: Backend, uploads: UploadRegistry | None = None, sessions: Sessions | None = None,
+                 reply_limit: int | None = None):
         self.backend = backend
+        self.reply_limit = reply_limit  # typed replies Gradio's queue runs at once; None: unknown
         self.uploads = uploads or UploadRegistry()
         self.sessions = sessions or Sessions()
 
@@ -68,6 +70,15 @@ class ChatHandler:
         if self.sessions.stop(request.session_hash, clear=clear):
             return gr.update(submit_btn="Send", stop_btn=False)
         return gr.skip()
+
+    def stop_ui(self, pending, request: gr.Request):
+        """Stop on the page: a turn still in Gradio's queue is forgotten and put back as it was (the
+        chat before it, the message in the box); a running one ends through its handler."""
+        if pending is not None and self.sessions.stop(request.session_hash, only=pending["turn"]):
+            return (gr.update(value=pending["message"], submit_btn="Send", stop_btn=False), pending["history"],
+                    pending["webcam"], player_stopped(pending["reply"]))
+        self.sessions.stop(request.session_hash)
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
 
     def stream(self, message, history, webcam, settings: tuple, session: str, cancel: Activity,
                player: PlayerMessages):
@@ -91,6 +102,10 @@ class ChatHandler:
         if cancel.cleared:
             return
         stopped = cancel.is_set() or (reply.finished is not None and reply.finished.stop_reason == "cancelled")
+        if stopped and not (reply.text or reply.chunks):  # stopped while it waited: as if never sent
+            cancel.unsent = True
+            yield ChatView(chat=history, stats="", audio=player("stopped", NOT_SENT))
+            return
         stats = (format_stats(reply.finished, conversation) if reply.finished else
                  "Stopped." if reply.text or reply.chunks else "Stopped before the reply started.")
         yield ChatView(chat=finalize(chat, reply.text, reply.chunks, stopped), stats=stats,
@@ -135,8 +150,17 @@ class ChatHandler:
         player = PlayerMessages()
         pending = {"message": message, "history": history, "webcam": webcam, "reply": player.id, "turn": activity.id}
         return (pending, *ChatView(textbox=gr.update(value=None, submit_btn=False, stop_btn="Stop"),
-                                   chat=history + shown, webcam=None, audio=player("queued", waiting_text(ahead)),
+                                   chat=history + shown, webcam=None, audio=player("queued", self.line_text(ahead)),
                                    stats=""))
+
+    def line_text(self, ahead: int) -> str:
+        """Where a new turn stands with `ahead` typed replies registered before it: past Gradio's
+        concurrency limit it waits in Gradio's queue (the engine's own line speaks for itself later)."""
+        limit = self.reply_limit
+        if not limit or ahead < limit:
+            return "Sending…"
+        estimate = getattr(self.backend, "wait_estimate", lambda ahead: None)(ahead - limit)
+        return queue_text(ahead - limit + 1, limit, estimate)
 
     def respond_ui(self, pending, voice, speech, system_prompt, temperature, top_p, max_new_tokens, max_speech_s,
                    use_audio_in_video, seed, request: gr.Request):
@@ -157,7 +181,9 @@ class ChatHandler:
                                       player):
                 shown = update.chat if isinstance(update.chat, list) else shown
                 yield update._replace(textbox=gr.skip(), webcam=gr.skip())  # the user may be typing the next one
-            yield ChatView(textbox=send_again)
+            if cancel.unsent:  # Stop came before the reply began: the message goes back where it was
+                send_again = gr.update(value=pending["message"], submit_btn="Send", stop_btn=False)
+            yield ChatView(textbox=send_again, webcam=pending["webcam"] if cancel.unsent else gr.skip())
         except InputError as exc:
             message = refused(exc)
             gr.Warning(message)
@@ -209,6 +235,8 @@ class _Streamed:
             elif isinstance(event, ContextTrimmed):
                 gr.Warning(trimmed_text(event))
             elif isinstance(event, Waiting):
-                yield ChatView(audio=player("queued", waiting_text(event.ahead)))
+                yield ChatView(audio=player("queued", waiting_text(event)))
+            elif isinstance(event, Admitted):
+                yield ChatView(audio=player("thinking", "Thinking…"))
             elif isinstance(event, Finished):
                 self.finished = event

@@ -14,7 +14,7 @@ import gradio as gr
 from omni_demo.backends.protocol import Backend
 from omni_demo.config import ASSETS, DEFAULT_SYSTEM_PROMPT
 
-from .call_page import MIC_CHUNK_S, TEXTBOX_PLACEHOLDER, CallHandler
+from .call_page import MAX_CALLS, MIC_CHUNK_S, TEXTBOX_PLACEHOLDER, CallHandler
 from .chat import ChatHandler
 
 WEB = Path(__file__).resolve().parent / "web"
@@ -30,10 +30,10 @@ SYSTEM_PROMPT_WARNING = (
 PLAYER_HTML = ('<div class="player-state" aria-hidden="true"></div>'
                '<div class="player-live sr-only" role="status" aria-live="polite"></div>')
 STOP_JS = "() => { if (window.omniPlayer) window.omniPlayer.stop(); return []; }"
+STOP_TURN_JS = "(turn) => { if (window.omniPlayer) window.omniPlayer.stop(); return [turn]; }"
 # Returns its inputs as a list: a bare array (the chat's messages) would be read as one input each.
 CALL_START_JS = "(chat) => { if (window.omniCall) window.omniCall.prepare(); return [chat]; }"
 CALL_END_JS = "(call) => { if (window.omniPlayer) window.omniPlayer.stop(); return [call]; }"
-MAX_CALLS = 16  # voice calls open at once per server (each is one waiting thread; the engine batches their replies)
 CALL_HINT = "Hands-free: pause and it answers, talk over it to interrupt."
 # Example chips: (label, what they put in the box). Chosen, not sent: the user can edit first.
 EXAMPLES = [
@@ -95,9 +95,11 @@ class _Settings:
     notice: gr.Markdown
 
 
-def build_demo(backend: Backend, vad, *, title: str = "Qwen2.5-Omni, streaming") -> gr.Blocks:
-    """The page for `backend`; `vad()` makes each voice call its own voice activity model."""
-    chats = ChatHandler(backend)
+def build_demo(backend: Backend, vad, *, title: str = "Qwen2.5-Omni, streaming",
+               reply_limit: int | None = None) -> gr.Blocks:
+    """The page for `backend`; `vad()` makes each voice call its own voice activity model;
+    `reply_limit`: the typed replies the queue runs at once (its concurrency limit)."""
+    chats = ChatHandler(backend, reply_limit=reply_limit)
     calls = CallHandler(chats, vad)
     # Uploads and replies older than a day leave Gradio's cache (checked hourly).
     with gr.Blocks(title=title, fill_height=True, delete_cache=(3600, 86400)) as demo:
@@ -201,7 +203,8 @@ def _wire_chat(chats: ChatHandler, chat: _Chat, settings: _Settings) -> None:
     api_only = gr.Button(visible=False)  # /chat: the same reply as one call, for API clients and tests
     api_reply = api_only.click(chats.respond, [*inputs, *settings.reply], outputs, api_name="chat",
                                concurrency_id="gpu")
-    chat.textbox.stop(chats.stop, None, chat.textbox, js=STOP_JS, queue=False, api_visibility="private")
+    chat.textbox.stop(chats.stop_ui, [pending], [chat.textbox, chat.chatbot, settings.webcam, chat.player],
+                      js=STOP_TURN_JS, queue=False, api_visibility="private")
     chat.clear.click(chats.clear, None, outputs, js=STOP_JS, queue=False, api_name="clear", cancels=[api_reply])
     chat.chatbot.clear(chats.clear, None, outputs, js=STOP_JS, queue=False, api_visibility="private")
     for button, value in chat.chips:

@@ -15,6 +15,9 @@ from .chat_history import STOPPED_MARK
 from .files import save_reply_audio
 
 
+NOT_SENT = "Not sent: your message is back in the box."
+
+
 class PlayerMessages:
     """The live player's messages for one reply: its state line, and the speech as base64 int16 PCM
     (mono, little-endian, 24 kHz), one message per engine chunk. `seq` makes every message a new
@@ -32,6 +35,11 @@ class PlayerMessages:
             message |= {"pcm": base64.b64encode(pcm.astype("<i2").tobytes()).decode(), "rate": SAMPLE_RATE,
                         "made_at": time.time()}
         return message
+
+
+def player_stopped(reply_id: str) -> dict:
+    """The player's line for a turn stopped before it was sent."""
+    return PlayerMessages(reply_id, seq=1_000_000)("stopped", NOT_SENT)
 
 
 def finalize(chat: list[dict], text: str, chunks: list[np.ndarray], stopped: bool) -> list[dict]:

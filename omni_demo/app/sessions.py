@@ -30,6 +30,7 @@ class Activity(threading.Event):
         self.accepted_at = time.monotonic()
         self.started = False  # its handler runs (until then it waits in the queue)
         self.cleared = False  # Clear, not Stop, ended it: the emptied chat gets nothing more
+        self.unsent = False  # Stop came before its reply began: the page gets the message back
 
 
 class Sessions:
@@ -58,10 +59,12 @@ class Sessions:
 
     def claim(self, session: str, new: type[Activity] = Activity) -> tuple[Activity | None, Activity | None, int]:
         """Register a new activity unless the session has one: (the new one or None, the busy one or
-        None, how many activities were registered before it). A double Enter claims once."""
+        None, how many activities of its kind were registered before it: typed replies and calls
+        have queues of their own). A double Enter claims once."""
         with self.lock:
             self._forget_unqueued()
-            busy, ahead = self.activities.get(session), len(self.activities)
+            busy = self.activities.get(session)
+            ahead = sum(type(activity) is new for activity in self.activities.values())
             if busy is not None:
                 return None, busy, ahead
             activity = self.activities[session] = new()
@@ -111,8 +114,24 @@ def session_scope(session: str) -> CacheScope:
     return CacheScope(party="session:" + hashlib.sha256(session.encode()).hexdigest()[:32], private=True)
 
 
-def waiting_text(ahead: int) -> str:
-    """The player's line while a typed reply waits for the model."""
-    if not ahead:
-        return "Waiting for the model…"
-    return f"In line: {ahead} {'reply' if ahead == 1 else 'replies'} before yours. Your message is kept."
+def _when(estimate: float | None) -> str:
+    return "" if estimate is None else "Starting any moment. " if estimate < 2 else f"About {round(estimate)} s. "
+
+
+def queue_text(before: int, limit: int, estimate: float | None) -> str:
+    """The player's line while a typed reply waits in Gradio's queue, `before` replies ahead of it."""
+    return (f"In line: {before} {'reply' if before == 1 else 'replies'} before yours (this server streams {limit} "
+            f"at once). {_when(estimate)}Your message is kept.")
+
+
+def waiting_text(waiting) -> str:
+    """The player's line while a typed reply waits for the model (an omni_demo.events.Waiting): what
+    is ahead, why, and the engine's estimate."""
+    replies = f"{waiting.running} {'reply' if waiting.running == 1 else 'replies'}"
+    if waiting.reason == "full":
+        why = f"the model is answering {replies}, as many as this server runs at once"
+    else:
+        why = f"the model is speaking {replies} and starts yours once their speech is safely ahead"
+    before = f"{waiting.ahead} more {'message' if waiting.ahead == 1 else 'messages'} before yours. " \
+        if waiting.ahead else ""
+    return f"Waiting: {why}. {before}{_when(waiting.estimate_s)}Your message is kept."

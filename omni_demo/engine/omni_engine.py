@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -141,6 +142,10 @@ class OmniEngine:
     @property
     def is_random(self) -> bool:
         return self.loaded.is_random
+
+    def wait_estimate(self, ahead: int) -> float | None:
+        """Seconds until a reply `ahead` places behind every free slot would start (see WaitingLine)."""
+        return self.scheduler.line.estimate(ahead, "full", list(self.scheduler.running), time.monotonic())
 
     @property
     def precision(self) -> str:

@@ -40,11 +40,11 @@ import torch
 
 from omni_demo.config import BatchConfig
 from omni_demo.errors import EngineError
-from omni_demo.events import Event, Waiting
+from omni_demo.events import Event
 
 from .batch_step import Stages, engine_error
 from .decode_step import LeanStep
-from .sequence import Sequence
+from .sequence import Sequence, WaitingLine
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free_slots = list(range(max_batch))
+        self.line = WaitingLine()  # what the waiting replies are told
         self.jobs: deque[tuple[Callable, Future]] = deque()
         self.observers: list[Callable[[str, int, float], None]] = []  # (stage, batch size, seconds) per step
         self.stages = Stages(engine, end=self._end, observe=self._observe)
@@ -235,10 +236,7 @@ class Scheduler:
             self._bind_slot(self.waiting.popleft(), self.free_slots.pop(0))
             if self.config.realtime_guard:
                 break
-        for ahead, sequence in enumerate(self.waiting):
-            if not sequence.told_waiting:
-                sequence.told_waiting = True
-                sequence.emit(Waiting(ahead))
+        self.line.tell(list(self.waiting), self.running, not self.free_slots, now)
 
     def _bind_slot(self, sequence: Sequence, slot: int) -> None:
         """`sequence` takes KV slot `slot` and runs from the next step (or ends now, with the error,
@@ -246,6 +244,7 @@ class Scheduler:
         sequence.slot = slot
         self.running.append(sequence)
         sequence.admitted_at = time.monotonic()
+        self.line.admitted(sequence, sequence.admitted_at)
         try:
             sequence.text = self.engine.text_stream(sequence.inputs, sequence.options, slot)
             sequence.prefill = sequence.text.prefill(self.config.prefill_chunk_tokens)
@@ -286,6 +285,7 @@ class Scheduler:
         if sequence.finished:
             return
         sequence.finished = True
+        self.line.ended(sequence, time.monotonic(), error is None and not sequence.cancelled)
         try:
             if error is None:
                 sequence.emit(self.engine.finished(sequence))

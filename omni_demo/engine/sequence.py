@@ -7,21 +7,26 @@ it. Closing that generator marks the sequence closed, and the scheduler drops it
 
 from __future__ import annotations
 
+import heapq
 import math
 import queue
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Generator, Iterator
 
 from omni_demo.config import SAMPLE_RATE, GenerationOptions
 from omni_demo.errors import EngineError
-from omni_demo.events import AudioChunk, Event, Finished, ReplyClock, TextDelta
+from omni_demo.events import Admitted, AudioChunk, Event, Finished, ReplyClock, TextDelta, Waiting
 from omni_demo.inputs.prepare import PreparedInputs
 
 from .streams import SpeechStream, TextStream
 
 
 FIRST_AUDIO_GRACE_S = 3.0  # how long a new reply without speech yet holds the real-time guard shut
+RECENT = 32  # replies whose run and wait times the estimates are made from
+RETELL_S = 1.0  # a waiting reply is told a changed estimate at most this often
 POLL_S = 1.0  # how often a reader waiting for events checks that the scheduler still runs
 
 
@@ -37,7 +42,9 @@ class Sequence:
         self.prefill: Generator[None, None, None] | None = None  # the prompt's pieces still to run
         self.finished = False
         self.ended = threading.Event()  # set once finished: its slot is free and nothing more runs for it
-        self.told_waiting = False  # a Waiting event went out
+        self.queued_at = time.monotonic()
+        self.told: Waiting | None = None  # the last Waiting event it was sent
+        self.told_at = 0.0
         self.admitted_at: float | None = None  # time.monotonic() when it took its slot
         self.first_audio_at: float | None = None  # time.monotonic() of its first audio chunk
         self.audio_samples = 0  # samples handed out so far
@@ -95,3 +102,58 @@ class Sequence:
             yield item
             if isinstance(item, Finished):
                 return
+
+
+class WaitingLine:
+    """What replies left waiting are told: their place, why, and when they should start, estimated
+    from the replies this engine served recently (how long they ran, how long the real-time guard
+    held newcomers back)."""
+
+    def __init__(self):
+        self.runs: deque[float] = deque(maxlen=RECENT)  # seconds from admission to the end, replies that ran out
+        self.guard_waits: deque[float] = deque(maxlen=RECENT)  # seconds waited by replies the guard held back
+
+    def tell(self, waiting: list[Sequence], running: list[Sequence], slots_full: bool, now: float) -> None:
+        """Send each waiting reply its `Waiting`, when it is new or has changed."""
+        reason = "full" if slots_full else "realtime"
+        for ahead, sequence in enumerate(waiting):
+            estimate = self.estimate(ahead, reason, running, now)
+            told = Waiting(ahead, len(running), reason, None if estimate is None else round(estimate, 1))
+            if _worth_telling(sequence.told, told, now - sequence.told_at):
+                sequence.told, sequence.told_at = told, now
+                sequence.emit(told)
+
+    def estimate(self, ahead: int, reason: str, running: list[Sequence], now: float) -> float | None:
+        """Seconds until the reply `ahead` places back starts. Slots full: each running reply is
+        taken to run the median of the recent runs, and each freed slot goes to the next in line.
+        The guard: the median of its recent waits, once per reply ahead."""
+        if reason == "realtime":
+            return statistics.median(self.guard_waits) * (ahead + 1) if self.guard_waits else None
+        if not self.runs or not running:
+            return None
+        typical = statistics.median(self.runs)
+        free = [max(0.0, typical - (now - (s.admitted_at or now))) for s in running]
+        heapq.heapify(free)
+        for _ in range(ahead):
+            heapq.heappush(free, heapq.heappop(free) + typical)
+        return max(1.0, free[0])
+
+    def admitted(self, sequence: Sequence, now: float) -> None:
+        if sequence.told is not None:
+            if sequence.told.reason == "realtime":
+                self.guard_waits.append(now - sequence.queued_at)
+            sequence.emit(Admitted(now - sequence.queued_at))
+
+    def ended(self, sequence: Sequence, now: float, completed: bool) -> None:
+        if completed and sequence.admitted_at is not None:
+            self.runs.append(now - sequence.admitted_at)
+
+
+def _worth_telling(last: Waiting | None, new: Waiting, since_s: float) -> bool:
+    """A first `Waiting`, a changed place or reason, an estimate that appears, or one that moved by
+    a second or more (at most once per RETELL_S)."""
+    if last is None or (last.ahead, last.running, last.reason) != (new.ahead, new.running, new.reason):
+        return True
+    if (last.estimate_s is None) != (new.estimate_s is None):
+        return True
+    return new.estimate_s is not None and abs(new.estimate_s - last.estimate_s) >= 1.0 and since_s >= RETELL_S

@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from omni_demo.config import CacheScope
 from omni_demo.errors import EngineError, InputError
-from omni_demo.events import AudioChunk, ContextTrimmed, Finished, TextDelta, Waiting
+from omni_demo.events import Admitted, AudioChunk, ContextTrimmed, Finished, TextDelta, Waiting
 
 from .metrics import ServerMetrics
 from .openai_protocol import (MB, ApiError, ApiLimits, ChatRequest, ChunkEncoder, parse_body, parse_chat_request, sse,
@@ -172,7 +172,7 @@ async def _disconnect(request: Request) -> None:
 async def first_event(job: Job):
     """(first text/audio/finished event, the ContextTrimmed event before it or None)."""
     trimmed = None
-    while isinstance(event := await job.next(), (ContextTrimmed, Waiting)):
+    while isinstance(event := await job.next(), (ContextTrimmed, Waiting, Admitted)):
         trimmed = event if isinstance(event, ContextTrimmed) else trimmed
     return event, trimmed
 

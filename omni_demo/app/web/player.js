@@ -169,7 +169,9 @@ function receive(message) {
                       message.pcm ? message.pcm.length * 3 / 8 / message.rate : 0,
                       message.made_at ? Date.now() - message.made_at * 1000 : null]);
   if (omni.arrivals.length > 50 * KEEP) omni.arrivals.splice(0, 10 * KEEP);
-  if (omni.stopped.has(message.reply)) return;  // Stop was pressed: what is still in flight stays silent
+  // Stop was pressed: what is still in flight stays silent; only the server's last word on it shows
+  // (a turn stopped before it began: "Not sent").
+  if (omni.stopped.has(message.reply) && (message.pcm || message.state !== 'stopped')) return;
   const reply = omni.reply && omni.reply.id === message.reply ? omni.reply : newReply(message.reply, message.in_call);
   if (message.latency) {  // a call's first audio: the server's part of the wait since the user stopped speaking
     reply.latency = {...message.latency, transit: message.made_at ? Date.now() - message.made_at * 1000 : null};
