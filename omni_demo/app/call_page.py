@@ -124,11 +124,12 @@ class CallScreen:
         raise TypeError(f"unknown call event {event!r}")
 
     def _reply_ended(self, event: ReplyEnded) -> CallView:
-        self.chat = finalize(self.chat, event.text, event.chunks, stopped=False)
+        self.chat = finalize(self.chat, event.text, event.chunks, stopped=event.call_ended)
         self.replied = bool(event.text)
         if event.interrupted:
             self._mark_interrupted()
-        state = ("interrupted", "Interrupted.") if event.interrupted else ("done", "Done.")
+        state = (("interrupted", "Interrupted.") if event.interrupted else ("stopped", "Call ended.")
+                 if event.call_ended else ("done", "Done."))
         return CallView(chat=self.chat, player=self.player(*state))  # the wait: the page's call readout
 
     def _mark_interrupted(self) -> None:

@@ -4,7 +4,7 @@
   Gradio's upload folder (so Gradio serves them without copying), and removed at exit.
 - The call's microphone chunks: the page names each upload `omni-call-<call token>-<n>.wav`
   (web/voice.js), with a token only that call's page was given. A chunk is read, then deleted
-  with its folder, only when its name carries the session's running call's token: no handler
+  (its folder stays, see `remove_chunk`), only when its name carries the session's running call's token: no handler
   reads or deletes a path another session named, and equal chunks (digital silence) never share
   a path. The numbers put overlapping posts back in order: a chunk Gradio dropped (it keeps only
   the newest of a stream event's pending chunks) is read from its file when the next one comes.
@@ -144,7 +144,7 @@ class ChunkSequence:
     def remove_left(self) -> None:
         """The call is over: its chunk files still on disk (a last post, one never handed over) go."""
         for file in gradio_upload_dir().glob(f"*/{self.prefix}-*.wav"):
-            remove_with_folder(file)
+            remove_chunk(file)
 
 
 def _arrived(file: Path, wait_s: float = ARRIVAL_WAIT_S) -> bool:
@@ -158,7 +158,7 @@ def _arrived(file: Path, wait_s: float = ARRIVAL_WAIT_S) -> bool:
 
 def read_chunk(path: Path) -> tuple[int, np.ndarray] | None:
     """(rate, [n, channels] float32) of a chunk, checked from its header before it is read, then
-    removed with its folder. None (logged) for a file that is no short WAV."""
+    removed. None (logged) for a file that is no short WAV."""
     try:
         info = sf.info(path)
         if (info.format != "WAV" or not 1 <= info.channels <= 2 or not MIN_RATE <= info.samplerate <= MAX_RATE
@@ -172,16 +172,15 @@ def read_chunk(path: Path) -> tuple[int, np.ndarray] | None:
         log.warning("microphone chunk refused: %s", type(exc).__name__)
         return None
     finally:
-        remove_with_folder(path)
+        remove_chunk(path)
 
 
-def remove_with_folder(path: Path) -> None:
-    """Remove a chunk file and its folder (Gradio makes one per upload), if that is left empty. A
-    path that is no regular file (a folder or a link a crafted post named) is left alone."""
+def remove_chunk(path: Path) -> None:
+    """Remove a chunk file. Its folder stays: Gradio names the folder by the upload's bytes, so equal
+    chunks (digital silence, in any call) share it, and removing it raced the next upload's own
+    `mkdir(exist_ok=True)`, which then failed and lost that chunk. Gradio's cache clean-up
+    (app/page.py, delete_cache) removes the empty folders later. A path that is no regular file
+    (a folder or a link a crafted post named) is left alone."""
     if path.is_symlink() or not path.is_file():
         return
     path.unlink(missing_ok=True)
-    try:
-        path.parent.rmdir()
-    except OSError:  # not empty (another upload of the same bytes and name) or already gone
-        pass

@@ -66,8 +66,9 @@ class ReplyEnded:
     text: str  # what was generated (cut where it was interrupted)
     chunks: list  # float32 24 kHz chunks generated
     finished: Finished | None
-    interrupted: bool
+    interrupted: bool  # the user spoke over it (barge-in)
     latency: TurnLatency
+    call_ended: bool = False  # the call ended while it was being made (End call, a limit)
 
 
 @dataclass(frozen=True)

@@ -154,8 +154,10 @@ class VoiceCall:
                     if self.early is not None and not self.early.ready:
                         self.early.step()
                     yield Tick()
-            if self.reply is not None:
-                yield from self._interrupt()
+            if self.reply is not None:  # ended with the call, not interrupted by the user
+                self.reply.stop()
+                self.playing_until = 0.0
+                yield from self._reply_done(interrupted=False, call_ended=True)
         finally:
             self._close_reply()
         yield CallEnded(reason)
@@ -311,14 +313,14 @@ class VoiceCall:
         self.playing_until = 0.0
         yield from self._reply_done(interrupted=True)
 
-    def _reply_done(self, interrupted: bool):
+    def _reply_done(self, interrupted: bool, call_ended: bool = False):
         reply, self.reply = self.reply, None
         reply.events.close()
         if reply.text:
             self.conversation = self.conversation + [{"role": "assistant", "content": [{"type": "text",
                                                                                         "text": reply.text}]}]
         self.last_activity = time.monotonic()
-        yield ReplyEnded(reply.text, reply.chunks, reply.finished, interrupted, reply.latency)
+        yield ReplyEnded(reply.text, reply.chunks, reply.finished, interrupted, reply.latency, call_ended)
 
     def _reply_failed(self, exc: Exception):
         reply, self.reply = self.reply, None

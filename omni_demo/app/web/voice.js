@@ -158,7 +158,14 @@ function renderLatency() {
   if (!turns.length) { box.textContent = ''; return; }
   const t = turns[turns.length - 1];
   const s = v => v === null || v === undefined ? '–' : v.toFixed(2);
-  let text = `Last turn: first sound ${s(t.total)} s after you stopped speaking = pause detection ${s(t.vad)} + `
+  // One short line; the parts behind it, for whoever opens them (kept open across turns).
+  let details = box.querySelector('details');
+  if (!details) {
+    details = document.createElement('details');
+    details.append(document.createElement('summary'), document.createElement('p'));
+    box.replaceChildren(details);
+  }
+  let parts = `First sound ${s(t.total)} s after you stopped speaking = pause detection ${s(t.vad)} + `
     + `first audio ${s(t.first_audio)} + network ${s(t.network)} + player ${s(t.player)} s `
     + (t.early !== null ? `(the reply began ${s(t.early)} s before the pause was detected, as your voice paused).`
       : `(the text began ${s(t.first_text)} s after the pause was detected).`);
@@ -166,7 +173,8 @@ function renderLatency() {
     const totals = turns.map(x => x.total).sort((a, b) => a - b);
     const mid = totals.length >> 1;
     const median = totals.length % 2 ? totals[mid] : (totals[mid - 1] + totals[mid]) / 2;
-    text += ` Over ${turns.length} turns: median ${s(median)} s, worst ${s(totals[totals.length - 1])} s.`;
+    parts += ` Over ${turns.length} turns: median ${s(median)} s, worst ${s(totals[totals.length - 1])} s.`;
   }
-  box.textContent = text;
+  details.querySelector('summary').textContent = `Answered ${t.total.toFixed(1)} s after you stopped`;
+  details.querySelector('p').textContent = parts;
 }
