@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what omni-demo needs on a fresh Debian/Ubuntu machine: system packages, then Python ones.
 #   bash scripts/setup.sh          # to run the app
-#   bash scripts/setup.sh --dev    # to run the tests too (adds Chromium, espeak-ng, pytest, Playwright)
+#   bash scripts/setup.sh --dev    # to run the tests too (adds Chromium, espeak-ng, pytest, Playwright, axe-core)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,3 +25,7 @@ if (( ${#missing[@]} )); then
 fi
 
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore "${python_reqs[@]}"
+
+if [[ "${1:-}" == "--dev" ]]; then  # the browser tests' accessibility check (axe-core, from the npm registry)
+  npm install --silent --no-save --no-audit --no-fund --prefix .npm axe-core@4.14.1 >/dev/null
+fi

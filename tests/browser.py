@@ -135,3 +135,28 @@ CONTRAST_JS = """(el) => {
 
 def contrast(page, selector) -> float:
     return page.locator(selector).first.evaluate(CONTRAST_JS)
+
+
+AXE = Path(__file__).resolve().parent.parent / ".npm" / "node_modules" / "axe-core" / "axe.min.js"
+AXE_RULES = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"]
+
+
+def accessibility_violations(page, impacts=("serious", "critical")) -> list[dict]:
+    """axe-core's violations of WCAG 2.1 A/AA and its best practices at `impacts`, on the page as it is."""
+    assert AXE.exists(), f"{AXE} is missing: run bash scripts/setup.sh --dev (it installs axe-core from npm)"
+    page.evaluate(AXE.read_text())
+    result = page.evaluate(f"axe.run(document, {{runOnly: {AXE_RULES!r}}})")
+    return [{"id": v["id"], "impact": v["impact"], "help": v["help"], "targets": [n["target"] for n in v["nodes"]]}
+            for v in result["violations"] if v["impact"] in impacts]
+
+
+def tab_stops(page, count=40) -> list[str]:
+    """What Tab reaches from the top of the page, as 'tag#closest-id: name'."""
+    page.locator("body").click(position={"x": 2, "y": 2})
+    stops = []
+    for _ in range(count):
+        page.keyboard.press("Tab")
+        stops.append(page.evaluate("""() => { const e = document.activeElement, id = e.closest('[id]');
+            return `${e.tagName.toLowerCase()}#${id ? id.id : ''}: ${e.getAttribute('aria-label') || e.innerText || ''}`
+              .slice(0, 80); }"""))
+    return stops

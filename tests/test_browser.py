@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from .apphelpers import AppServer
-from .browser import (CHROMIUM, chromium_page, chromium_pages, fake_microphone, open_app, playback_figures, send,
-                      shot, state, wait_state)
+from .browser import (CHROMIUM, accessibility_violations, chromium_page, chromium_pages, fake_microphone, open_app,
+                      playback_figures, send, shot, state, tab_stops, wait_state)
 from .conftest import ASSETS
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
@@ -198,3 +198,47 @@ def test_voice_message_is_one_tap_to_record_one_to_send(server):
         wait_state(page, "queued", "thinking", "speaking", "done")
         wait_state(page, "done")
         assert page.locator("#textbox textarea").input_value() == ""
+
+
+def test_stop_speech_stays_while_speech_plays_after_the_reply_is_made_and_clear_resets_the_readouts(server):
+    """The server finishes well before the speech has played: Send comes back, and a Stop speech
+    button stays while sound remains (Esc was the only way before). Clear leaves no readout."""
+    with chromium_page(*DESKTOP) as page:
+        open_app(page, server.url, max_speech_s=60)
+        send(page, "Talk for a long time")
+        wait_state(page, "done", timeout=120)  # the server has finished the reply...
+        remaining = page.evaluate("omniPlayer.reply.end - omniPlayer.ctx.currentTime")
+        print({"speech_left_when_done_s": round(remaining, 2)})
+        assert remaining > 1  # ...well before its speech has played (the tiny model outruns real time)
+        stop = page.locator("#player .player-stop")
+        assert stop.is_visible() and page.get_by_role("button", name="Send").count() >= 1
+        assert page.locator("#player .player-state").inner_text().startswith(("Speaking", "Buffering"))
+        shot(page, "stop-speech-after-done")
+        stop.click()
+        page.wait_for_function("omniPlayer.reply.stoppedAt !== undefined", timeout=5_000)
+        assert page.evaluate("omniPlayer.reply.sources.length") == 0  # nothing scheduled plays
+        stop.wait_for(state="hidden", timeout=5_000)
+        page.click("#clear")
+        page.wait_for_function("document.querySelector('#player .player-state').innerText === ''", timeout=10_000)
+        page.wait_for_function("document.querySelector('#stats').innerText.trim() === ''", timeout=10_000)
+        assert page.locator("#chatbot .message").count() == 0
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_no_serious_accessibility_violation_and_every_tab_stop_does_something(server, viewport):
+    """axe-core (WCAG 2.1 A/AA and best practice) finds nothing serious, idle and after a reply; Tab
+    reaches only controls, each with a visible focus ring; Clear is not one of the examples."""
+    with chromium_page(*viewport) as page:
+        open_app(page, server.url, max_speech_s=5)
+        assert accessibility_violations(page) == []
+        stops = tab_stops(page)
+        print(stops[:16])
+        assert not [stop for stop in stops if stop.startswith(("div", "span", "p#"))], stops  # no dead stops
+        assert "button#textbox: Send" in stops and page.locator("#chips #clear").count() == 0
+        page.locator("#textbox textarea").focus()
+        ring = page.evaluate("getComputedStyle(document.querySelector('#textbox')).outlineWidth")
+        assert float(ring.removesuffix("px")) >= 2, ring
+        send(page, "Hello!")
+        wait_state(page, "done", timeout=120)
+        assert accessibility_violations(page) == []
+

@@ -38,7 +38,7 @@ STATE_ICONS = {"listening": "🟢", "hearing": "🎙️", "thinking": "💭", "s
 MIC_CHUNK_S = 0.25  # the page sends the microphone this often (stream_every)
 MAX_SESSIONS = 10_000  # sessions whose last call's late chunks are remembered
 CALL_PLACEHOLDER = "A voice call is running: just talk. End the call to type."
-TEXTBOX_PLACEHOLDER = "Type a message, record one with the microphone, or attach media…"
+TEXTBOX_PLACEHOLDER = "Type, attach media, or record…"
 MAX_CALLS = 16  # voice calls open at once per server (each is one waiting thread; the engine batches their replies)
 
 

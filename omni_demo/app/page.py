@@ -27,9 +27,11 @@ SYSTEM_PROMPT_WARNING = (
     "spoken reply may be missing or garbled; switch speech off or restore the default."
 )
 # The player's own markup; player.js fills it. The live region is what screen readers announce.
-PLAYER_HTML = ('<div class="player-state" aria-hidden="true"></div>'
+PLAYER_HTML = ('<div class="player-row"><div class="player-state" aria-hidden="true"></div>'
+               '<button type="button" class="player-stop">■ Stop speech</button></div>'
                '<div class="player-live sr-only" role="status" aria-live="polite"></div>')
 STOP_JS = "() => { if (window.omniPlayer) window.omniPlayer.stop(); return []; }"
+CLEAR_JS = "() => { if (window.omniPlayer) window.omniPlayer.reset(); return []; }"
 STOP_TURN_JS = "(turn) => { if (window.omniPlayer) window.omniPlayer.stop(); return [turn]; }"
 # Returns its inputs as a list: a bare array (the chat's messages) would be read as one input each.
 CALL_START_JS = "(chat) => { if (window.omniCall) window.omniCall.prepare(); return [chat]; }"
@@ -159,8 +161,9 @@ def _chat_column() -> _Chat:
                                      elem_id="call-mic", label="Call microphone", show_label=False)
     with gr.Row(elem_id="chips"):
         chips = [(gr.Button(label, size="sm", variant="secondary"), value) for label, value in EXAMPLES]
-        clear = gr.Button("Clear chat", size="sm", variant="secondary", elem_id="clear")
-    stats = gr.Markdown(elem_id="stats")
+    with gr.Row(elem_id="footer", equal_height=True):
+        stats = gr.Markdown(elem_id="stats")
+        clear = gr.Button("🗑 Clear chat", size="sm", variant="secondary", scale=0, min_width=130, elem_id="clear")
     return _Chat(chatbot, player, textbox, call_start, call_end, call_status, call_mic, chips, clear, stats)
 
 
@@ -205,8 +208,8 @@ def _wire_chat(chats: ChatHandler, chat: _Chat, settings: _Settings) -> None:
                                concurrency_id="gpu")
     chat.textbox.stop(chats.stop_ui, [pending], [chat.textbox, chat.chatbot, settings.webcam, chat.player],
                       js=STOP_TURN_JS, queue=False, api_visibility="private")
-    chat.clear.click(chats.clear, None, outputs, js=STOP_JS, queue=False, api_name="clear", cancels=[api_reply])
-    chat.chatbot.clear(chats.clear, None, outputs, js=STOP_JS, queue=False, api_visibility="private")
+    chat.clear.click(chats.clear, None, outputs, js=CLEAR_JS, queue=False, api_name="clear", cancels=[api_reply])
+    chat.chatbot.clear(chats.clear, None, outputs, js=CLEAR_JS, queue=False, api_visibility="private")
     for button, value in chat.chips:
         button.click(lambda v=value: v, None, chat.textbox, queue=False, api_visibility="private")
 

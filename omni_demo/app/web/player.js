@@ -39,7 +39,7 @@ function pcmToFloat(b64) {
 function newReply(id, inCall) {
   silenceOthers();
   if (omni.reply) cut(omni.reply);  // a new reply never plays over the last one
-  omni.reply = {id, segments: [], sources: [], end: null, generated: 0, stalls: [], state: null,
+  omni.reply = {id, segments: [], sources: [], end: null, generated: 0, stalls: [], state: null, inCall: !!inCall,
                 sentAt: inCall ? null : omni.sentAt, heardAt: null, text: '', latency: null, arrivedAt: null};
   omni.history.push(omni.reply);
   if (omni.history.length > KEEP) omni.history.shift();  // a long session does not keep every reply
@@ -92,6 +92,17 @@ function cut(reply) {
   reply.sources = [];
 }
 
+// Clear: no readout of a reply that is gone stays on the page.
+omni.reset = function () {
+  omni.stop();
+  omni.reply = null;
+  omni.sentAt = null;
+  view.textContent = '';
+  live.textContent = '';
+  element.dataset.state = element.dataset.sounding = element.dataset.playing = '';
+  document.querySelectorAll('#stats .heard').forEach(span => span.remove());
+};
+
 omni.stop = function () {
   const reply = omni.reply;
   if (!reply) return;
@@ -122,17 +133,24 @@ function setState(reply, state, text) {
   render();
 }
 
+// The line says "Speaking" only while sound plays: speech still to come that is not sounding now
+// (the start-up buffer, or the server behind real time) is "Buffering…".
 function render() {
   const reply = omni.reply;
   if (!reply) return;
+  const now = omni.ctx ? omni.ctx.currentTime : 0;
+  const unstopped = reply.stoppedAt === undefined;
+  const sounding = unstopped && reply.segments.some(([start, d]) => now >= start && now < start + d);
+  const toCome = unstopped && (reply.state === 'speaking' || (reply.end !== null && reply.end > now));
   let line = reply.text;
   if (reply.generated > 0 && ['speaking', 'done', 'stopped', 'interrupted'].includes(reply.state)) {
-    const played = omni.position();
-    line = `${reply.state === 'speaking' || played < reply.generated - 0.05 && !reply.stoppedAt
-      ? 'Speaking' : reply.text.replace(/\.$/, '')} · ${played.toFixed(1)} s played of ${reply.generated.toFixed(1)} s`;
+    const head = sounding ? 'Speaking' : toCome ? 'Buffering…' : reply.text.replace(/\.$/, '');
+    line = `${head} · ${omni.position().toFixed(1)} s played of ${reply.generated.toFixed(1)} s`;
   }
   view.textContent = line;
   element.dataset.state = reply.state || '';
+  element.dataset.sounding = sounding ? '1' : '';
+  element.dataset.playing = (sounding || toCome) && reply.generated > 0 && !reply.inCall ? '1' : '';
   const heard = document.querySelector('#stats .heard');
   const stats = document.querySelector('#stats');
   if (stats && heardText(reply) && ['done', 'stopped'].includes(reply.state) && !heard && stats.textContent.trim()) {
@@ -199,6 +217,24 @@ document.addEventListener('click', e => {
     context(SAMPLE_RATE);
   }
 }, true);
+
+// Stop speech: shown while a typed reply's speech plays, also after the server has finished it.
+element.querySelector('.player-stop').addEventListener('click', () => {
+  const stop = document.querySelector('#textbox .stop-button, #textbox button[aria-label="Stop"]');
+  if (stop) stop.click(); else omni.stop();  // the server still writes it: Stop ends both
+  render();
+});
+
+// Gradio names the message box's Send button "Submit" (its visible text is "Send"): screen readers
+// and voice control must hear what the button says. Gradio re-renders it (Send <-> Stop), so watch.
+function nameSend() {
+  document.querySelectorAll('#textbox .submit-button').forEach(button => {
+    if (button.getAttribute('aria-label') !== 'Send') button.setAttribute('aria-label', 'Send');
+  });
+}
+nameSend();
+new MutationObserver(nameSend).observe(document.querySelector('#textbox') || document.body,
+                                       {subtree: true, childList: true, attributes: true, attributeFilter: ['aria-label']});
 
 omni.unlock = () => context(SAMPLE_RATE);  // call inside a user gesture (autoplay rules)
 omni.toast = toast;
