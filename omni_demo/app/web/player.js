@@ -225,11 +225,15 @@ element.querySelector('.player-stop').addEventListener('click', () => {
   render();
 });
 
-// Gradio names the message box's Send button "Submit" (its visible text is "Send"): screen readers
-// and voice control must hear what the button says. Gradio re-renders it (Send <-> Stop), so watch.
+// Gradio names the message box's Send button "Submit" (its visible text is "Send") and gives the
+// box itself no name but its placeholder: screen readers and voice control must hear what each is.
+// Gradio re-renders them (Send <-> Stop), so watch.
 function nameSend() {
   document.querySelectorAll('#textbox .submit-button').forEach(button => {
     if (button.getAttribute('aria-label') !== 'Send') button.setAttribute('aria-label', 'Send');
+  });
+  document.querySelectorAll('#textbox textarea').forEach(box => {
+    if (box.getAttribute('aria-label') !== 'Message') box.setAttribute('aria-label', 'Message');
   });
 }
 nameSend();
