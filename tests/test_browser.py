@@ -242,3 +242,44 @@ def test_no_serious_accessibility_violation_and_every_tab_stop_does_something(se
         wait_state(page, "done", timeout=120)
         assert accessibility_violations(page) == []
 
+
+
+def user_messages(page) -> list[str]:
+    return page.locator("#chatbot .message.user").all_inner_texts()
+
+
+def wait_new_reply_done(page, old_id, timeout=120):
+    page.wait_for_function(f"omniPlayer.reply && omniPlayer.reply.id !== {old_id!r} && "
+                           "['done', 'stopped'].includes(omniPlayer.reply.state)", timeout=timeout * 1000)
+
+
+def test_regenerate_and_edit_then_the_reply_equals_the_edited_conversation_sent_fresh(server):
+    """Retry (the chat's own button) makes the last reply again; editing the first message drops
+    everything after it and answers the edited message, as a new page sending it fresh does
+    (the same seed: equal text), though this session's conversation cache held the old turns."""
+    with chromium_pages(2, *DESKTOP) as (page, fresh):
+        open_app(page, server.url, max_speech_s=5)
+        open_app(fresh, server.url, max_speech_s=5)
+        send(page, "Hello!")
+        wait_state(page, "done", timeout=120)
+        old = page.evaluate("omniPlayer.reply.id")
+        send(page, "Tell me about the sea.")
+        wait_new_reply_done(page, old)
+        users, replies = user_messages(page), len(bot_messages(page))
+        old = page.evaluate("omniPlayer.reply.id")
+        page.locator("#chatbot button[aria-label='Retry']").last.click()
+        wait_new_reply_done(page, old)
+        assert user_messages(page) == users and len(bot_messages(page)) == replies  # replaced, not added
+        old = page.evaluate("omniPlayer.reply.id")
+        page.locator("#chatbot .message.user").first.hover()
+        page.locator("#chatbot button[aria-label='Edit']").first.click()
+        page.locator("#chatbot textarea.edit-textarea").fill("Hi there!")
+        page.locator("#chatbot button[aria-label='Submit']").click()
+        wait_new_reply_done(page, old)
+        shot(page, "edited-and-resent")
+        assert [text.strip() for text in user_messages(page)] == ["Hi there!"]
+        send(fresh, "Hi there!")
+        wait_state(fresh, "done", timeout=120)
+        edited, sent = bot_messages(page), bot_messages(fresh)
+        print({"edited": edited[0][:60], "fresh": sent[0][:60]})
+        assert len(edited[0].strip()) >= 8 and edited[0] == sent[0] and len(edited) == len(sent)  # text, then audio

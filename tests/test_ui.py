@@ -234,7 +234,8 @@ def test_stop_while_waiting_puts_the_chat_and_the_message_back():
     next(replies), next(replies)  # thinking, then waiting in the engine's line
     handler.stop_ui(pending, Request("a"))
     updates = list(replies)
-    assert updates[-2].chat == earlier and "Not sent" in updates[-2].audio["text"]
+    assert [update.chat for update in updates if isinstance(update.chat, list)][-1] == earlier
+    assert any("Not sent" in update.audio.get("text", "") for update in updates if isinstance(update.audio, dict))
     assert updates[-1].textbox["value"] == MESSAGE and handler.sessions.get("a") is None
     pending, _ = accept(handler, history=earlier)  # now still in Gradio's queue
     textbox, chat, webcam, player = handler.stop_ui(pending, Request("a"))
@@ -252,3 +253,33 @@ def test_past_the_queue_limit_a_turn_is_told_its_place_and_the_engines_estimate(
     assert accept(handler, "c")[1][3]["text"] == ("In line: 1 reply before yours (this server streams 2 at once). "
                                                   "About 12 s. Your message is kept.")
     assert "In line: 2 replies" in accept(handler, "d")[1][3]["text"]
+
+
+CHAT = [{"role": "user", "content": [{"type": "text", "text": "earlier"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "an answer"}]},
+        {"role": "user", "content": [{"type": "file", "file": {"path": "/tmp/x.png"}}]},
+        {"role": "user", "content": [{"type": "text", "text": "what is this?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a picture"}]},
+        {"role": "assistant", "content": [{"type": "file", "file": {"path": "/tmp/reply.wav"}}]}]
+
+
+@pytest.mark.parametrize("index", [2, 3, 4, 5])
+def test_regenerate_sends_the_last_user_turn_again_and_drops_what_followed(index):
+    from omni_demo.app.chat import resend_split
+
+    history, resend = resend_split(CHAT, index)
+    assert history == CHAT[:2] and list(resend.turn) == CHAT[2:4]  # the picture and its question, together
+
+
+def test_an_edited_message_replaces_its_text_and_keeps_the_turns_files():
+    from omni_demo.app.chat import resend_split
+
+    history, resend = resend_split(CHAT, 3, "what colour is this? ")
+    assert history == CHAT[:2] and resend.turn[0] == CHAT[2]
+    assert resend.turn[1] == {"role": "user", "content": [{"type": "text", "text": "what colour is this?"}]}
+    history, resend = resend_split(CHAT, 0, "hello")  # the first turn: everything after it goes
+    assert history == [] and len(resend.turn) == 1
+    for index, text, why in [(2, "x", "Only typed text"), (3, "  ", "cannot be empty")]:
+        with pytest.raises(InputError, match=why):
+            resend_split(CHAT, index, text)
+

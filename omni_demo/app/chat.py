@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import closing
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import gradio as gr
@@ -30,6 +30,54 @@ from .sessions import Activity, Sessions, queue_text, session_scope, waiting_tex
 from .settings import reply_options, system_text
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resend:
+    """A user turn already in the chat, sent again: Regenerate (the chat's retry button), or a user
+    message edited in place. What follows the turn in the chat is dropped."""
+
+    turn: tuple  # the turn's chat messages (its files, then its text)
+
+
+def back_in_box(message):
+    """What goes back into the message box when a turn is not sent: a typed message; nothing for a resent one."""
+    return None if isinstance(message, Resend) else message
+
+
+def resend_split(chat: list[dict], index: int, text: str | None = None) -> tuple[list[dict], Resend]:
+    """(the chat before the user turn holding message `index`, that turn), with message `index`'s
+    text replaced by `text` when given. An index on a reply means the user turn before it."""
+    while index >= 0 and chat[index]["role"] != "user":
+        index -= 1
+    if index < 0:
+        raise InputError("There is no message of yours to send again.")
+    start, end = index, index + 1
+    while start > 0 and chat[start - 1]["role"] == "user":
+        start -= 1
+    while end < len(chat) and chat[end]["role"] == "user":
+        end += 1
+    turn = [dict(message) for message in chat[start:end]]
+    if text is not None:
+        if not text.strip():
+            raise InputError("An edited message cannot be empty.")
+        if not message_text(turn[index - start]):
+            raise InputError("Only typed text can be edited; send files again as a new message.")
+        turn[index - start] = {"role": "user", "content": [{"type": "text", "text": text.strip()}]}
+    return chat[:start], Resend(tuple(turn))
+
+
+def message_text(message: dict) -> str | None:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    texts = [part.get("text", "") for part in content or [] if isinstance(part, dict) and part.get("type") == "text"]
+    return " ".join(texts) if texts else None
+
+
+def edited_text(value) -> str:
+    """gr.EditData's new value: a string, or the message's parts."""
+    return value if isinstance(value, str) else message_text({"content": value}) or ""
 
 
 class ChatView(NamedTuple):
@@ -75,8 +123,8 @@ class ChatHandler:
         """Stop on the page: a turn still in Gradio's queue is forgotten and put back as it was (the
         chat before it, the message in the box); a running one ends through its handler."""
         if pending is not None and self.sessions.stop(request.session_hash, only=pending["turn"]):
-            return (gr.update(value=pending["message"], submit_btn="Send", stop_btn=False), pending["history"],
-                    pending["webcam"], player_stopped(pending["reply"]))
+            return (gr.update(value=back_in_box(pending["message"]), submit_btn="Send", stop_btn=False),
+                    pending["before"], pending["webcam"], player_stopped(pending["reply"]))
         self.sessions.stop(request.session_hash)
         return gr.skip(), gr.skip(), gr.skip(), gr.skip()
 
@@ -85,8 +133,12 @@ class ChatHandler:
         """One reply as ChatView updates; raises InputError for a message it cannot send (the request's
         own checks run before the first update; the backend's budgets after it)."""
         history = list(history or [])
-        self.uploads.accept_turn(session, new_upload_paths(message, webcam), history)
-        chat = history + user_turn(message, webcam)
+        if isinstance(message, Resend):  # its files are already this session's
+            self.uploads.accept_turn(session, [], history + list(message.turn))
+            chat = history + list(message.turn)
+        else:
+            self.uploads.accept_turn(session, new_upload_paths(message, webcam), history)
+            chat = history + user_turn(message, webcam)
         voice, speech, system_prompt, *numbers = settings
         conversation = chat_to_conversation(chat, system_text(system_prompt))
         check_request(conversation, self.backend.limits)
@@ -108,6 +160,7 @@ class ChatHandler:
             return
         stats = (format_stats(reply.finished, conversation) if reply.finished else
                  "Stopped." if reply.text or reply.chunks else "Stopped before the reply started.")
+        self.sessions.release(session, cancel)  # free before the page shows the end: Send or Retry at once is taken
         yield ChatView(chat=finalize(chat, reply.text, reply.chunks, stopped), stats=stats,
                        audio=player("stopped", "Stopped.") if stopped else player("done", "Done."))
 
@@ -144,14 +197,37 @@ class ChatHandler:
             shown = user_turn(message, webcam)
         except InputError as exc:
             return (None, *ChatView(audio=notice(public_message(exc))))
+        return self._claim(message, history, history, shown, webcam, request,
+                           textbox=gr.update(value=None, submit_btn=False, stop_btn="Stop"))
+
+    def retry(self, chat, data: gr.RetryData, request: gr.Request):
+        """The chat's retry button on the last reply: its user turn again, the reply after it dropped."""
+        return self._resend(chat, data.index, None, request)
+
+    def edit(self, chat, data: gr.EditData, request: gr.Request):
+        """A user message edited in place: that turn, edited, sent again; the chat after it dropped."""
+        return self._resend(chat, data.index, edited_text(data.value), request)
+
+    def _resend(self, chat, index, text: str | None, request: gr.Request):
+        chat = list(chat or [])
+        try:
+            history, resend = resend_split(chat, index if isinstance(index, int) else index[0], text)
+        except InputError as exc:
+            return (None, *ChatView(chat=chat, audio=notice(public_message(exc))))
+        return self._claim(resend, history, chat, list(resend.turn), None, request,
+                           textbox=gr.update(submit_btn=False, stop_btn="Stop"))  # what is being typed stays
+
+    def _claim(self, message, history, before, shown, webcam, request: gr.Request, textbox):
+        """Claim the session's one activity for a turn and show it: (pending or None, *ChatView).
+        `before`: the chat as it was, put back if the turn is not sent."""
         activity, busy, ahead = self.sessions.claim(request.session_hash)
         if busy is not None:
-            return (None, *ChatView(audio=notice(busy.busy_text)))
+            return (None, *ChatView(chat=before, audio=notice(busy.busy_text)))
         player = PlayerMessages()
-        pending = {"message": message, "history": history, "webcam": webcam, "reply": player.id, "turn": activity.id}
-        return (pending, *ChatView(textbox=gr.update(value=None, submit_btn=False, stop_btn="Stop"),
-                                   chat=history + shown, webcam=None, audio=player("queued", self.line_text(ahead)),
-                                   stats=""))
+        pending = {"message": message, "history": history, "before": before, "webcam": webcam, "reply": player.id,
+                   "turn": activity.id}
+        return (pending, *ChatView(textbox=textbox, chat=history + shown, webcam=None if webcam is not None else
+                                   gr.skip(), audio=player("queued", self.line_text(ahead)), stats=""))
 
     def line_text(self, ahead: int) -> str:
         """Where a new turn stands with `ahead` typed replies registered before it: past Gradio's
@@ -181,14 +257,15 @@ class ChatHandler:
                                       player):
                 shown = update.chat if isinstance(update.chat, list) else shown
                 yield update._replace(textbox=gr.skip(), webcam=gr.skip())  # the user may be typing the next one
-            if cancel.unsent:  # Stop came before the reply began: the message goes back where it was
-                send_again = gr.update(value=pending["message"], submit_btn="Send", stop_btn=False)
+            if cancel.unsent:  # Stop came before the reply began: the chat and the message go back as they were
+                send_again = gr.update(value=back_in_box(pending["message"]), submit_btn="Send", stop_btn=False)
+                yield ChatView(chat=pending["before"])
             yield ChatView(textbox=send_again, webcam=pending["webcam"] if cancel.unsent else gr.skip())
         except InputError as exc:
             message = refused(exc)
             gr.Warning(message)
-            yield ChatView(textbox=gr.update(value=pending["message"], submit_btn="Send", stop_btn=False),
-                           chat=history, webcam=pending["webcam"], audio=player("error", f"Not sent: {message}"))
+            yield ChatView(textbox=gr.update(value=back_in_box(pending["message"]), submit_btn="Send", stop_btn=False),
+                           chat=pending["before"], webcam=pending["webcam"], audio=player("error", f"Not sent: {message}"))
         except Exception as exc:
             log.exception("reply failed")
             gr.Warning(f"The reply failed: {public_message(exc)}. The chat is kept; try again.")

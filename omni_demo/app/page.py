@@ -138,7 +138,7 @@ def queued_in(demo: gr.Blocks) -> Callable[[str], bool]:
 
 
 def _chat_column() -> _Chat:
-    chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", buttons=["copy"],
+    chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", buttons=["copy"], editable="user",
                          group_consecutive_messages=False, autoscroll=True)
     player = gr.HTML(None, html_template=PLAYER_HTML, js_on_load=PAGE_JS, head=PAGE_HEAD, elem_id="player",
                      label="Reply status")
@@ -203,6 +203,12 @@ def _wire_chat(chats: ChatHandler, chat: _Chat, settings: _Settings) -> None:
                                    trigger_mode="multiple", api_visibility="private")
     accepted.then(chats.respond_ui, [pending, *settings.reply], outputs, concurrency_id="gpu",
                   show_progress="minimal", show_progress_on=[chat.player], api_visibility="private")
+    for resent in (chat.chatbot.retry(chats.retry, [chat.chatbot], [pending, *outputs], queue=False,
+                                      show_progress="hidden", api_visibility="private"),
+                   chat.chatbot.edit(chats.edit, [chat.chatbot], [pending, *outputs], queue=False,
+                                     show_progress="hidden", api_visibility="private")):
+        resent.then(chats.respond_ui, [pending, *settings.reply], outputs, concurrency_id="gpu",
+                    show_progress="minimal", show_progress_on=[chat.player], api_visibility="private")
     api_only = gr.Button(visible=False)  # /chat: the same reply as one call, for API clients and tests
     api_reply = api_only.click(chats.respond, [*inputs, *settings.reply], outputs, api_name="chat",
                                concurrency_id="gpu")
