@@ -264,8 +264,9 @@ class ChatHandler:
         except InputError as exc:
             message = refused(exc)
             gr.Warning(message)
-            yield ChatView(textbox=gr.update(value=back_in_box(pending["message"]), submit_btn="Send", stop_btn=False),
-                           chat=pending["before"], webcam=pending["webcam"], audio=player("error", f"Not sent: {message}"))
+            textbox = gr.update(value=back_in_box(pending["message"]), submit_btn="Send", stop_btn=False)
+            yield ChatView(textbox=textbox, chat=pending["before"], webcam=pending["webcam"],
+                           audio=player("error", f"Not sent: {message}"))
         except Exception as exc:
             log.exception("reply failed")
             gr.Warning(f"The reply failed: {public_message(exc)}. The chat is kept; try again.")
