@@ -6,7 +6,9 @@ exact where only the page is (error states, silence after Stop, layout)."""
 
 import json
 import os
+import re
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -283,3 +285,28 @@ def test_regenerate_and_edit_then_the_reply_equals_the_edited_conversation_sent_
         edited, sent = bot_messages(page), bot_messages(fresh)
         print({"edited": edited[0][:60], "fresh": sent[0][:60]})
         assert len(edited[0].strip()) >= 8 and edited[0] == sent[0] and len(edited) == len(sent)  # text, then audio
+
+
+def test_export_gives_the_conversation_as_text_and_its_files(server, tmp_path):
+    with chromium_page(*DESKTOP) as page:
+        open_app(page, server.url, max_speech_s=5)
+        page.get_by_role("button", name="What is in this picture?").click()  # a picture and its question
+        page.wait_for_function("document.querySelector('#textbox textarea').value !== ''", timeout=10_000)
+        page.locator("#textbox textarea").press("Enter")
+        wait_state(page, "done", timeout=120)
+        page.locator("#export").click()
+        link = page.locator("#exported a[download], #exported a").first
+        link.wait_for(timeout=20_000)
+        with page.expect_download() as download:
+            link.click()
+        archive = tmp_path / "conversation.zip"
+        download.value.save_as(archive)
+        shown = bot_messages(page)[0].strip()
+    with zipfile.ZipFile(archive) as exported:
+        names = exported.namelist()
+        text = exported.read("conversation.md").decode()
+    print(names)
+    words = re.findall(r"[A-Za-z]{4,}", shown)[:4]  # the reply as the page shows it (markdown rendered)
+    assert "**You:** What is in this picture?" in text and words and all(word in text for word in words)
+    assert any(name.endswith("shapes.png") for name in names)  # what was sent
+    assert sum(name.endswith(".wav") for name in names) == 1  # the reply's speech

@@ -283,3 +283,34 @@ def test_an_edited_message_replaces_its_text_and_keeps_the_turns_files():
         with pytest.raises(InputError, match=why):
             resend_split(CHAT, index, text)
 
+
+
+def test_export_reads_only_what_the_session_may_read(tmp_path, monkeypatch):
+    """The chat comes from the page: a path in it that is not the session's upload, an asset or the
+    app's own reply audio is refused, never read into the zip."""
+    import zipfile
+
+    import numpy as np
+
+    from omni_demo.app.chat_history import UploadRegistry
+    from omni_demo.app.export import export_conversation
+    from omni_demo.app.files import save_reply_audio
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    reply_wav = save_reply_audio([np.zeros(2400, np.float32)])
+    uploads = UploadRegistry()
+    chat = [{"role": "user", "content": [{"type": "file", "file": {"path": str(ASSETS / "shapes.png")}}]},
+            {"role": "user", "content": "what is this?"},
+            {"role": "assistant", "content": "shapes"},
+            {"role": "assistant", "content": {"path": reply_wav}}]
+    with zipfile.ZipFile(export_conversation(chat, "a", uploads)) as archive:
+        assert {name.rsplit("-", 1)[-1] for name in archive.namelist()} == {
+            "conversation.md", "shapes.png", reply_wav.rsplit("-", 1)[-1]}
+        assert "**You:** what is this?\n\n**Qwen:** shapes" in archive.read("conversation.md").decode()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    for role in ("user", "assistant"):
+        with pytest.raises(InputError, match="did not upload"):
+            export_conversation([{"role": role, "content": {"path": str(secret)}}], "a", uploads)
+    with pytest.raises(InputError, match="Nothing to export"):
+        export_conversation([], "a", uploads)

@@ -24,6 +24,7 @@ from omni_demo.events import Admitted, AudioChunk, ContextTrimmed, Finished, Tex
 from omni_demo.inputs.messages import check_request
 
 from .chat_history import UploadRegistry, chat_to_conversation, media_summary, new_upload_paths, user_turn
+from .export import export_conversation
 from .notices import failure_message, notice, public_message, refused, trimmed_text
 from .player import NOT_SENT, PlayerMessages, finalize, player_stopped
 from .sessions import Activity, Sessions, queue_text, session_scope, waiting_text
@@ -199,6 +200,14 @@ class ChatHandler:
             return (None, *ChatView(audio=notice(public_message(exc))))
         return self._claim(message, history, history, shown, webcam, request,
                            textbox=gr.update(value=None, submit_btn=False, stop_btn="Stop"))
+
+    def export(self, chat, request: gr.Request):
+        """Export: the conversation as a zip to download (app/export.py), or a notice why not."""
+        try:
+            path = export_conversation(list(chat or []), request.session_hash, self.uploads)
+        except InputError as exc:
+            return gr.update(visible=False), notice(public_message(exc))
+        return gr.update(value=path, visible=True), gr.skip()
 
     def retry(self, chat, data: gr.RetryData, request: gr.Request):
         """The chat's retry button on the last reply: its user turn again, the reply after it dropped."""

@@ -83,6 +83,8 @@ class _Chat:
     chips: list
     clear: gr.Button
     stats: gr.Markdown
+    export: gr.Button
+    exported: gr.File
 
 
 @dataclass
@@ -163,8 +165,11 @@ def _chat_column() -> _Chat:
         chips = [(gr.Button(label, size="sm", variant="secondary"), value) for label, value in EXAMPLES]
     with gr.Row(elem_id="footer", equal_height=True):
         stats = gr.Markdown(elem_id="stats")
+        export = gr.Button("⬇ Export", size="sm", variant="secondary", scale=0, min_width=110, elem_id="export")
         clear = gr.Button("🗑 Clear chat", size="sm", variant="secondary", scale=0, min_width=130, elem_id="clear")
-    return _Chat(chatbot, player, textbox, call_start, call_end, call_status, call_mic, chips, clear, stats)
+    exported = gr.File(label="The conversation (text and audio)", visible=False, elem_id="exported")
+    return _Chat(chatbot, player, textbox, call_start, call_end, call_status, call_mic, chips, clear, stats, export,
+                 exported)
 
 
 def _settings_column(voices: list[str]) -> _Settings:
@@ -214,8 +219,11 @@ def _wire_chat(chats: ChatHandler, chat: _Chat, settings: _Settings) -> None:
                                concurrency_id="gpu")
     chat.textbox.stop(chats.stop_ui, [pending], [chat.textbox, chat.chatbot, settings.webcam, chat.player],
                       js=STOP_TURN_JS, queue=False, api_visibility="private")
-    chat.clear.click(chats.clear, None, outputs, js=CLEAR_JS, queue=False, api_name="clear", cancels=[api_reply])
+    cleared = chat.clear.click(chats.clear, None, outputs, js=CLEAR_JS, queue=False, api_name="clear",
+                               cancels=[api_reply])
+    cleared.then(lambda: gr.update(value=None, visible=False), None, chat.exported, queue=False, api_visibility="private")
     chat.chatbot.clear(chats.clear, None, outputs, js=CLEAR_JS, queue=False, api_visibility="private")
+    chat.export.click(chats.export, [chat.chatbot], [chat.exported, chat.player], queue=False, api_visibility="private")
     for button, value in chat.chips:
         button.click(lambda v=value: v, None, chat.textbox, queue=False, api_visibility="private")
 
