@@ -310,3 +310,20 @@ def test_export_gives_the_conversation_as_text_and_its_files(server, tmp_path):
     assert "**You:** What is in this picture?" in text and words and all(word in text for word in words)
     assert any(name.endswith("shapes.png") for name in names)  # what was sent
     assert sum(name.endswith(".wav") for name in names) == 1  # the reply's speech
+
+
+def test_the_page_follows_a_dark_system_theme_readably_and_keeps_the_theme_chosen(server):
+    with chromium_page(*DESKTOP) as page:
+        page.emulate_media(color_scheme="dark")
+        open_app(page, server.url, seed=None)
+        dark = "document.body.classList.contains('dark')"
+        assert page.evaluate(dark) and accessibility_violations(page) == []
+        shot(page, "theme-dark")
+        page.locator("#theme").click()
+        page.wait_for_timeout(600)  # Gradio's buttons fade to the new colours
+        assert not page.evaluate(dark) and accessibility_violations(page) == []
+        page.reload(wait_until="load")
+        page.wait_for_function("window.omniPlayer !== undefined")
+        assert not page.evaluate(dark)  # the choice is kept in this browser, over the system's
+        page.locator("#theme").click()
+        assert page.evaluate(dark)

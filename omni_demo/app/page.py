@@ -31,6 +31,7 @@ PLAYER_HTML = ('<div class="player-row"><div class="player-state" aria-hidden="t
                '<button type="button" class="player-stop">■ Stop speech</button></div>'
                '<div class="player-live sr-only" role="status" aria-live="polite"></div>')
 STOP_JS = "() => { if (window.omniPlayer) window.omniPlayer.stop(); return []; }"
+THEME_JS = "() => window.omniTheme && window.omniTheme.toggle()"  # light <-> dark, kept in this browser
 CLEAR_JS = "() => { if (window.omniPlayer) window.omniPlayer.reset(); return []; }"
 STOP_TURN_JS = "(turn) => { if (window.omniPlayer) window.omniPlayer.stop(); return [turn]; }"
 # Returns its inputs as a list: a bare array (the chat's messages) would be read as one input each.
@@ -85,6 +86,7 @@ class _Chat:
     stats: gr.Markdown
     export: gr.Button
     exported: gr.File
+    theme: gr.Button
 
 
 @dataclass
@@ -166,10 +168,11 @@ def _chat_column() -> _Chat:
     with gr.Row(elem_id="footer", equal_height=True):
         stats = gr.Markdown(elem_id="stats")
         export = gr.Button("⬇ Export", size="sm", variant="secondary", scale=0, min_width=110, elem_id="export")
+        theme = gr.Button("◐ Theme", size="sm", variant="secondary", scale=0, min_width=100, elem_id="theme")
         clear = gr.Button("🗑 Clear chat", size="sm", variant="secondary", scale=0, min_width=130, elem_id="clear")
     exported = gr.File(label="The conversation (text and audio)", visible=False, elem_id="exported")
     return _Chat(chatbot, player, textbox, call_start, call_end, call_status, call_mic, chips, clear, stats, export,
-                 exported)
+                 exported, theme)
 
 
 def _settings_column(voices: list[str]) -> _Settings:
@@ -223,6 +226,7 @@ def _wire_chat(chats: ChatHandler, chat: _Chat, settings: _Settings) -> None:
                                cancels=[api_reply])
     cleared.then(lambda: gr.update(value=None, visible=False), None, chat.exported, queue=False, api_visibility="private")
     chat.chatbot.clear(chats.clear, None, outputs, js=CLEAR_JS, queue=False, api_visibility="private")
+    chat.theme.click(None, js=THEME_JS)
     chat.export.click(chats.export, [chat.chatbot], [chat.exported, chat.player], queue=False, api_visibility="private")
     for button, value in chat.chips:
         button.click(lambda v=value: v, None, chat.textbox, queue=False, api_visibility="private")

@@ -240,6 +240,21 @@ nameSend();
 new MutationObserver(nameSend).observe(document.querySelector('#textbox') || document.body,
                                        {subtree: true, childList: true, attributes: true, attributeFilter: ['aria-label']});
 
+// The theme: the system's (Gradio follows prefers-color-scheme), or the one the Theme button chose,
+// kept in this browser's own storage.
+window.omniTheme = {
+  apply(theme) { document.body.classList.toggle('dark', theme === 'dark'); },
+  toggle() {
+    const theme = document.body.classList.contains('dark') ? 'light' : 'dark';
+    try { localStorage.setItem('omni-theme', theme); } catch (e) { /* storage refused: this page only */ }
+    this.apply(theme);
+  },
+};
+try {
+  const saved = localStorage.getItem('omni-theme');
+  if (saved) window.omniTheme.apply(saved);
+} catch (e) { /* storage refused */ }
+
 omni.unlock = () => context(SAMPLE_RATE);  // call inside a user gesture (autoplay rules)
 omni.toast = toast;
 watch('value', () => receive(props.value));
