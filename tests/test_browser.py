@@ -327,3 +327,23 @@ def test_the_page_follows_a_dark_system_theme_readably_and_keeps_the_theme_chose
         assert not page.evaluate(dark)  # the choice is kept in this browser, over the system's
         page.locator("#theme").click()
         assert page.evaluate(dark)
+
+
+def test_each_voice_can_be_heard_before_choosing_it(server):
+    """The preview plays in the page's player (what it plays is measured: its audio clock moves) and
+    leaves the chat alone; the second time a voice is asked for, its kept sample plays at once."""
+    with chromium_page(*DESKTOP) as page:
+        open_app(page, server.url, seed=None)
+        page.locator("#settings").get_by_text("Settings").click()
+        for voice in ("Ethan", "Ethan"):
+            page.get_by_label(voice).check()
+            old = page.evaluate("omniPlayer.reply ? omniPlayer.reply.id : ''")
+            started = time.monotonic()
+            page.locator("#voice-preview").click()
+            page.wait_for_function(f"omniPlayer.reply && omniPlayer.reply.id !== {old!r} && omniPlayer.position() > 0.2",
+                                   timeout=60_000)
+            print({"voice": voice, "first_sound_s": round(time.monotonic() - started, 2)})
+            page.wait_for_function("omniPlayer.reply.state === 'done'", timeout=60_000)
+        assert "Voice preview: Ethan" in page.locator("#player").inner_text() or "That was Ethan" in \
+            page.locator("#player").inner_text()
+        assert page.locator("#chatbot .message").count() == 0

@@ -314,3 +314,16 @@ def test_export_reads_only_what_the_session_may_read(tmp_path, monkeypatch):
             export_conversation([{"role": role, "content": {"path": str(secret)}}], "a", uploads)
     with pytest.raises(InputError, match="Nothing to export"):
         export_conversation([], "a", uploads)
+
+
+@pytest.mark.parametrize("script", ["player.js", "voice.js"])
+def test_the_pages_scripts_parse(script):
+    """A syntax error in one would leave the page without its player or its call, silently."""
+    import subprocess
+
+    from omni_demo.app.page import WEB
+
+    body = (WEB / script).read_text()
+    result = subprocess.run(["node", "-e", "new Function('element', 'props', require('fs').readFileSync(0, 'utf8'))"],
+                            input=body, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr

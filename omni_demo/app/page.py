@@ -16,6 +16,7 @@ from omni_demo.config import ASSETS, DEFAULT_SYSTEM_PROMPT
 
 from .call_page import MAX_CALLS, MIC_CHUNK_S, TEXTBOX_PLACEHOLDER, CallHandler
 from .chat import ChatHandler
+from .player import VoicePreviews
 
 WEB = Path(__file__).resolve().parent / "web"
 RANDOM_BANNER = (
@@ -99,6 +100,7 @@ class _Settings:
     system_prompt: gr.Textbox
     speech: gr.Checkbox
     notice: gr.Markdown
+    preview: gr.Button
 
 
 def build_demo(backend: Backend, vad, *, title: str = "Qwen2.5-Omni, streaming",
@@ -121,6 +123,9 @@ def build_demo(backend: Backend, vad, *, title: str = "Qwen2.5-Omni, streaming",
             with gr.Column(scale=2):
                 settings = _settings_column(backend.voices)
         _wire_chat(chats, chat, settings)
+        previews = VoicePreviews(backend)
+        settings.preview.click(previews.play, [settings.reply[0]], chat.player, concurrency_id="gpu",
+                               show_progress="hidden", api_visibility="private")
         _wire_call(calls, chat, settings)
         for control in (settings.system_prompt, settings.speech):
             control.change(system_prompt_notice, [settings.system_prompt, settings.speech], settings.notice,
@@ -182,7 +187,9 @@ def _settings_column(voices: list[str]) -> _Settings:
         webcam = gr.Video(label="Webcam clip (sent with your next message)", sources=["webcam"], include_audio=True,
                           elem_id="webcam", webcam_options=gr.WebcamOptions(mirror=False))
     with gr.Accordion("Settings", open=False, elem_id="settings"):
-        voice = gr.Radio(voices, value=voices[0], label="Voice")
+        with gr.Row(equal_height=True):
+            voice = gr.Radio(voices, value=voices[0], label="Voice")
+            preview = gr.Button("▶ Hear this voice", size="sm", scale=0, min_width=150, elem_id="voice-preview")
         speech = gr.Checkbox(True, label="Speak the reply (off: text only, faster)")
         gr.Checkbox(True, label="Send voice messages when recording stops", elem_id="autosend")
         use_audio_in_video = gr.Checkbox(True, label="Use the sound of videos")
@@ -199,7 +206,7 @@ def _settings_column(voices: list[str]) -> _Settings:
         system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=3)
         notice = gr.Markdown(SYSTEM_PROMPT_WARNING, visible=False, elem_id="system-prompt-warning")
     reply = [voice, speech, system_prompt, temperature, top_p, max_new_tokens, max_speech_s, use_audio_in_video, seed]
-    return _Settings(webcam, reply, [call_pause, call_sensitivity], system_prompt, speech, notice)
+    return _Settings(webcam, reply, [call_pause, call_sensitivity], system_prompt, speech, notice, preview)
 
 
 def _wire_chat(chats: ChatHandler, chat: _Chat, settings: _Settings) -> None:

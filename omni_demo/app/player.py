@@ -4,12 +4,16 @@ audio chunk, and each finished reply's audio as a wav file in the chat."""
 from __future__ import annotations
 
 import base64
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import numpy as np
 
-from omni_demo.config import SAMPLE_RATE
+from omni_demo.config import DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, GenerationOptions
+from omni_demo.errors import InputError
+from omni_demo.events import AudioChunk
 
 from .chat_history import STOPPED_MARK
 from .files import save_reply_audio
@@ -50,3 +54,44 @@ def finalize(chat: list[dict], text: str, chunks: list[np.ndarray], stopped: boo
     if chunks:
         final.append({"role": "assistant", "content": {"path": save_reply_audio(chunks)}})
     return final
+
+
+PREVIEW_PROMPT = "Hello! Please introduce yourself in one short sentence."
+PREVIEW_OPTIONS = dict(seed=7, max_new_tokens=40, max_audio_tokens=200)  # at most 4 s of speech
+
+
+class VoicePreviews:
+    """A short spoken sample of each voice, for the voice picker: made by the backend the first time
+    a voice is asked for (as any reply, in the queue), then kept and replayed at once."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.samples: dict[str, list[np.ndarray]] = {}  # voice -> its sample's int16 chunks
+        self.lock = threading.Lock()
+
+    def play(self, voice: str) -> Iterator[dict]:
+        """The player's messages: the sample, chunk by chunk, then done."""
+        if voice not in self.backend.voices:
+            yield {"notice": f"Unknown voice {voice!r:.40}."}
+            return
+        player = PlayerMessages(preview=True)
+        with self.lock:
+            kept = self.samples.get(voice)
+        if kept is None:
+            kept, messages = [], [{"role": "system", "content": [{"type": "text", "text": DEFAULT_SYSTEM_PROMPT}]},
+                                  {"role": "user", "content": [{"type": "text", "text": PREVIEW_PROMPT}]}]
+            try:
+                for event in self.backend.stream(messages, GenerationOptions(voice=voice, **PREVIEW_OPTIONS)):
+                    if isinstance(event, AudioChunk):
+                        kept.append(event.pcm16())
+                        yield player("speaking", f"Voice preview: {voice}", kept[-1])
+            except InputError as exc:
+                yield {"notice": f"No preview: {exc}"}
+                return
+            with self.lock:
+                self.samples[voice] = kept
+        else:
+            for pcm in kept:
+                yield player("speaking", f"Voice preview: {voice}", pcm)
+        yield player("done", f"That was {voice}." if kept else f"{voice} said nothing this time.")
+

@@ -36,11 +36,12 @@ function pcmToFloat(b64) {
   return out;
 }
 
-function newReply(id, inCall) {
+function newReply(id, inCall, preview) {
   silenceOthers();
   if (omni.reply) cut(omni.reply);  // a new reply never plays over the last one
   omni.reply = {id, segments: [], sources: [], end: null, generated: 0, stalls: [], state: null, inCall: !!inCall,
-                sentAt: inCall ? null : omni.sentAt, heardAt: null, text: '', latency: null, arrivedAt: null};
+                sentAt: inCall || preview ? null : omni.sentAt,  // a call's or a voice preview's: no Send to time
+                heardAt: null, text: '', latency: null, arrivedAt: null};
   omni.history.push(omni.reply);
   if (omni.history.length > KEEP) omni.history.shift();  // a long session does not keep every reply
   return omni.reply;
@@ -190,7 +191,7 @@ function receive(message) {
   // Stop was pressed: what is still in flight stays silent; only the server's last word on it shows
   // (a turn stopped before it began: "Not sent").
   if (omni.stopped.has(message.reply) && (message.pcm || message.state !== 'stopped')) return;
-  const reply = omni.reply && omni.reply.id === message.reply ? omni.reply : newReply(message.reply, message.in_call);
+  const reply = omni.reply && omni.reply.id === message.reply ? omni.reply : newReply(message.reply, message.in_call, message.preview);
   if (message.latency) {  // a call's first audio: the server's part of the wait since the user stopped speaking
     reply.latency = {...message.latency, transit: message.made_at ? Date.now() - message.made_at * 1000 : null};
     reply.arrivedAt = performance.now();
