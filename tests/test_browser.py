@@ -7,6 +7,7 @@ exact where only the page is (error states, silence after Stop, layout)."""
 import json
 import os
 import re
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -14,8 +15,20 @@ from pathlib import Path
 import pytest
 
 from .apphelpers import AppServer
-from .browser import (CHROMIUM, accessibility_violations, chromium_page, chromium_pages, fake_microphone, open_app,
-                      playback_figures, send, shot, state, tab_stops, wait_state)
+from .browser import (
+    CHROMIUM,
+    accessibility_violations,
+    chromium_page,
+    chromium_pages,
+    fake_microphone,
+    open_app,
+    playback_figures,
+    send,
+    shot,
+    state,
+    tab_stops,
+    wait_state,
+)
 from .conftest import ASSETS
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed")
@@ -340,10 +353,36 @@ def test_each_voice_can_be_heard_before_choosing_it(server):
             old = page.evaluate("omniPlayer.reply ? omniPlayer.reply.id : ''")
             started = time.monotonic()
             page.locator("#voice-preview").click()
-            page.wait_for_function(f"omniPlayer.reply && omniPlayer.reply.id !== {old!r} && omniPlayer.position() > 0.2",
-                                   timeout=60_000)
+            page.wait_for_function(f"omniPlayer.reply && omniPlayer.reply.id !== {old!r} && "
+                                   "omniPlayer.position() > 0.2", timeout=60_000)
             print({"voice": voice, "first_sound_s": round(time.monotonic() - started, 2)})
             page.wait_for_function("omniPlayer.reply.state === 'done'", timeout=60_000)
         assert "Voice preview: Ethan" in page.locator("#player").inner_text() or "That was Ethan" in \
             page.locator("#player").inner_text()
         assert page.locator("#chatbot .message").count() == 0
+
+
+def test_a_reload_keeps_the_conversation_and_it_goes_on(server, tmp_path):
+    """The chat comes back from the browser's own storage after a reload, with the picture this
+    page uploaded and the reply's audio, and the next message is answered with that history (the
+    new session owns the sealed upload)."""
+    picture = tmp_path / "my-picture.png"
+    shutil.copy(ASSETS / "shapes.png", picture)
+    with chromium_page(*DESKTOP) as page:
+        open_app(page, server.url, max_speech_s=5)
+        page.locator("#textbox input[type=file]").set_input_files(str(picture))
+        page.locator("#textbox [aria-label='Remove file']").wait_for(timeout=20_000)
+        send(page, "What is this?")
+        wait_state(page, "done", timeout=120)
+        page.wait_for_timeout(1000)  # the chat is stored after the reply's last step
+        before = page.locator("#chatbot").inner_text()
+        page.reload(wait_until="load")
+        page.locator("#chatbot .message.user").first.wait_for(timeout=20_000)
+        durations = re.compile(r"\d+:\d\d")  # an audio player's length shows once its file has loaded
+        assert durations.sub("", page.locator("#chatbot").inner_text()) == durations.sub("", before)
+        assert page.locator("#chatbot img").count() == 1 and page.locator("#chatbot .message.bot").count() == 2
+        send(page, "And what colour is it?")
+        page.wait_for_function("document.querySelectorAll('#chatbot .message.user').length === 3", timeout=20_000)
+        wait_state(page, "done", timeout=120)
+        assert "Refused" not in page.locator("body").inner_text()
+        assert page.locator("#chatbot .message.bot").count() == 4  # two replies, each its text and its audio

@@ -327,3 +327,27 @@ def test_the_pages_scripts_parse(script):
     result = subprocess.run(["node", "-e", "new Function('element', 'props', require('fs').readFileSync(0, 'utf8'))"],
                             input=body, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_kept_conversation_comes_back_with_its_files_only_under_this_servers_seal(tmp_path):
+    """The browser's copy is the page's word: text comes back as it is; files only when sealed by
+    this process (then the new session owns them), and only while they exist."""
+    from omni_demo.app import saved
+    from omni_demo.app.chat_history import UploadRegistry
+
+    picture = tmp_path / "mine.png"
+    shutil.copy(ASSETS / "shapes.png", picture)
+    chat = [{"role": "user", "content": [{"type": "file", "file": {"path": str(picture)}}]},
+            {"role": "user", "content": [{"type": "text", "text": "what is this?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "shapes"}]}]
+    uploads = UploadRegistry()
+    assert saved.unseal(saved.seal(chat), "new", uploads) == chat
+    uploads.check("new", [str(picture)])  # the reloaded page's session owns its upload now
+    forged = {**saved.seal(chat), "chat": chat[1:] + [{"role": "user", "content": {"path": "/etc/passwd"}}]}
+    assert saved.unseal(forged, "other", uploads) == chat[1:]  # the text stays, no unsealed file
+    with pytest.raises(InputError):
+        uploads.check("other", ["/etc/passwd"])
+    picture.unlink()
+    assert saved.unseal(saved.seal(chat), "new", uploads) == chat[1:]  # a file gone from the server
+    for junk in (None, "text", {"chat": "x"}, {"chat": [1, {"role": "system", "content": "x"}, {"role": "user"}]}):
+        assert saved.unseal(junk, "new", uploads) == []

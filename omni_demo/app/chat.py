@@ -27,6 +27,7 @@ from .chat_history import UploadRegistry, chat_to_conversation, media_summary, n
 from .export import export_conversation
 from .notices import failure_message, notice, public_message, refused, trimmed_text
 from .player import NOT_SENT, PlayerMessages, finalize, player_stopped
+from .saved import seal, unseal
 from .sessions import Activity, Sessions, queue_text, session_scope, waiting_text
 from .settings import reply_options, system_text
 
@@ -200,6 +201,15 @@ class ChatHandler:
             return (None, *ChatView(audio=notice(public_message(exc))))
         return self._claim(message, history, history, shown, webcam, request,
                            textbox=gr.update(value=None, submit_btn=False, stop_btn="Stop"))
+
+    def restore(self, saved, request: gr.Request):
+        """Page load: the conversation this browser kept (app/saved.py), its files the new session's."""
+        return unseal(saved, request.session_hash, self.uploads)
+
+    @staticmethod
+    def keep(chat):
+        """After each turn, Clear and a call: what the page stores for a reload."""
+        return seal(chat)
 
     def export(self, chat, request: gr.Request):
         """Export: the conversation as a zip to download (app/export.py), or a notice why not."""

@@ -122,11 +122,13 @@ def build_demo(backend: Backend, vad, *, title: str = "Qwen2.5-Omni, streaming",
                 chat = _chat_column()
             with gr.Column(scale=2):
                 settings = _settings_column(backend.voices)
-        _wire_chat(chats, chat, settings)
+        saved = gr.BrowserState(None, storage_key="omni-demo-conversation")  # the browser's, for a reload
+        _wire_chat(chats, chat, settings, saved)
         previews = VoicePreviews(backend)
         settings.preview.click(previews.play, [settings.reply[0]], chat.player, concurrency_id="gpu",
                                show_progress="hidden", api_visibility="private")
-        _wire_call(calls, chat, settings)
+        _wire_call(calls, chat, settings, saved)
+        demo.load(chats.restore, [saved], [chat.chatbot], api_visibility="private")
         for control in (settings.system_prompt, settings.speech):
             control.change(system_prompt_notice, [settings.system_prompt, settings.speech], settings.notice,
                            api_name=False)
@@ -209,21 +211,24 @@ def _settings_column(voices: list[str]) -> _Settings:
     return _Settings(webcam, reply, [call_pause, call_sensitivity], system_prompt, speech, notice, preview)
 
 
-def _wire_chat(chats: ChatHandler, chat: _Chat, settings: _Settings) -> None:
+def _wire_chat(chats: ChatHandler, chat: _Chat, settings: _Settings, saved: gr.BrowserState) -> None:
     """Send: accepted outside the queue, answered in it; `/chat` for API clients; Stop and Clear."""
     pending = gr.State(None)
     inputs = [chat.textbox, chat.chatbot, settings.webcam]
     outputs = [chat.textbox, chat.chatbot, settings.webcam, chat.player, chat.stats]
     accepted = chat.textbox.submit(chats.accept, inputs, [pending, *outputs], queue=False, show_progress="hidden",
                                    trigger_mode="multiple", api_visibility="private")
-    accepted.then(chats.respond_ui, [pending, *settings.reply], outputs, concurrency_id="gpu",
-                  show_progress="minimal", show_progress_on=[chat.player], api_visibility="private")
+    kept = dict(queue=False, show_progress="hidden", api_visibility="private")  # the chat, into the browser's storage
+    answered = accepted.then(chats.respond_ui, [pending, *settings.reply], outputs, concurrency_id="gpu",
+                             show_progress="minimal", show_progress_on=[chat.player], api_visibility="private")
+    answered.then(chats.keep, [chat.chatbot], saved, **kept)
     for resent in (chat.chatbot.retry(chats.retry, [chat.chatbot], [pending, *outputs], queue=False,
                                       show_progress="hidden", api_visibility="private"),
                    chat.chatbot.edit(chats.edit, [chat.chatbot], [pending, *outputs], queue=False,
                                      show_progress="hidden", api_visibility="private")):
-        resent.then(chats.respond_ui, [pending, *settings.reply], outputs, concurrency_id="gpu",
-                    show_progress="minimal", show_progress_on=[chat.player], api_visibility="private")
+        reanswered = resent.then(chats.respond_ui, [pending, *settings.reply], outputs, concurrency_id="gpu",
+                                 show_progress="minimal", show_progress_on=[chat.player], api_visibility="private")
+        reanswered.then(chats.keep, [chat.chatbot], saved, **kept)
     api_only = gr.Button(visible=False)  # /chat: the same reply as one call, for API clients and tests
     api_reply = api_only.click(chats.respond, [*inputs, *settings.reply], outputs, api_name="chat",
                                concurrency_id="gpu")
@@ -231,15 +236,17 @@ def _wire_chat(chats: ChatHandler, chat: _Chat, settings: _Settings) -> None:
                       js=STOP_TURN_JS, queue=False, api_visibility="private")
     cleared = chat.clear.click(chats.clear, None, outputs, js=CLEAR_JS, queue=False, api_name="clear",
                                cancels=[api_reply])
-    cleared.then(lambda: gr.update(value=None, visible=False), None, chat.exported, queue=False, api_visibility="private")
-    chat.chatbot.clear(chats.clear, None, outputs, js=CLEAR_JS, queue=False, api_visibility="private")
+    cleared.then(lambda: gr.update(value=None, visible=False), None, chat.exported, **kept)
+    cleared.then(chats.keep, [chat.chatbot], saved, **kept)
+    chat.chatbot.clear(chats.clear, None, outputs, js=CLEAR_JS, queue=False,
+                       api_visibility="private").then(chats.keep, [chat.chatbot], saved, **kept)
     chat.theme.click(None, js=THEME_JS)
     chat.export.click(chats.export, [chat.chatbot], [chat.exported, chat.player], queue=False, api_visibility="private")
     for button, value in chat.chips:
         button.click(lambda v=value: v, None, chat.textbox, queue=False, api_visibility="private")
 
 
-def _wire_call(calls: CallHandler, chat: _Chat, settings: _Settings) -> None:
+def _wire_call(calls: CallHandler, chat: _Chat, settings: _Settings, saved: gr.BrowserState) -> None:
     """Start call registers the call outside the queue and starts the microphone; its loop runs in a
     group of its own (it holds no model: its replies and its listening are the engine's requests like
     any other), and the microphone streams beside it."""
@@ -247,8 +254,10 @@ def _wire_call(calls: CallHandler, chat: _Chat, settings: _Settings) -> None:
     outputs = [chat.chatbot, chat.player, chat.call_status, chat.stats, chat.call_start, chat.call_end, chat.textbox]
     accepted = chat.call_start.click(calls.accept, [chat.chatbot], [pending, *outputs], js=CALL_START_JS,
                                      queue=False, show_progress="hidden", api_visibility="private")
-    accepted.then(calls.run, [pending, *settings.reply, *settings.call], outputs, concurrency_id="calls",
-                  concurrency_limit=MAX_CALLS, show_progress="minimal", show_progress_on=[chat.call_status], api_visibility="private")
+    called = accepted.then(calls.run, [pending, *settings.reply, *settings.call], outputs, concurrency_id="calls",
+                           concurrency_limit=MAX_CALLS, show_progress="minimal", show_progress_on=[chat.call_status],
+                           api_visibility="private")
+    called.then(calls.chats.keep, [chat.chatbot], saved, queue=False, show_progress="hidden", api_visibility="private")
     chat.call_mic.stream(calls.hear, [chat.call_mic], None, stream_every=MIC_CHUNK_S,
                          time_limit=calls.config.max_call_s + 60, concurrency_limit=None, concurrency_id="call-mic",
                          show_progress="hidden", api_visibility="private")

@@ -18,7 +18,6 @@ from omni_demo.events import AudioChunk
 from .chat_history import STOPPED_MARK
 from .files import save_reply_audio
 
-
 NOT_SENT = "Not sent: your message is back in the box."
 
 
