@@ -78,6 +78,9 @@ def test_empty_send_and_broken_image_are_toasts_not_red_panels(server, tmp_path)
         assert error_panels(page) == 0
         assert "/tmp" not in page.locator("body").inner_text() and "gradio/" not in page.locator("body").inner_text()
         assert page.locator("#textbox textarea").input_value() == "look"  # the message comes back to the box
+        page.get_by_text("broken.png: cannot be shown").first.wait_for(timeout=10_000)  # not a bare broken icon
+        page.locator("#textbox textarea").fill("a line\n" * 40)  # the box stops growing
+        assert page.locator("#textbox textarea").bounding_box()["height"] < 300
 
 
 def test_speech_starts_fast_and_plays_without_stalls(server):

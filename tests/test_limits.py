@@ -92,6 +92,9 @@ def test_one_message_over_the_window_is_refused_with_numbers(loaded):
     with pytest.raises(InputError, match=r"this message is \d+ tokens with its media; the limit is 30 \(\d+ over\)"):
         run(engine, user({"type": "image", "image": str(ASSETS / "shapes.png")}, {"type": "text", "text": "hi"}),
             TEXT_ONLY)
+    with pytest.raises(InputError, match=r"this message is \d+ tokens long; the limit is 30 .*shorter message") as caught:
+        run(engine, user({"type": "text", "text": "a long message " * 20}), TEXT_ONLY)
+    assert "media" not in str(caught.value)  # it had none
 
 
 def test_reply_length_counts_against_the_window(loaded):

@@ -118,9 +118,9 @@ def build_demo(backend: Backend, vad, *, title: str = "Qwen2.5-Omni, streaming",
         if backend.is_random:
             gr.Markdown(RANDOM_BANNER, elem_id="random-banner")
         with gr.Row(equal_height=False):
-            with gr.Column(scale=3):
+            with gr.Column(scale=3, min_width=360):
                 chat = _chat_column()
-            with gr.Column(scale=2):
+            with gr.Column(scale=1, min_width=300):
                 settings = _settings_column(backend.voices)
         saved = gr.BrowserState(None, storage_key="omni-demo-conversation")  # the browser's, for a reload
         _wire_chat(chats, chat, settings, saved)
@@ -155,7 +155,7 @@ def _chat_column() -> _Chat:
                      label="Reply status")
     textbox = gr.MultimodalTextbox(
         placeholder=TEXTBOX_PLACEHOLDER, sources=["upload", "microphone"], file_types=["image", "audio", "video"],
-        file_count="multiple", elem_id="textbox", label="Message", show_label=False, submit_btn="Send",
+        file_count="multiple", elem_id="textbox", label="Message", show_label=False, submit_btn="Send", max_lines=8,
         stop_btn=False, autofocus=True,
     )
     with gr.Group(elem_id="call"):

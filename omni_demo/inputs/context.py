@@ -38,8 +38,12 @@ class ContextBudget:
         """What is over its budget, in words; None when nothing is."""
         limits = self.limits
         if self.tokens > token_limit:
-            return (f"this message is {self.tokens} tokens with its media; the limit is {token_limit} "
-                    f"({self.tokens - token_limit} over). Send less media, a shorter clip, or lower max new tokens.")
+            over = f"the limit is {token_limit} ({self.tokens - token_limit} over)"
+            if not (self.images or self.videos or self.audio_s):
+                return (f"this message is {self.tokens} tokens long; {over}. Send a shorter message, or lower "
+                        "max new tokens.")
+            return (f"this message is {self.tokens} tokens with its media; {over}. Send less media, a shorter clip, "
+                    "or lower max new tokens.")
         if self.images > limits.max_images_per_conversation:
             return f"this turn has {self.images} images; the limit is {limits.max_images_per_conversation}"
         if self.videos > limits.max_videos_per_conversation:

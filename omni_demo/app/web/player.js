@@ -256,6 +256,19 @@ try {
   if (saved) window.omniTheme.apply(saved);
 } catch (e) { /* storage refused */ }
 
+// A picture that cannot be shown (a broken upload) says which file it is, not a bare broken icon.
+document.addEventListener('error', e => {
+  const img = e.target;
+  if (!(img instanceof HTMLImageElement) || !img.closest('#textbox, #chatbot') || img.dataset.broken) return;
+  img.dataset.broken = '1';
+  img.style.display = 'none';  // hidden, not removed: the page's framework still owns the element
+  const name = decodeURIComponent((img.getAttribute('src') || '').split('?')[0].split('/').pop() || img.alt || 'file');
+  const label = document.createElement('span');
+  label.className = 'broken-file';
+  label.textContent = `⚠ ${name}: cannot be shown`;
+  img.after(label);
+}, true);
+
 omni.unlock = () => context(SAMPLE_RATE);  // call inside a user gesture (autoplay rules)
 omni.toast = toast;
 watch('value', () => receive(props.value));
