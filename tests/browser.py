@@ -55,6 +55,20 @@ window.__probe = {enter: null, samples: []};
 document.addEventListener('keydown', e => {
   if (e.key === 'Enter' && e.target.closest && e.target.closest('#textbox')) window.__probe.enter = performance.now();
 }, true);
+// What the page really plays, whatever the player's own bookkeeping says: every buffer source
+// started on any AudioContext, with its start time on the audio clock and its length.
+window.__sources = [];
+{
+  const start = AudioBufferSourceNode.prototype.start;
+  AudioBufferSourceNode.prototype.start = function (when = 0, offset = 0, duration) {
+    const record = {when: Math.max(when, this.context.currentTime), length: this.buffer ? this.buffer.duration : 0,
+                    calledAt: this.context.currentTime, stoppedAt: null};
+    window.__sources.push(record);
+    const stop = this.stop.bind(this);
+    this.stop = (at = 0) => { record.stoppedAt = Math.max(at, this.context.currentTime); return stop(at); };
+    return start.call(this, when, offset, duration);
+  };
+}
 setInterval(() => {
   const el = document.querySelector('#reply-audio audio');
   const pos = window.omniPlayer ? window.omniPlayer.position() : (el ? el.currentTime : null);
@@ -160,3 +174,11 @@ def tab_stops(page, count=40) -> list[str]:
             return `${e.tagName.toLowerCase()}#${id ? id.id : ''}: ${e.getAttribute('aria-label') || e.innerText || ''}`
               .slice(0, 80); }"""))
     return stops
+
+
+def played_gaps(sources: list[dict], min_gap_s: float = 0.02) -> list[float]:
+    """Silences between consecutive buffers the page played (from the AudioBufferSourceNode starts
+    the probe recorded), in seconds: where one ended before the next began."""
+    spans = sorted((s["when"], s["when"] + s["length"]) for s in sources if s["length"] > 0)
+    return [round(nxt - end, 3) for (_, end), (nxt, _) in zip(spans, spans[1:]) if nxt - end > min_gap_s]
+

@@ -23,6 +23,7 @@ from .browser import (
     fake_microphone,
     open_app,
     playback_figures,
+    played_gaps,
     send,
     shot,
     state,
@@ -389,3 +390,26 @@ def test_a_reload_keeps_the_conversation_and_it_goes_on(server, tmp_path):
         wait_state(page, "done", timeout=120)
         assert "Refused" not in page.locator("body").inner_text()
         assert page.locator("#chatbot .message.bot").count() == 4  # two replies, each its text and its audio
+
+
+def test_after_the_first_reply_speech_plays_without_a_gap(server):
+    """Measured from what the page plays (every buffer source it starts), not from the player's
+    bookkeeping: the start-up buffer learns the server's pace from the replies before, so the
+    replies after the first play with no gap at all."""
+    with chromium_page(*DESKTOP) as page:
+        open_app(page, server.url, max_speech_s=10)
+        figures = []
+        for text in ("Tell me a story about a singing robot", "And another one", "One more, please"):
+            page.evaluate("window.__sources = []")
+            old = page.evaluate("omniPlayer.reply ? omniPlayer.reply.id : ''")
+            send(page, text)
+            page.wait_for_function(f"omniPlayer.reply && omniPlayer.reply.id !== {old!r} && "
+                                   "omniPlayer.reply.state === 'done'", timeout=120_000)
+            page.wait_for_function("omniPlayer.position() >= omniPlayer.reply.generated - 0.01", timeout=60_000)
+            sources = page.evaluate("window.__sources")
+            figures.append({"gaps": played_gaps(sources), "lead_s": round(page.evaluate("omniPlayer.reply.lead"), 2),
+                            "needed_s": round(page.evaluate("omniPlayer.reply.needed"), 2),
+                            "played_s": round(sum(s["length"] for s in sources), 2)})
+        print(json.dumps(figures))
+        assert all(f["played_s"] >= 5 for f in figures)
+        assert figures[1]["gaps"] == [] and figures[2]["gaps"] == [], figures

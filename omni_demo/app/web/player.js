@@ -7,8 +7,10 @@
 // buffered, so it runs dry at the start of most replies (bufferStalledError). Here the first
 // chunk is held for LEAD_S and every later chunk starts exactly where the previous one ends.
 const SAMPLE_RATE = 24000;  // the engine's output rate
-const LEAD_S = 0.3;  // start-up buffer, seconds: covers network and yield jitter, not a slow server
-const MAX_LEAD_S = 2;  // longest re-buffer after a stall, seconds
+const LEAD_S = 0.3;  // start-up buffer, seconds, at least: covers network and yield jitter
+const MAX_LEAD_S = 2;  // longest start-up buffer or re-buffer after a stall, seconds
+const LEAD_MARGIN_S = 0.25;  // kept over what the recent replies needed (their pace varies)
+const LEAD_MEMORY = 3;  // replies whose needs set the next start-up buffer
 const KEEP = 20;  // replies remembered (for the tests' figures); a played chunk's samples are dropped
 const omni = window.omniPlayer = {
   ctx: null, gain: null, reply: null, stopped: new Set(), sentAt: null, history: [], arrivals: [],
@@ -36,10 +38,24 @@ function pcmToFloat(b64) {
   return out;
 }
 
+// The start-up buffer adapts to the server's pace: at least LEAD_S, else what the last replies
+// needed (a server near real time makes the second chunk come late), up to MAX_LEAD_S.
+omni.needs = [];
+function startLead() {
+  return Math.min(MAX_LEAD_S, Math.max(LEAD_S, ...omni.needs.map(n => n + LEAD_MARGIN_S)));
+}
+function remember(reply) {
+  if (reply.generated < 1 || reply.remembered) return;  // too short to say anything of the pace
+  reply.remembered = true;
+  omni.needs.push(reply.needed);
+  if (omni.needs.length > LEAD_MEMORY) omni.needs.shift();
+}
+
 function newReply(id, inCall, preview) {
   silenceOthers();
-  if (omni.reply) cut(omni.reply);  // a new reply never plays over the last one
+  if (omni.reply) { remember(omni.reply); cut(omni.reply); }  // a new reply never plays over the last one
   omni.reply = {id, segments: [], sources: [], end: null, generated: 0, stalls: [], state: null, inCall: !!inCall,
+                firstAt: null, needed: 0, lead: startLead(),
                 sentAt: inCall || preview ? null : omni.sentAt,  // a call's or a voice preview's: no Send to time
                 heardAt: null, text: '', latency: null, arrivedAt: null};
   omni.history.push(omni.reply);
@@ -55,9 +71,13 @@ function schedule(reply, samples, rate) {
   source.buffer = buffer;
   source.connect(omni.gain);
   const now = ctx.currentTime;
+  // What this reply would have needed to play without a gap: how late each chunk came against
+  // playing everything before it from the first chunk's arrival (the server's pace, measured here).
+  if (reply.firstAt === null) reply.firstAt = now;
+  reply.needed = Math.max(reply.needed, now - reply.firstAt - reply.generated);
   let start = reply.end;
   if (start === null) {
-    start = now + LEAD_S;
+    start = now + reply.lead;
   } else if (start < now + 0.01) {  // ran dry (the server fell behind real time): buffer again, as
     reply.stalls.push(now - start);  // much more as the gap just suffered, so it does not repeat
     start = now + Math.min(LEAD_S + now - start, MAX_LEAD_S);
@@ -199,6 +219,7 @@ function receive(message) {
   if (message.pcm) schedule(reply, pcmToFloat(message.pcm), message.rate);
   if (message.state === 'interrupted') cut(reply);  // barge-in: the user speaks, the reply stops at once
   if (message.state) setState(reply, message.state, message.text || '');
+  if (message.state === 'done') remember(reply);
 }
 
 // Enter / Send starts the "first sound heard" clock; Esc stops the reply.
