@@ -97,6 +97,7 @@ def test_speech_starts_fast_and_plays_without_stalls(server):
         time.sleep(0.3)
         shot(page, "state-done")
         probe, readout = page.evaluate("window.__probe"), page.locator("#stats").inner_text()
+        gaps = played_gaps(page.evaluate("window.__sources"))  # what the page played, not its bookkeeping
         arrivals = page.evaluate("omniPlayer.arrivals.filter(a => a[3] > 0)")  # [ms, seq, state, s, transit ms]
 
     figures = playback_figures(probe)
@@ -121,7 +122,9 @@ def test_speech_starts_fast_and_plays_without_stalls(server):
     print(f"first sound {figures['first_sound_s'] - made_s:.2f} s after the engine's first chunk (bound {bound} s, "
           f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     assert figures["first_sound_s"] - made_s <= bound, "sound should start within 0.5 s of the engine's first chunk"
-    assert figures["stalls"] <= len(behind), f"a stall while the server was ahead of real time: {figures}, {late}"
+    # Counted from the sources the page started: the sampled position also pauses when a loaded
+    # machine holds the page's timers back.
+    assert len(gaps) <= len(behind), f"a gap while the server was ahead of real time: {gaps}, {figures}, {late}"
 
 
 def test_stop_silences_at_once_and_keeps_the_partial_reply_and_queue_shows_the_message(server):
