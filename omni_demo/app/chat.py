@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from contextlib import closing
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -18,7 +19,7 @@ from typing import Any, NamedTuple
 import gradio as gr
 
 from omni_demo.backends.protocol import Backend
-from omni_demo.config import STOP_GRACE_S
+from omni_demo.config import SAMPLE_RATE, STOP_GRACE_S
 from omni_demo.errors import InputError
 from omni_demo.events import Admitted, AudioChunk, ContextTrimmed, Finished, TextDelta, Waiting
 from omni_demo.inputs.messages import check_request
@@ -111,6 +112,7 @@ class ChatHandler:
                  reply_limit: int | None = None):
         self.backend = backend
         self.reply_limit = reply_limit  # typed replies Gradio's queue runs at once; None: unknown
+        self.pace = Pace()  # how far ahead the page buffers speech
         self.uploads = uploads or UploadRegistry()
         self.sessions = sessions or Sessions()
 
@@ -146,7 +148,7 @@ class ChatHandler:
         check_request(conversation, self.backend.limits)
         options = replace(reply_options(voice, speech, *numbers), cache_scope=session_scope(session))
         yield ChatView(textbox=None, chat=chat, webcam=None, audio=player("thinking", "Thinking…"), stats="")
-        reply = _Streamed()
+        reply = _Streamed(self.pace)
         if not cancel.is_set():  # Stop may come while the turn still waits in the queue
             with closing(self.backend.stream(conversation, options, cancel)) as events:
                 for update in reply.follow(events, cancel, chat, player):
@@ -307,11 +309,28 @@ class ChatHandler:
         self.stop(request)
 
 
-class _Streamed:
-    """What one reply streamed so far: its text, its audio chunks, its Finished."""
+class Pace:
+    """How far ahead the player must buffer, from this server's recent replies: the most any of them
+    needed (each chunk's lateness against playing everything before it from the first chunk, as the
+    handler received them), plus a margin for the network. The page starts a reply's speech that far
+    ahead; it also learns from what it receives itself (web/player.js)."""
+
+    MARGIN_S, RECENT = 0.25, 5
 
     def __init__(self):
+        self.needed: deque[float] = deque(maxlen=self.RECENT)
+
+    def lead_s(self) -> float | None:
+        return max(self.needed) + self.MARGIN_S if self.needed else None
+
+
+class _Streamed:
+    """What one reply streamed so far: its text, its audio chunks, its Finished, and how late its
+    chunks came against playing them from the first one (`needed`, seconds)."""
+
+    def __init__(self, pace: Pace | None = None):
         self.text, self.chunks, self.finished = "", [], None
+        self.pace, self.first_at, self.audio_s, self.needed = pace, None, 0.0, 0.0
 
     def follow(self, events, cancel: Activity, chat: list[dict], player: PlayerMessages):
         """The backend's events as ChatView updates. After Stop only the Finished is waited for, and
@@ -327,8 +346,7 @@ class _Streamed:
                 self.text += event.text
                 yield ChatView(chat=chat + [{"role": "assistant", "content": self.text}])
             elif isinstance(event, AudioChunk):
-                self.chunks.append(event.samples)
-                yield ChatView(audio=player("speaking", "Speaking…", event.pcm16()))
+                yield ChatView(audio=self._audio(event, player))
             elif isinstance(event, ContextTrimmed):
                 gr.Warning(trimmed_text(event))
             elif isinstance(event, Waiting):
@@ -337,3 +355,17 @@ class _Streamed:
                 yield ChatView(audio=player("thinking", "Thinking…"))
             elif isinstance(event, Finished):
                 self.finished = event
+        if self.pace is not None and self.audio_s >= 1.0 and not cancel.is_set():
+            self.pace.needed.append(self.needed)
+
+    def _audio(self, event: AudioChunk, player: PlayerMessages) -> dict:
+        now = time.monotonic()
+        message = player("speaking", "Speaking…", event.pcm16())
+        if self.first_at is None:
+            self.first_at = now
+            if self.pace is not None and (lead := self.pace.lead_s()) is not None:
+                message["lead_s"] = round(lead, 2)
+        self.needed = max(self.needed, now - self.first_at - self.audio_s)
+        self.audio_s += len(event.samples) / SAMPLE_RATE
+        self.chunks.append(event.samples)
+        return message

@@ -216,6 +216,9 @@ function receive(message) {
     reply.latency = {...message.latency, transit: message.made_at ? Date.now() - message.made_at * 1000 : null};
     reply.arrivedAt = performance.now();
   }
+  // The server's word on its pace (how far ahead its recent replies needed buffering), for a reply's
+  // first chunk; this page's own measure may ask for more.
+  if (message.lead_s && reply.end === null) reply.lead = Math.min(MAX_LEAD_S, Math.max(reply.lead, message.lead_s));
   if (message.pcm) schedule(reply, pcmToFloat(message.pcm), message.rate);
   if (message.state === 'interrupted') cut(reply);  // barge-in: the user speaks, the reply stops at once
   if (message.state) setState(reply, message.state, message.text || '');
