@@ -149,7 +149,7 @@ def queued_in(demo: gr.Blocks) -> Callable[[str], bool]:
 
 
 def _chat_column() -> _Chat:
-    chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", buttons=["copy"], editable="user",
+    chatbot = gr.Chatbot(label="Conversation", show_label=False, elem_id="chatbot", buttons=["copy"], editable="user",
                          group_consecutive_messages=False, autoscroll=True)
     player = gr.HTML(None, html_template=PLAYER_HTML, js_on_load=PAGE_JS, head=PAGE_HEAD, elem_id="player",
                      label="Reply status")
