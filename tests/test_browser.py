@@ -226,7 +226,7 @@ def test_stop_speech_stays_while_speech_plays_after_the_reply_is_made_and_clear_
     """The server finishes well before the speech has played: Send comes back, and a Stop speech
     button stays while sound remains (Esc was the only way before). Clear leaves no readout."""
     with chromium_page(*DESKTOP) as page:
-        open_app(page, server.url, max_speech_s=60)
+        open_app(page, server.url, max_speech_s=20)
         send(page, "Talk for a long time")
         wait_state(page, "done", timeout=120)  # the server has finished the reply...
         remaining = page.evaluate("omniPlayer.reply.end - omniPlayer.ctx.currentTime")
@@ -415,13 +415,13 @@ def test_after_the_first_reply_speech_plays_without_a_gap(server):
     and the server's word on the first chunk), so the replies after the first play with no gap,
     also the first reply of a page opened later."""
     with chromium_pages(2, *DESKTOP) as (page, later):
-        open_app(page, server.url, max_speech_s=10)
+        open_app(page, server.url, max_speech_s=5)
         figures = [reply_figures(page, text) for text in ("Tell me a story about a singing robot", "And another one",
                                                            "One more, please")]
-        open_app(later, server.url, max_speech_s=10)
+        open_app(later, server.url, max_speech_s=5)
         figures.append(reply_figures(later, "Hello, I am new here"))
         print(json.dumps(figures))
-        assert all(f["played_s"] >= 5 for f in figures)
+        assert all(f["played_s"] >= 3 for f in figures)  # several chunks each
         for index, figure in enumerate(figures[1:3], 1):  # the page learnt from the replies before
             learnt = max(f["needed_s"] for f in figures[max(0, index - 3):index]) + 0.25
             assert figure["lead_s"] >= min(2.0, learnt) - 0.01, figures
