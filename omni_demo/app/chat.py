@@ -24,7 +24,7 @@ from omni_demo.errors import InputError
 from omni_demo.events import Admitted, AudioChunk, ContextTrimmed, Finished, TextDelta, Waiting
 from omni_demo.inputs.messages import check_request
 
-from .chat_history import UploadRegistry, chat_to_conversation, media_summary, new_upload_paths, user_turn
+from .chat_history import UploadRegistry, _parts, chat_to_conversation, media_summary, new_upload_paths, user_turn
 from .export import export_conversation
 from .notices import failure_message, notice, public_message, refused, trimmed_text
 from .player import NOT_SENT, PlayerMessages, finalize, player_stopped
@@ -71,10 +71,8 @@ def resend_split(chat: list[dict], index: int, text: str | None = None) -> tuple
 
 
 def message_text(message: dict) -> str | None:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    texts = [part.get("text", "") for part in content or [] if isinstance(part, dict) and part.get("type") == "text"]
+    """A chat message's text (its text parts joined), or None when it has none (a file)."""
+    texts = [part.get("text", "") for part in _parts(message) if part.get("type") == "text"]
     return " ".join(texts) if texts else None
 
 
