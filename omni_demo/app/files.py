@@ -29,6 +29,7 @@ import soundfile as sf
 
 from omni_demo.call.microphone import MAX_CHUNK_S, MAX_RATE, MIN_RATE
 from omni_demo.config import INPUT_SAMPLE_RATE, SAMPLE_RATE
+from omni_demo.inputs.clips import write_clip
 
 from .chat_history import gradio_upload_dir
 
@@ -72,6 +73,16 @@ def save_user_audio(samples: np.ndarray, session: str, uploads) -> str:
     sf.write(path, samples, INPUT_SAMPLE_RATE, subtype="PCM_16")
     uploads.add(session, [str(path)])
     return str(path)
+
+
+def save_user_video(frames: list[np.ndarray], samples: np.ndarray, session: str, uploads) -> str:
+    """A turn spoken with the camera on as an MP4 of its frames and sound (omni_demo.inputs.clips),
+    owned by the session like its spoken turns."""
+    folder = owned_dir("calls") / uuid.uuid4().hex
+    folder.mkdir()
+    path = write_clip(folder / f"you-{time.strftime('%Y%m%d-%H%M%S')}.mp4", frames, samples)
+    uploads.add(session, [path])
+    return path
 
 
 def new_chunk_token() -> str:

@@ -27,6 +27,7 @@ class UserTurn:
     path: str | None  # the same as a wav file, when the call was given `save_audio`
     start_s: float  # where the speech began, seconds into the call's audio
     end_s: float  # where it ended
+    video: bool = False  # spoken with the camera on: `path` is a video with this sound
 
 
 @dataclass

@@ -63,3 +63,28 @@ class Microphone:
             self.chunks.clear()
             self.queued = 0
         return taken
+
+
+class AudioClock:
+    """The call's audio clock: samples heard so far, and when the chunks carrying them arrived."""
+
+    def __init__(self):
+        self.heard = 0  # samples fed to the turn detector
+        self.arrivals = collections.deque(maxlen=512)  # (samples heard through a chunk, its arrival)
+
+    @property
+    def seconds(self) -> float:
+        return self.heard / INPUT_SAMPLE_RATE
+
+    def add(self, arrived_at: float, samples: int) -> None:
+        self.heard += samples
+        self.arrivals.append((self.heard, arrived_at))
+
+    def heard_at(self, at_s: float) -> float:
+        """When the sample `at_s` seconds into the call's audio was heard: the arrival of the chunk
+        that carried it, less the audio after it in that chunk (upload time is not counted)."""
+        sample = at_s * INPUT_SAMPLE_RATE
+        for heard, arrived in self.arrivals:
+            if heard >= sample:
+                return arrived - (heard - sample) / INPUT_SAMPLE_RATE
+        return time.monotonic()

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -65,6 +66,7 @@ class EarlyReply:
     began_at: float | None = None  # its first step (prompt, prefill)
     ended: bool = False  # its events ran out
     failure: Exception | None = None
+    video: str | None = None  # the turn's video file, when the camera was on (dropped: deleted)
 
     @property
     def ready(self) -> bool:
@@ -72,7 +74,20 @@ class EarlyReply:
         return self.ended or self.failure is not None or (bool(self.held) and isinstance(self.held[-1], AudioChunk))
 
     def answers(self, turn: TurnEnded) -> bool:
-        return (self.turn.start_s, self.turn.end_s) == (turn.start_s, turn.end_s) and same_audio(self.messages, turn)
+        if (self.turn.start_s, self.turn.end_s) != (turn.start_s, turn.end_s) or not np.array_equal(self.turn.audio,
+                                                                                                   turn.audio):
+            return False
+        return self.video is not None or same_audio(self.messages, turn)
+
+    def held_events(self) -> list:
+        """The events held, each run of text deltas joined into one."""
+        events: list = []
+        for event in self.held:
+            if isinstance(event, TextDelta) and events and isinstance(events[-1], TextDelta):
+                events[-1] = TextDelta(events[-1].text + event.text)
+            else:
+                events.append(event)
+        return events
 
     def step(self) -> None:
         """One event of the reply, held."""
@@ -91,6 +106,8 @@ class EarlyReply:
         if self.failure is not None:
             log.warning("an early reply failed before it was dropped", exc_info=self.failure)
         self.events.close()
+        if self.video is not None:  # the clip of words that went on: nobody will see it
+            Path(self.video).unlink(missing_ok=True)
 
     def promote(self, latency: TurnLatency, now: float) -> ActiveReply:
         """The turn is certain and this reply answers it: it goes on as the call's reply."""

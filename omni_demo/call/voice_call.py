@@ -22,7 +22,6 @@ No torch here: the voice activity model is given (omni_demo.call.vad), like the 
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -35,9 +34,21 @@ from omni_demo.config import INPUT_SAMPLE_RATE, SAMPLE_RATE, GenerationOptions
 from omni_demo.errors import InputError
 from omni_demo.events import AudioChunk, ContextTrimmed, Finished, TextDelta
 
-from .events import (CallEnded, PlaybackInterrupted, ReplyAudio, ReplyEnded, ReplyText, Status, Tick, Trimmed,
-                     TurnFailed, TurnLatency, UserTurn)
-from .microphone import Microphone
+from .camera import Camera, CameraConfig, video_turn
+from .events import (
+    CallEnded,
+    PlaybackInterrupted,
+    ReplyAudio,
+    ReplyEnded,
+    ReplyText,
+    Status,
+    Tick,
+    Trimmed,
+    TurnFailed,
+    TurnLatency,
+    UserTurn,
+)
+from .microphone import AudioClock, Microphone
 from .replies import ActiveReply, EarlyReply, same_audio
 from .turns import SpeechPaused, SpeechResumed, SpeechStarted, TurnConfig, TurnDetector, TurnEnded
 
@@ -59,6 +70,7 @@ class CallConfig:
     max_idle_s: float = 120.0  # ... or after this long with nobody speaking
     mic_timeout_s: float = 8.0  # no microphone audio for this long: the page is gone or the mic is off
     player_lead_s: float = 0.3  # the page's player buffers this much before it plays (web/player.js)
+    camera: CameraConfig = field(default_factory=CameraConfig)  # what the page's camera may send
 
     def __post_init__(self):
         if min(self.max_call_s, self.max_idle_s, self.mic_timeout_s) <= 0 or self.player_lead_s < 0:
@@ -106,21 +118,25 @@ class VoiceCall:
     """One voice call over a `Backend`."""
 
     def __init__(self, backend: Backend, history: list[dict], options: GenerationOptions,
-                 config: CallConfig | None = None, *, vad, ended: threading.Event | None = None, save_audio=None):
+                 config: CallConfig | None = None, *, vad, ended: threading.Event | None = None, save_audio=None,
+                 save_video=None):
         """`history`: the conversation before the call (Qwen messages); `vad`: a voice activity model
         of this call's own (omni_demo.call.vad.load_vad()); `ended`: set to end the call (End call,
         Stop, Clear); `save_audio(samples) -> path`: keep each user turn as a file (a backend that
-        cannot listen is sent that file)."""
+        cannot listen is sent that file); `save_video(frames, samples) -> path`: a turn spoken with
+        the camera on as a video file with its sound (omni_demo.inputs.clips.write_clip); without
+        it the camera is not used."""
         self.backend = backend
         self.save_audio = save_audio
+        self.save_video = save_video
         self.conversation = list(history)  # the model's view: the call's user turns are audio arrays
         self.options = options
         self.config = config or CallConfig()
         self.detector = TurnDetector(self.config.turns, vad)
         self.mic = Microphone()
+        self.camera = Camera(self.config.camera)
         self.ended = ended or threading.Event()
-        self.heard = 0  # samples fed to the detector (the call's audio clock)
-        self.arrivals = collections.deque(maxlen=512)  # (samples heard through a chunk, its arrival)
+        self.clock = AudioClock()  # samples fed to the detector, and when they arrived
         self.listening: _TurnListening | None = None  # the backend listening to the turn being spoken
         self.reply: ActiveReply | None = None
         self.early: EarlyReply | None = None  # at most one of reply and early is set
@@ -131,6 +147,12 @@ class VoiceCall:
     def feed(self, rate: int, pcm: np.ndarray) -> None:
         """A microphone chunk (any rate, int or float PCM, mono or [n, channels]); thread-safe."""
         self.mic.put(rate, pcm)
+
+    def see(self, on: bool, frames: list[tuple[float, bytes]]) -> None:
+        """The page's camera: on or off, and the JPEG frames it took since it last said, each stamped
+        with the seconds of call audio recorded by then (omni_demo.call.camera); thread-safe. Over a
+        budget: InputError, and the camera is off for the rest of the call, which goes on."""
+        self.camera.put(on, frames)
 
     def end(self) -> None:
         self.ended.set()
@@ -185,8 +207,7 @@ class VoiceCall:
         return None
 
     def _hear(self, chunk_at: float, samples: np.ndarray):
-        self.heard += len(samples)
-        self.arrivals.append((self.heard, chunk_at))
+        self.clock.add(chunk_at, len(samples))
         for event in self.detector.feed(samples, playing=chunk_at < self.playing_until):  # as it was then
             if isinstance(event, SpeechStarted):
                 yield from self._speech_started()
@@ -198,6 +219,8 @@ class VoiceCall:
                 yield from self._turn_ended(event)
         if self.listening is not None and self.detector.speaking:
             self.listening.feed(self.detector.turn_audio(self.listening.fed))
+        if not self.detector.speaking:  # frames older than any turn to come, but for the newest
+            self.camera.forget_before(self.clock.seconds - self.config.turns.pre_roll_s - 1.0)
 
     def _speech_started(self):
         self.last_activity = time.monotonic()
@@ -215,10 +238,13 @@ class VoiceCall:
         """The user paused: start the reply to the turn so far, in case the pause goes on. Only
         while listening: that backend is this process's engine, whose generator closes at once."""
         self._drop_early()  # (the detector takes a pause back before it tells another)
-        messages = self.listening.end_turn(turn.audio) if self.listening is not None else None
+        if self.listening is None:
+            return
+        messages, video = self._camera_turn(turn) or (self.listening.end_turn(turn.audio), None)
         if messages is not None:
             cancel = threading.Event()
-            self.early = EarlyReply(turn, messages, self.backend.stream(messages, self.options, cancel), cancel)
+            self.early = EarlyReply(turn, messages, self.backend.stream(messages, self.options, cancel), cancel,
+                                    video=video)
 
     def _drop_early(self) -> None:
         """The user went on speaking (or the call ends): the early reply is closed."""
@@ -228,49 +254,49 @@ class VoiceCall:
 
     def _turn_ended(self, event: TurnEnded):
         now = time.monotonic()
-        latency = TurnLatency(speech_end_at=self._heard_at(event.end_s), decided_at=now)
+        latency = TurnLatency(speech_end_at=self.clock.heard_at(event.end_s), decided_at=now)
         self.last_activity = now
         early, self.early = self.early, None
         if early is not None and not early.answers(event):  # the turn changed since (a max_turn_s cut)
             early.drop()
             early = None
-        messages = early.messages if early is not None else None
+        messages, video = (early.messages, early.video) if early is not None else (None, None)
+        if early is None:
+            messages, video = self._camera_turn(event) or (None, None)
         if messages is None and self.listening is not None:
             messages = self.listening.end_turn(event.audio)
             if messages is not None and not same_audio(messages, event):  # fed another turn's audio (one
                 log.warning("the audio listened to is not the turn's; reading it whole")  # upload held both)
                 messages = None
         self.listening = None
-        audio = event.audio if messages is None else messages[-1]["content"][0]["audio"]
-        path = self.save_audio(audio) if self.save_audio else None
+        audio = event.audio if messages is None or video else messages[-1]["content"][0]["audio"]
+        path = video or (self.save_audio(audio) if self.save_audio else None)
         if messages is None:  # not listened to: the turn is read whole, from its file where there is one
             messages = self.conversation + [{"role": "user", "content": [{"type": "audio", "audio": path or audio}]}]
-        yield UserTurn(audio, path, event.start_s, event.end_s)
+        yield UserTurn(audio, path, event.start_s, event.end_s, video=video is not None)
         self.conversation = messages
         if early is None:
             cancel = threading.Event()
             self.reply = ActiveReply(self.backend.stream(messages, self.options, cancel), cancel, latency)
             return
         self.reply = early.promote(latency, now)
-        for index, held in enumerate(early.held):  # the text as one message, then its first audio chunk
-            if not (isinstance(held, TextDelta) and index + 1 < len(early.held)
-                    and isinstance(early.held[index + 1], TextDelta)):
-                yield from self._on_event(held)
-            else:
-                self.reply.text += held.text
+        for held in early.held_events():  # the text as one message, then its first audio chunk
+            yield from self._on_event(held)
         if early.failure is not None:
             yield from self._reply_failed(early.failure)
         elif early.ended:
             yield from self._reply_done(interrupted=False)
 
-    def _heard_at(self, at_s: float) -> float:
-        """When the sample `at_s` seconds into the call's audio was heard: the arrival of the chunk
-        that carried it, less the audio after it in that chunk (upload time is not counted)."""
-        sample = at_s * INPUT_SAMPLE_RATE
-        for heard, arrived in self.arrivals:
-            if heard >= sample:
-                return arrived - (heard - sample) / INPUT_SAMPLE_RATE
-        return time.monotonic()
+    def _camera_turn(self, turn: SpeechPaused | TurnEnded) -> tuple[list[dict], str] | None:
+        """With the camera on: the conversation ending in the turn as a video with its sound (the
+        frames within its audio, at the model's 2 per second), and that video's file; None with it off.
+        The sound is the video's own track (use_audio_in_video), or its own part beside it."""
+        start_s = turn.end_s - len(turn.audio) / INPUT_SAMPLE_RATE
+        frames = None if self.save_video is None else self.camera.turn_frames(start_s, turn.end_s)
+        if frames is None:
+            return None
+        path = self.save_video(frames, turn.audio)
+        return self.conversation + [video_turn(path, turn.audio, self.options.use_audio_in_video, self.save_audio)], path
 
     # -- the reply -----------------------------------------------------------------------------
 

@@ -27,10 +27,11 @@ import numpy as np
 from omni_demo.config import INPUT_SAMPLE_RATE, Limits
 from omni_demo.errors import InputError, first_line
 
+from .clips import VIDEO_FPS
+
 PATCH = 28  # pixels per merged vision token side (14 px patches, 2 x 2 merge)
 AUDIO_RATE = INPUT_SAMPLE_RATE
 AUDIO_TOKENS_PER_S = 25  # 100 mel frames per second, halved by the encoder and again by its pooling
-VIDEO_FPS = 2.0  # frames sampled per second of video, as qwen-omni-utils does
 VIDEO_MIN_FRAME_TOKENS = 128  # qwen-omni-utils' floor per frame pair, whatever the budget
 VIDEO_MAX_FRAME_TOKENS = 768  # per frame pair (the video processor's max_pixels, 602,112 px)
 

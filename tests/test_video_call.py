@@ -1,0 +1,193 @@
+"""The video call's server side: the camera's frames picked for a turn and checked against their
+budgets (omni_demo.call.camera), a turn's clip written as the model reads it (omni_demo.inputs.clips),
+and a call on the tiny engine whose turns, spoken with the camera on, reach the model as videos
+with their sound, interleaved as the processor lays out use_audio_in_video, and get the same
+greedy reply as the same turn rebuilt offline from what the page sent."""
+
+import io
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from omni_demo.call.camera import Camera, CameraConfig
+from omni_demo.call.events import ReplyEnded, UserTurn
+from omni_demo.call.vad import load_vad
+from omni_demo.call.voice_call import CallConfig, VoiceCall
+from omni_demo.config import INPUT_SAMPLE_RATE as SAMPLE_RATE
+from omni_demo.config import GenerationOptions, Limits
+from omni_demo.errors import InputError
+from omni_demo.events import Finished
+from omni_demo.inputs.clips import clip_frame_count, write_clip
+from omni_demo.inputs.media import plan_part, read_audio, read_video
+
+from .speech import needs_espeak, speak
+from .test_call import Microphone, of, run_call
+
+
+def jpeg(shade: int, size=(364, 280), quality=90) -> bytes:
+    """A frame of one shade with a bright square whose place says `shade` too (JPEG keeps both)."""
+    picture = np.full((size[1], size[0], 3), shade, np.uint8)
+    x = (shade * 7) % (size[0] - 40)
+    picture[20:60, x : x + 40] = 255 - shade
+    out = io.BytesIO()
+    Image.fromarray(picture).save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def shade_of(frame: np.ndarray) -> int:
+    return round(float(np.median(frame[100:, :, 0])))
+
+
+def test_a_turns_frames_are_the_newest_taken_by_each_half_second():
+    camera = Camera()
+    assert camera.turn_frames(0, 3) is None  # off: an audio turn
+    camera.put(True, [(0.0, jpeg(10)), (1.0, jpeg(50)), (1.6, jpeg(90)), (4.9, jpeg(200))])
+    frames = camera.turn_frames(0.5, 3.6)  # 3.1 s: 6 frames, at 0.5, 1.0, 1.5, 2.0, 2.5, 3.0
+    assert len(frames) == clip_frame_count(3.1) == 6
+    assert [shade_of(f) for f in frames] == pytest.approx([10, 50, 50, 90, 90, 90], abs=3)
+    # a turn shorter than a frame period: a still picture, twice (the model's frames come in pairs)
+    assert [shade_of(f) for f in camera.turn_frames(1.7, 1.9)] == pytest.approx([90, 90], abs=3)
+    # the camera came on during the turn: its first frame stands for the time before it
+    late = Camera()
+    late.put(True, [(2.2, jpeg(120))])
+    assert [shade_of(f) for f in late.turn_frames(1.0, 3.0)] == pytest.approx([120] * 4, abs=3)
+    # every frame of a turn has the newest frame's size (a phone turned sideways mid-turn)
+    turned = Camera()
+    turned.put(True, [(0.0, jpeg(30, (364, 280))), (0.6, jpeg(60, (280, 364)))])
+    assert {f.shape for f in turned.turn_frames(0, 2.0)} == {(364, 280, 3)}
+    # frames before a turn go, but for the newest: what the camera shows until it sends another
+    camera.forget_before(2.0)
+    assert [f.at_s for f in camera.frames] == [1.6, 4.9]
+    camera.put(False, [])  # off: the next turn is audio only at once
+    assert camera.turn_frames(0, 3) is None
+
+
+@pytest.mark.parametrize("frames, reason", [
+    ([(0.0, b"not a picture")], "not a readable picture"),
+    ([(0.0, jpeg(1, (1024, 768)))], "the limit is 307,200 pixels"),
+    ([(0.0, jpeg(1, (20, 300)))], "at least 28 pixels"),
+    ([(-1.0, jpeg(1))], "no valid time stamp"),
+    ([(float("nan"), jpeg(1))], "no valid time stamp"),
+    ([(t / 10, jpeg(1)) for t in range(17)], "over 4 camera frames per second"),
+])
+def test_a_page_sending_more_than_its_budget_loses_its_camera_and_nothing_else(frames, reason):
+    camera = Camera()
+    camera.put(True, [(0.0, jpeg(40))])
+    with pytest.raises(InputError, match=reason):
+        camera.put(True, frames)
+    assert camera.turn_frames(0, 2) is None  # off for the call: its turns are audio only
+    with pytest.raises(InputError, match="switched off"):
+        camera.put(True, [(5.0, jpeg(40))])
+
+
+def test_byte_and_per_call_budgets():
+    camera = Camera(CameraConfig(max_bytes_per_s=2_000, max_frames_per_call=100))
+    with pytest.raises(InputError, match="KB of camera frames per second"):
+        for second in range(10):
+            camera.put(True, [(second, jpeg(second))])
+    small = Camera(CameraConfig(max_frames_per_call=3))
+    small.put(True, [(0, jpeg(1)), (0.5, jpeg(2)), (1.0, jpeg(3))])
+    with pytest.raises(InputError, match="over 3 camera frames"):
+        small.put(True, [(1.5, jpeg(4))])
+
+
+def test_a_turns_clip_is_read_back_frame_for_frame(tmp_path):
+    """The planner samples the clip at 2 frames per second: exactly the frames written, at their size."""
+    frames = [np.full((280, 364, 3), 30 * k, np.uint8) for k in range(6)]
+    audio = (0.2 * np.sin(np.arange(int(3.4 * SAMPLE_RATE)) * 0.05)).astype(np.float32)
+    first, second = write_clip(tmp_path / "a.mp4", frames, audio), write_clip(tmp_path / "b.mp4", frames, audio)
+    assert Path(first).read_bytes() == Path(second).read_bytes()  # rebuilt offline: the same file
+    plan = plan_part({"type": "video", "video": first}, Limits(), with_audio=True, token_budget=8192,
+                     image_max_pixels=10**8)
+    assert plan.options == {"nframes": 6, "resized_height": 280, "resized_width": 364}
+    video = read_video(first, plan)
+    assert [round(float(v)) for v in video[:, 0, 140, 180]] == pytest.approx([30 * k for k in range(6)], abs=3)
+    sound = read_audio(first, "a.mp4", 60)
+    assert 0 <= len(sound) - len(audio) < 0.1 * SAMPLE_RATE  # AAC ends on a whole frame of 1,024 samples
+    assert np.corrcoef(sound[: len(audio)], audio[: len(sound)])[0, 1] > 0.99
+
+
+GREEDY = GenerationOptions(greedy=True, max_new_tokens=24, max_audio_tokens=60, use_audio_in_video=True)
+
+
+class Webcam(threading.Thread):
+    """Sends the call a frame every half second of microphone audio, stamped on that clock, as the page does."""
+
+    def __init__(self, call: VoiceCall, mic: Microphone):
+        super().__init__(daemon=True)
+        self.call, self.mic, self.sent, self.stopped = call, mic, [], threading.Event()
+
+    def run(self):
+        while not self.stopped.is_set():
+            at = self.mic.fed_s
+            frame = (at, jpeg(int(at * 37) % 200 + 20))
+            self.sent.append(frame)
+            self.call.see(True, [frame])
+            time.sleep(0.5)
+
+
+@needs_espeak
+def test_camera_turns_reach_the_model_as_video_with_sound_and_match_the_turn_rebuilt_offline(engine, tmp_path,
+                                                                                            monkeypatch):
+    folder = tmp_path / "speech"
+    folder.mkdir()
+    question = speak("What do you see in front of me right now?", folder)[0]
+    prompts, stream_inputs = [], engine.stream_inputs
+    monkeypatch.setattr(engine, "stream_inputs", lambda inputs, *a, **k: prompts.append(inputs) or stream_inputs(
+        inputs, *a, **k))
+    clips = []
+
+    def save_video(frames, samples):
+        clips.append((frames, samples))
+        return write_clip(tmp_path / f"turn-{len(clips)}.mp4", frames, samples)
+
+    call = VoiceCall(engine, [], GREEDY, CallConfig(max_idle_s=30), vad=load_vad(), save_video=save_video)
+    done = threading.Event()
+    mic = Microphone(call, 1.0, question, 2.0, done)
+    webcam = Webcam(call, mic)
+    webcam.start()
+
+    def follow(event):
+        if isinstance(event, ReplyEnded):
+            done.set()
+            call.end()
+
+    try:
+        events = run_call(call, mic, on_event=follow)
+    finally:
+        webcam.stopped.set()
+    turn, = of(events, UserTurn)
+    reply = of(events, ReplyEnded)[0]
+    assert turn.video and turn.path.endswith(".mp4") and reply.finished is not None
+    assert len(reply.finished.text_token_ids) >= 8  # long enough to compare
+    # the prompt: the turn's frames and its sound interleaved per 2 s chunk (TMRoPE), as the processor lays them out
+    ids = prompts[-1].input_ids[0].tolist()
+    config = engine.model.config.thinker_config
+    runs = kinds_in_order(ids, {config.video_token_index: "video", config.audio_token_index: "audio"})
+    seconds = len(turn.audio) / SAMPLE_RATE
+    assert runs[:2] == ["video", "audio"] and runs.count("video") == -(-clip_frame_count(seconds) // 4)
+    assert call.conversation[0]["content"][0]["video"] == turn.path
+    # offline: the frames the page sent and the audio the call heard, through the same camera and clip
+    offline_camera = Camera()
+    offline_camera.put(True, webcam.sent)
+    frames = offline_camera.turn_frames(turn.end_s - seconds, turn.end_s)
+    assert all(np.array_equal(a, b) for a, b in zip(frames, clips[0][0], strict=True))
+    path = write_clip(tmp_path / "offline.mp4", frames, turn.audio)
+    offline = list(engine.stream([{"role": "user", "content": [{"type": "video", "video": path}]}], GREEDY))
+    finished = next(e for e in offline if isinstance(e, Finished))
+    assert finished.text_token_ids == reply.finished.text_token_ids
+    assert finished.codec_token_ids == reply.finished.codec_token_ids
+
+
+def kinds_in_order(ids: list[int], kinds: dict[int, str]) -> list[str]:
+    """The runs of media tokens in `ids`, by kind: ["video", "audio", "video", ...]."""
+    runs = []
+    for token in ids:
+        kind = kinds.get(token)
+        if kind is not None and (not runs or runs[-1] != kind):
+            runs.append(kind)
+    return runs
