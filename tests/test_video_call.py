@@ -80,7 +80,7 @@ def test_a_page_sending_more_than_its_budget_loses_its_camera_and_nothing_else(f
     with pytest.raises(InputError, match=reason):
         camera.put(True, frames)
     assert camera.turn_frames(0, 2) is None  # off for the call: its turns are audio only
-    with pytest.raises(InputError, match="switched off"):
+    with pytest.raises(InputError, match="Camera switched off for this call"):
         camera.put(True, [(5.0, jpeg(40))])
 
 

@@ -9,6 +9,9 @@ typed turn: End call, Esc and Clear end it, and typing waits for it to end.
 from __future__ import annotations
 
 import atexit
+import base64
+import binascii
+import json
 import logging
 import time
 import uuid
@@ -26,7 +29,7 @@ from omni_demo.errors import InputError
 
 from .chat import ChatHandler
 from .chat_history import INTERRUPTED_MARK, chat_to_conversation, user_file_paths
-from .files import ChunkSequence, new_chunk_token, save_user_audio
+from .files import ChunkSequence, new_chunk_token, save_user_audio, save_user_video
 from .notices import notice, public_message, refused, trimmed_text
 from .player import PlayerMessages, finalize
 from .sessions import Activity, session_scope
@@ -40,6 +43,7 @@ MAX_SESSIONS = 10_000  # sessions whose last call's late chunks are remembered
 CALL_PLACEHOLDER = "A voice call is running: just talk. End the call to type."
 TEXTBOX_PLACEHOLDER = "Type, attach media, or record…"
 MAX_CALLS = 16  # voice calls open at once per server (each is one waiting thread; the engine batches their replies)
+MAX_CAMERA_MESSAGE = 1_500_000  # characters of one camera message from the page (it sends one ~30 KB frame at a time)
 
 
 class CallView(NamedTuple):
@@ -63,7 +67,24 @@ def control(command: str, chunk_prefix: str | None = None) -> dict:
 
 
 def status_line(state: str, text: str) -> str:
-    return f"{STATE_ICONS.get(state, '📞')} **{text}**"
+    """The call's state as the page shows it: a badge that style.css colours by state."""
+    return f'<span class="call-state call-state-{state}">{STATE_ICONS.get(state, "📞")} {text}</span>'
+
+
+def camera_message(payload) -> tuple[str, bool, list[tuple[float, bytes]]]:
+    """The page's camera message (web/voice.js), a JSON string: {"call": the call's chunk prefix,
+    "on": bool, "frames": [[seconds of call audio, base64 JPEG], ...]}. ValueError when it is not one."""
+    if not isinstance(payload, str) or len(payload) > MAX_CAMERA_MESSAGE:
+        raise ValueError("a camera message must be a JSON string of at most 1.5 MB")
+    message = json.loads(payload)
+    if not isinstance(message, dict) or not isinstance(message.get("frames", []), list):
+        raise ValueError("a camera message must be an object with a list of frames")
+    frames = []
+    for frame in message.get("frames", []):
+        if not (isinstance(frame, list) and len(frame) == 2 and isinstance(frame[1], str)):
+            raise ValueError("a camera frame must be [seconds, base64 JPEG]")
+        frames.append((frame[0], base64.b64decode(frame[1], validate=True)))
+    return str(message.get("call")), message.get("on") is True, frames
 
 
 def ended_view(reason: str) -> CallView:
@@ -193,7 +214,9 @@ class CallHandler:
             conversation = chat_to_conversation(pending["history"], system_text(system_prompt))
             activity.call = VoiceCall(self.chats.backend, conversation, options, config, ended=activity,
                                       vad=self.vad(), save_audio=lambda samples: save_user_audio(samples, session,
-                                                                                                  self.chats.uploads))
+                                                                                                  self.chats.uploads),
+                                      save_video=lambda frames, samples: save_user_video(frames, samples, session,
+                                                                                         self.chats.uploads))
             self._remember_chunks(session, activity.chunks)
             screen = CallScreen(pending["history"])
             # the model is the call's now: so is the microphone, its chunks named for this call
@@ -227,6 +250,26 @@ class CallHandler:
                 ended.remove_left()
             return
         call.chunks.take(path, call.call.feed)
+
+    def see(self, payload, request: gr.Request):
+        """The page's camera (web/voice.js): its state and frames to the session's running call, when
+        they name it (frames of an ended call, or of another page, are dropped). A message over the
+        call's budgets, or one no page sends, switches the camera off, with a notice; the call goes on.
+        -> a player message for the page, or nothing."""
+        call = self.chats.sessions.get(request.session_hash)
+        if not isinstance(call, CallActivity) or call.call is None or call.is_set():
+            return gr.skip()
+        try:
+            name, on, frames = camera_message(payload)
+            if name != call.chunks.prefix:
+                return gr.skip()
+            call.call.see(on, frames)
+        except InputError as exc:
+            return {**notice(refused(exc)), "camera": "off"}
+        except (ValueError, TypeError, binascii.Error) as exc:
+            log.warning("refused a camera message: %s", exc)
+            return {**notice("Camera switched off: the page sent frames this server cannot read."), "camera": "off"}
+        return gr.skip()
 
     def _remember_chunks(self, session: str, chunks: ChunkSequence) -> None:
         """The session's call's chunks: those its page posts after the call ended are still its to delete."""

@@ -38,7 +38,17 @@ STOP_TURN_JS = "(turn) => { if (window.omniPlayer) window.omniPlayer.stop(); ret
 # Returns its inputs as a list: a bare array (the chat's messages) would be read as one input each.
 CALL_START_JS = "(chat) => { if (window.omniCall) window.omniCall.prepare(); return [chat]; }"
 CALL_END_JS = "(call) => { if (window.omniPlayer) window.omniPlayer.stop(); return [call]; }"
-CALL_HINT = "Hands-free: pause and it answers, talk over it to interrupt."
+CALL_HINT = "Hands-free: pause and it answers, talk over it to interrupt; in a call, the camera shows it what you see."
+# The call screen's own markup (web/voice.js fills and drives it while a call runs): the microphone's
+# level, Mute, the camera toggle and its preview.
+CALL_SCREEN_HTML = (
+    '<div class="call-screen" hidden>'
+    '<div class="call-level" role="meter" aria-label="Microphone level" aria-valuemin="0" aria-valuemax="100" '
+    'aria-valuenow="0"><span></span></div>'
+    '<button type="button" class="call-mute" aria-pressed="false">🎙️ Mute</button>'
+    '<button type="button" class="call-camera" aria-pressed="false">📷 Camera off</button>'
+    '<video class="call-preview" muted playsinline autoplay hidden aria-label="Your camera, as the model sees it">'
+    '</video></div>')
 # Example chips: (label, what they put in the box). Chosen, not sent: the user can edit first.
 EXAMPLES = [
     ("What is in this picture?", {"text": "What is in this picture?", "files": [str(ASSETS / "shapes.png")]}),
@@ -82,6 +92,7 @@ class _Chat:
     call_end: gr.Button
     call_status: gr.Markdown
     call_mic: gr.Audio
+    call_frames: gr.Textbox
     chips: list
     clear: gr.Button
     stats: gr.Markdown
@@ -165,11 +176,15 @@ def _chat_column() -> _Chat:
             call_end = gr.Button("End call", variant="stop", size="sm", scale=0, min_width=120, visible=False,
                                  elem_id="call-end")
             call_status = gr.Markdown(CALL_HINT, elem_id="call-status", min_width=160)
+        gr.HTML(None, html_template=CALL_SCREEN_HTML, elem_id="call-screen")
         gr.HTML(None, html_template='<div class="call-latency"></div>', elem_id="call-latency")
         # The call's microphone: started and stopped by the call (web/voice.js), hidden by style.css.
         # type="filepath", format=None: Gradio hands over the upload as it is, unread (app/files.py).
         call_mic = microphone_stream(sources=["microphone"], streaming=True, type="filepath", format=None,
                                      elem_id="call-mic", label="Call microphone", show_label=False)
+        # The call's camera frames, as web/voice.js writes them (hidden by style.css like the microphone).
+        call_frames = gr.Textbox(elem_id="call-frames", label="Call camera", show_label=False, container=False,
+                                 max_lines=1)
     with gr.Row(elem_id="chips"):
         chips = [(gr.Button(label, size="sm", variant="secondary"), value) for label, value in EXAMPLES]
     with gr.Row(elem_id="footer", equal_height=True):
@@ -178,8 +193,8 @@ def _chat_column() -> _Chat:
         theme = gr.Button("◐ Theme", size="sm", variant="secondary", scale=0, min_width=100, elem_id="theme")
         clear = gr.Button("🗑 Clear chat", size="sm", variant="secondary", scale=0, min_width=130, elem_id="clear")
     exported = gr.File(label="The conversation (text and audio)", visible=False, elem_id="exported")
-    return _Chat(chatbot, player, textbox, call_start, call_end, call_status, call_mic, chips, clear, stats, export,
-                 exported, theme)
+    return _Chat(chatbot, player, textbox, call_start, call_end, call_status, call_mic, call_frames, chips, clear, stats,
+                 export, exported, theme)
 
 
 def _settings_column(voices: list[str]) -> _Settings:
@@ -261,5 +276,7 @@ def _wire_call(calls: CallHandler, chat: _Chat, settings: _Settings, saved: gr.B
     chat.call_mic.stream(calls.hear, [chat.call_mic], None, stream_every=MIC_CHUNK_S,
                          time_limit=calls.config.max_call_s + 60, concurrency_limit=None, concurrency_id="call-mic",
                          show_progress="hidden", api_visibility="private")
+    chat.call_frames.change(calls.see, [chat.call_frames], chat.player, queue=False, show_progress="hidden",
+                           trigger_mode="multiple", api_visibility="private")
     chat.call_end.click(calls.end, [pending], outputs, js=CALL_END_JS, queue=False, api_visibility="private")
     chat.call_mic.stop_recording(calls.end, [pending], outputs, queue=False, api_visibility="private")

@@ -98,7 +98,7 @@ class Camera:
             try:
                 checked = [self._check(at_s, jpeg) for at_s, jpeg in frames]
             except InputError as exc:
-                self.refused, self.on, self.frames = f"the camera was switched off: {exc}", False, []
+                self.refused, self.on, self.frames = f"Camera switched off for this call: {exc}", False, []
                 raise InputError(self.refused) from exc
             self.on = bool(on)
             if not self.on:

@@ -200,6 +200,7 @@ function toast(text) {
 }
 
 function receive(message) {
+  if (message && message.camera === 'off' && window.omniCall) window.omniCall.cameraOff(false);  // refused
   if (message && message.notice) return toast(message.notice);
   if (message && message.call) return window.omniCall && window.omniCall.control(message.call, message.server_time, message.chunk_prefix);
   if (!message || !message.reply) return;

@@ -69,7 +69,7 @@ window.omniCall = {
   chunkPrefix: null,  // the call's microphone uploads are named `${chunkPrefix}-${n}.wav` (the server's name)
   chunkCount: 0,
   async control(command, serverTime, chunkPrefix) {
-    if (command === 'stop') window.omniPlayer.stop();  // the call is over: so is its voice
+    if (command === 'stop') { window.omniPlayer.stop(); this.closeScreen(); }  // the call is over: so is its voice
     if (command === 'start' && serverTime) this.clockOffset = serverTime * 1000 - Date.now();
     if (command === 'start') { this.chunkPrefix = chunkPrefix || null; this.chunkCount = 0; }
     if (command === 'stop') {  // the microphone's last chunk, posted after it stops, still carries the name
@@ -118,7 +118,7 @@ window.omniCall = {
       if (!window.omniCall.starting) return getUserMedia(c);  // voice messages, the webcam: as they ask
       return getUserMedia(c && c.audio === true
         ? {...c, audio: {echoCancellation: true, noiseSuppression: true, autoGainControl: true}} : c)
-        .then(stream => { window.omniCall.starting = false; return stream; },
+        .then(stream => { window.omniCall.starting = false; window.omniCall.openScreen(stream); return stream; },
               error => { window.omniCall.refused(error); throw error; });
     };
   }
@@ -178,3 +178,121 @@ function renderLatency() {
   details.querySelector('summary').textContent = `Answered ${t.total.toFixed(1)} s after you stopped`;
   details.querySelector('p').textContent = parts;
 }
+
+// The call screen (#call-screen): the microphone's level, Mute (the microphone sends silence: the
+// call stays open and hears nothing), and the camera. With the camera on, a frame every half second,
+// scaled in the page to about what the model reads of it (FRAME_TOKENS vision tokens per frame pair,
+// sides multiples of 28 px), goes to the server as JPEG through the hidden #call-frames box, stamped
+// with the seconds of microphone audio recorded by then: the clock the server cuts turns on.
+const FRAME_TOKENS = 136;
+const FRAME_EVERY_MS = 500;  // the model reads 2 frames per second
+const screenPart = selector => document.querySelector(`#call-screen ${selector}`);
+function frameSize(width, height) {
+  const rows = Math.max(1, Math.round(Math.sqrt(FRAME_TOKENS * height / width)));
+  return [Math.max(1, Math.round(FRAME_TOKENS / rows)) * 28, rows * 28];
+}
+Object.assign(window.omniCall, {
+  mic: null,  // {stream, startedAt, context, timer} while the call's microphone runs
+  muted: false,
+  camera: null,  // {stream, timer, canvas} while the camera is on
+  openScreen(stream) {
+    this.closeScreen();
+    const context = new AudioContext();
+    const analyser = context.createAnalyser();
+    analyser.fftSize = 1024;
+    context.createMediaStreamSource(stream).connect(analyser);
+    const samples = new Float32Array(analyser.fftSize);
+    const level = screenPart('.call-level');
+    const timer = setInterval(() => {  // the level in dB, -60 (empty) to 0 (full)
+      analyser.getFloatTimeDomainData(samples);
+      const rms = Math.sqrt(samples.reduce((sum, v) => sum + v * v, 0) / samples.length);
+      const percent = this.muted ? 0 : Math.round(Math.max(0, Math.min(1, 1 + Math.log10(rms + 1e-9) / 3)) * 100);
+      if (level) { level.firstChild.style.width = `${percent}%`; level.setAttribute('aria-valuenow', percent); }
+    }, 100);
+    this.mic = {stream, startedAt: performance.now(), context, timer};
+    this.setMuted(false);
+    const screen = screenPart('.call-screen');
+    if (screen) screen.hidden = false;
+  },
+  closeScreen() {
+    this.cameraOff(false);
+    if (this.mic) { clearInterval(this.mic.timer); this.mic.context.close(); this.mic = null; }
+    const screen = screenPart('.call-screen');
+    if (screen) screen.hidden = true;
+  },
+  setMuted(muted) {
+    this.muted = muted;
+    if (this.mic) this.mic.stream.getAudioTracks().forEach(track => { track.enabled = !muted; });
+    const button = screenPart('.call-mute');
+    if (button) { button.setAttribute('aria-pressed', String(muted)); button.textContent = muted ? '🔇 Unmute' : '🎙️ Mute'; }
+    screenPart('.call-screen')?.classList.toggle('muted', muted);
+  },
+  async cameraOn() {
+    if (this.camera || !this.mic) return;
+    const button = screenPart('.call-camera');
+    let stream;
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({video: {width: {ideal: 640}, height: {ideal: 480}}});
+    } catch (error) {
+      return toast(error && error.name === 'NotAllowedError' ? 'The camera is blocked for this page: allow it in '
+        + 'the browser\'s site settings.' : `The camera could not be opened (${error && error.name || error}).`);
+    }
+    if (!this.mic || this.camera) { stream.getTracks().forEach(track => track.stop()); return; }  // ended meanwhile
+    const preview = screenPart('.call-preview');
+    preview.srcObject = stream;
+    preview.hidden = false;
+    this.camera = {stream, canvas: document.createElement('canvas'), timer: setInterval(() => this.snap(), FRAME_EVERY_MS)};
+    button.setAttribute('aria-pressed', 'true');
+    button.textContent = '📷 Camera on';
+  },
+  // The camera off: its light goes out at once, and the server hears so (the next turn is audio only).
+  cameraOff(tell = true) {
+    const camera = this.camera;
+    if (!camera) return;
+    this.camera = null;
+    clearInterval(camera.timer);
+    camera.stream.getTracks().forEach(track => track.stop());
+    const preview = screenPart('.call-preview');
+    if (preview) { preview.srcObject = null; preview.hidden = true; }
+    const button = screenPart('.call-camera');
+    if (button) { button.setAttribute('aria-pressed', 'false'); button.textContent = '📷 Camera off'; }
+    if (tell) this.sendCamera(false, []);
+  },
+  snap() {
+    const camera = this.camera;
+    const video = screenPart('.call-preview');
+    if (!camera || !this.mic || !video || !video.videoWidth) return;
+    const [width, height] = frameSize(video.videoWidth, video.videoHeight);
+    camera.canvas.width = width;
+    camera.canvas.height = height;
+    camera.canvas.getContext('2d').drawImage(video, 0, 0, width, height);
+    const at = (performance.now() - this.mic.startedAt) / 1000;
+    camera.canvas.toBlob(blob => {
+      if (this.camera !== camera || !blob) return;
+      const reader = new FileReader();
+      reader.onload = () => { if (this.camera === camera) this.sendCamera(true, [[at, reader.result.split(',')[1]]]); };
+      reader.readAsDataURL(blob);
+    }, 'image/jpeg', 0.8);
+  },
+  sent: 0,  // camera messages sent this page
+  sendCamera(on, frames) {
+    const box = document.querySelector('#call-frames textarea, #call-frames input');
+    if (!box || !this.chunkPrefix) return;
+    box.value = JSON.stringify({call: this.chunkPrefix, on, frames});
+    box.dispatchEvent(new Event('input', {bubbles: true}));
+    this.sent += 1;
+  },
+});
+document.addEventListener('click', e => {
+  const button = e.target.closest && e.target.closest('#call-screen button');
+  if (!button) return;
+  const call = window.omniCall;
+  if (button.classList.contains('call-mute')) call.setMuted(!call.muted);
+  if (button.classList.contains('call-camera')) { if (call.camera) call.cameraOff(); else call.cameraOn(); }
+});
+// The camera's frames box, like the call's microphone: out of the tab order and of what screen readers read.
+waitFor(() => document.querySelector('#call-frames'), 15000).then(box => {
+  if (!box) return;
+  box.setAttribute('aria-hidden', 'true');
+  box.querySelectorAll('textarea, input').forEach(e => { e.tabIndex = -1; });
+});
