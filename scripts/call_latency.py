@@ -2,9 +2,10 @@
 the tiny model, its microphone a file of N spoken sentences with pauses long enough for each
 reply to be heard, the page's own latency readout (window.omniCall.turns) printed per turn with
 its parts, then the median and the worst. With --no-browser, the call's loop alone on the tiny
-engine, its microphone played in real time (tests/test_call.py's): the server's part of the wait.
+engine, its microphone played in real time (tests/test_call.py's): the server's part of the wait. With --camera the call's camera is on (Chromium's
+fake camera; without the browser, a frame every half second): each turn is a video with its sound.
 
-    python scripts/call_latency.py [--turns 6] [--gap-s 7] [--max-speech-s 5] [--no-browser]   (--dev set-up)
+    python scripts/call_latency.py [--turns 6] [--gap-s 7] [--max-speech-s 5] [--camera] [--no-browser]
 """
 
 import argparse
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--gap-s", type=float, default=7.0, help="silence after each sentence")
     parser.add_argument("--max-speech-s", type=float, default=5.0, help="the replies' speech limit")
     parser.add_argument("--no-browser", action="store_true", help="the call's loop alone, without the page")
+    parser.add_argument("--camera", action="store_true", help="the camera on: each turn a video with its sound")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="call-latency-"))
     pieces = [1.0]
@@ -49,6 +51,9 @@ def main() -> None:
         with chromium_page(args=fake_microphone(f"{wav}%noloop")) as page:
             open_app(page, app.url, max_speech_s=args.max_speech_s, seed=11)
             page.click("#call-start")
+            if args.camera:
+                page.wait_for_function("window.omniCall.mic !== null", timeout=30_000)
+                page.click("#call-screen .call-camera")
             deadline = time.monotonic() + len(audio) / 16000 + 60
             while time.monotonic() < deadline and len(page.evaluate("window.omniCall.turns")) < args.turns:
                 time.sleep(0.5)
@@ -67,14 +72,23 @@ def loop_turns(pieces: list, timeout_s: float, args) -> list[dict]:
     from omni_demo.call.voice_call import CallConfig, VoiceCall
     from omni_demo.config import GenerationOptions, ModelConfig
     from omni_demo.engine.omni_engine import OmniEngine
+    from omni_demo.inputs.clips import write_clip
     from omni_demo.models.loading import load_model
     from tests.test_call import Microphone
+    from tests.test_video_call import Webcam
 
     engine = OmniEngine(load_model(ModelConfig(model="tiny")))
     options = GenerationOptions(max_new_tokens=512, max_audio_tokens=round(args.max_speech_s * 50), seed=11)
-    call = VoiceCall(engine, [], options, CallConfig(max_idle_s=args.gap_s + 30), vad=load_vad())
+    folder = Path(tempfile.mkdtemp(prefix="call-latency-clips-"))
+    clips = iter(range(10**6))
+    save_video = (lambda frames, samples: write_clip(folder / f"{next(clips)}.mp4", frames, samples)) if args.camera \
+        else None
+    call = VoiceCall(engine, [], options, CallConfig(max_idle_s=args.gap_s + 30), vad=load_vad(), save_video=save_video)
     mic = Microphone(call, *[piece[0] if isinstance(piece, tuple) else piece for piece in pieces])
+    webcam = Webcam(call, mic)
     mic.start()
+    if args.camera:
+        webcam.start()
     turns, deadline = [], time.monotonic() + timeout_s
     try:
         for event in call.run():
@@ -87,6 +101,7 @@ def loop_turns(pieces: list, timeout_s: float, args) -> list[dict]:
                 call.end()
     finally:
         mic.stopped.set()
+        webcam.stopped.set()
     return turns
 
 

@@ -4,7 +4,9 @@ and a call on the tiny engine whose turns, spoken with the camera on, reach the 
 with their sound, interleaved as the processor lays out use_audio_in_video, and get the same
 greedy reply as the same turn rebuilt offline from what the page sent."""
 
+import base64
 import io
+import json
 import threading
 import time
 from pathlib import Path
@@ -17,12 +19,13 @@ from omni_demo.call.camera import Camera, CameraConfig
 from omni_demo.call.events import ReplyEnded, UserTurn
 from omni_demo.call.vad import load_vad
 from omni_demo.call.voice_call import CallConfig, VoiceCall
+from omni_demo.config import DEFAULT_SYSTEM_PROMPT, GenerationOptions, Limits
 from omni_demo.config import INPUT_SAMPLE_RATE as SAMPLE_RATE
-from omni_demo.config import GenerationOptions, Limits
 from omni_demo.errors import InputError
 from omni_demo.events import Finished
 from omni_demo.inputs.clips import clip_frame_count, write_clip
 from omni_demo.inputs.media import plan_part, read_audio, read_video
+from omni_demo.inputs.messages import system_message
 
 from .speech import needs_espeak, speak
 from .test_call import Microphone, of, run_call
@@ -146,33 +149,39 @@ def test_camera_turns_reach_the_model_as_video_with_sound_and_match_the_turn_reb
         return write_clip(tmp_path / f"turn-{len(clips)}.mp4", frames, samples)
 
     call = VoiceCall(engine, [], GREEDY, CallConfig(max_idle_s=30), vad=load_vad(), save_video=save_video)
-    done = threading.Event()
-    mic = Microphone(call, 1.0, question, 2.0, done)
+    answered, done = threading.Event(), threading.Event()
+    mic = Microphone(call, 1.0, question, 2.0, answered, 0.5, question, 2.0, done)
     webcam = Webcam(call, mic)
     webcam.start()
+    replies = []
 
     def follow(event):
         if isinstance(event, ReplyEnded):
-            done.set()
-            call.end()
+            replies.append(event)
+            answered.set()
+            if len(replies) == 2:
+                done.set()
+                call.end()
 
     try:
         events = run_call(call, mic, on_event=follow)
     finally:
         webcam.stopped.set()
-    turn, = of(events, UserTurn)
-    reply = of(events, ReplyEnded)[0]
-    assert turn.video and turn.path.endswith(".mp4") and reply.finished is not None
+    turn, second = of(events, UserTurn)
+    reply = replies[0]
+    assert turn.video and second.video and turn.path.endswith(".mp4") and reply.finished is not None
+    # the next turn reads the first from the conversation cache: its frames and sound are not prefilled again
+    assert replies[1].finished.stats.reused_prompt_tokens >= len(prompts[0].input_ids[0])
     assert len(reply.finished.text_token_ids) >= 8  # long enough to compare
     # the prompt: the turn's frames and its sound interleaved per 2 s chunk (TMRoPE), as the processor lays them out
-    ids = prompts[-1].input_ids[0].tolist()
+    ids = prompts[0].input_ids[0].tolist()
     config = engine.model.config.thinker_config
     runs = kinds_in_order(ids, {config.video_token_index: "video", config.audio_token_index: "audio"})
     seconds = len(turn.audio) / SAMPLE_RATE
     assert runs[:2] == ["video", "audio"] and runs.count("video") == -(-clip_frame_count(seconds) // 4)
     assert call.conversation[0]["content"][0]["video"] == turn.path
     # offline: the frames the page sent and the audio the call heard, through the same camera and clip
-    offline_camera = Camera()
+    offline_camera = Camera(CameraConfig(max_fps=10_000, max_bytes_per_s=10**9))  # all at once, not as a page sends
     offline_camera.put(True, webcam.sent)
     frames = offline_camera.turn_frames(turn.end_s - seconds, turn.end_s)
     assert all(np.array_equal(a, b) for a, b in zip(frames, clips[0][0], strict=True))
@@ -191,3 +200,84 @@ def kinds_in_order(ids: list[int], kinds: dict[int, str]) -> list[str]:
         if kind is not None and (not runs or runs[-1] != kind):
             runs.append(kind)
     return runs
+
+
+@needs_espeak
+def test_a_remote_server_is_sent_each_camera_turn_as_a_video_url_with_its_sound(api_server, engine, tmp_path,
+                                                                                monkeypatch):
+    """`--backend`: the call's camera turn goes to `omni_demo.serve` as a video_url part (the clip's
+    bytes, its sound inside) with use_audio_in_video, and the server reads it as the engine here does."""
+    from omni_demo.backends import remote
+    from omni_demo.backends.remote import RemoteBackend
+
+    from .serverhelpers import API_KEY
+
+    folder = tmp_path / "speech"
+    folder.mkdir()
+    question = speak("Look at this, what is it?", folder)[0]
+    bodies, request_body = [], remote.request_body
+    monkeypatch.setattr(remote, "request_body", lambda *a: bodies.append(request_body(*a)) or bodies[-1])
+    backend = RemoteBackend(api_server.base_url, API_KEY)
+    call = VoiceCall(backend, [], GREEDY, CallConfig(max_idle_s=30), vad=load_vad(),
+                     save_video=lambda frames, samples: write_clip(tmp_path / "turn.mp4", frames, samples))
+    done = threading.Event()
+    mic = Microphone(call, 1.0, question, 1.5, done)
+    webcam = Webcam(call, mic)
+    webcam.start()
+
+    def follow(event):
+        if isinstance(event, ReplyEnded):
+            done.set()
+            call.end()
+
+    try:
+        events = run_call(call, mic, on_event=follow)
+    finally:
+        webcam.stopped.set()
+    turn, = of(events, UserTurn)
+    reply = of(events, ReplyEnded)[0]
+    assert turn.video and reply.finished is not None and reply.text
+    body = bodies[-1]
+    part, = body["messages"][-1]["content"]
+    assert part["type"] == "video_url" and body["use_audio_in_video"] is True
+    assert base64.b64decode(part["video_url"]["url"].removeprefix("data:video/mp4;base64,")) == Path(
+        turn.path).read_bytes()
+    # the server's prompt is the clip's frames and sound, as this process's engine reads them
+    local = engine.prepare([system_message(DEFAULT_SYSTEM_PROMPT),  # the server's default, where none is sent
+                            {"role": "user", "content": [{"type": "video", "video": turn.path}]}], GREEDY)
+    assert reply.finished.stats.prompt_tokens == local.prompt_len
+
+
+def test_the_page_handler_takes_only_its_own_calls_frames_and_switches_a_bad_camera_off():
+    from omni_demo.app.call_page import CallHandler
+    from omni_demo.app.chat import ChatHandler
+
+    from .apphelpers import is_skip
+    from .test_ui import SETTINGS, OneWordModel, Request
+
+    def message(name, frames, on=True):
+        return json.dumps({"call": name, "on": on, "frames": [[at, base64.b64encode(data).decode()]
+                                                              for at, data in frames]})
+
+    calls = CallHandler(ChatHandler(OneWordModel()), load_vad)
+    assert is_skip(calls.see(message("omni-call-x", [(0.5, jpeg(40))]), Request("a")))  # no call: nothing to see
+    pending, *_ = calls.accept([], Request("a"))
+    run = calls.run(pending, *SETTINGS, 0.6, 0.5, Request("a"))
+    prefix = next(run).player["chunk_prefix"]  # the page's name for this call
+    camera = calls.chats.sessions.get("a").call.camera
+    assert is_skip(calls.see(message(prefix, [(0.5, jpeg(40))]), Request("a")))
+    assert [frame.at_s for frame in camera.frames] == [0.5]
+    # another session's page, an earlier call's late frames: dropped unread
+    calls.see(message(prefix, [(1.0, jpeg(50))]), Request("b"))
+    calls.see(message("omni-call-" + "0" * 32, [(1.0, jpeg(50))]), Request("a"))
+    assert [frame.at_s for frame in camera.frames] == [0.5]
+    # what no page sends: the page is told to switch its camera off, and why; the call goes on
+    for bad in ("{not json", json.dumps({"call": prefix, "on": True, "frames": [[1.0, "not base64!"]]}),
+                json.dumps({"call": prefix, "frames": "many"}), "x" * 2_000_000):
+        refused = calls.see(bad, Request("a"))
+        assert refused["camera"] == "off" and "cannot read" in refused["notice"]
+    refused = calls.see(message(prefix, [(1.0, jpeg(1, (1024, 768)))]), Request("a"))
+    assert refused["camera"] == "off" and "1024×768" in refused["notice"]
+    assert camera.turn_frames(0, 2) is None and not calls.chats.sessions.get("a").is_set()
+    calls.end(pending, Request("a"))
+    assert "Call ended" in list(run)[-1].status
