@@ -67,7 +67,7 @@ def main() -> None:
 def loop_turns(pieces: list, timeout_s: float, args) -> list[dict]:
     """The call's loop on the tiny engine, the pieces played into it in real time: per turn, the
     server's latency parts (total: end of speech -> the first audio chunk given out)."""
-    from omni_demo.call.events import ReplyAudio
+    from omni_demo.call.events import ReplyAudio, UserTurn
     from omni_demo.call.vad import load_vad
     from omni_demo.call.voice_call import CallConfig, VoiceCall
     from omni_demo.config import GenerationOptions, ModelConfig
@@ -92,6 +92,8 @@ def loop_turns(pieces: list, timeout_s: float, args) -> list[dict]:
     turns, deadline = [], time.monotonic() + timeout_s
     try:
         for event in call.run():
+            if isinstance(event, UserTurn):
+                print(f"turn at {event.start_s:.1f} s: {'a video with its sound' if event.video else 'audio'}")
             if isinstance(event, ReplyAudio) and event.latency is not None:
                 parts = event.latency.as_dict()
                 turns.append({"total": parts["speech_end_to_audio_s"], "vad": parts["vad_s"],

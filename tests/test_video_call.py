@@ -31,13 +31,19 @@ from .speech import needs_espeak, speak
 from .test_call import Microphone, of, run_call
 
 
-def jpeg(shade: int, size=(364, 280), quality=90) -> bytes:
+def jpeg(shade: int, size=(364, 280), quality=90, progressive=False) -> bytes:
     """A frame of one shade with a bright square whose place says `shade` too (JPEG keeps both)."""
     picture = np.full((size[1], size[0], 3), shade, np.uint8)
     x = (shade * 7) % (size[0] - 40)
     picture[20:60, x : x + 40] = 255 - shade
     out = io.BytesIO()
-    Image.fromarray(picture).save(out, "JPEG", quality=quality)
+    Image.fromarray(picture).save(out, "JPEG", quality=quality, progressive=progressive)
+    return out.getvalue()
+
+
+def png(shade: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.full((280, 364, 3), shade, np.uint8)).save(out, "PNG")
     return out.getvalue()
 
 
@@ -70,7 +76,10 @@ def test_a_turns_frames_are_the_newest_taken_by_each_half_second():
 
 
 @pytest.mark.parametrize("frames, reason", [
-    ([(0.0, b"not a picture")], "not a readable picture"),
+    ([(0.0, b"not a picture")], "not a readable JPEG"),
+    ([(0.0, jpeg(1)[: len(jpeg(1)) // 2])], "not a readable JPEG"),  # cut after its header: refused here, not in a turn
+    ([(0.0, jpeg(1, progressive=True))], "baseline JPEG"),
+    ([(0.0, png(1))], "not a readable JPEG"),
     ([(0.0, jpeg(1, (1024, 768)))], "the limit is 307,200 pixels"),
     ([(0.0, jpeg(1, (20, 300)))], "at least 28 pixels"),
     ([(-1.0, jpeg(1))], "no valid time stamp"),
@@ -87,8 +96,40 @@ def test_a_page_sending_more_than_its_budget_loses_its_camera_and_nothing_else(f
         camera.put(True, [(5.0, jpeg(40))])
 
 
+def test_a_late_message_a_stopped_camera_and_a_frame_from_the_future_change_nothing():
+    camera = Camera()
+    camera.put(True, [(1.0, jpeg(10))], seq=3)
+    camera.put(False, [], seq=4)  # Camera off ...
+    camera.put(True, [(1.5, jpeg(20))], seq=2)  # ... overtaken by an earlier frame on the way: it stays off
+    assert camera.turn_frames(0, 3) is None
+    camera.put(True, [(10.0, jpeg(30))], seq=5, heard_s=9.5)
+    # a camera that stopped sending (unplugged, a background tab) is no picture of a turn long after
+    assert camera.turn_frames(12.0, 14.0) is not None and camera.turn_frames(15.5, 17.0) is None
+    with pytest.raises(InputError, match="no valid time stamp"):  # far ahead of the audio heard
+        camera.put(True, [(100.0, jpeg(40))], seq=6, heard_s=20.0)
+
+
+def test_a_turn_the_camera_cannot_make_a_video_of_stays_an_audio_turn(tmp_path):
+    from omni_demo.call.camera import camera_turn
+
+    camera = Camera()
+    camera.put(True, [(0.0, jpeg(10))])
+    audio = np.zeros(SAMPLE_RATE, np.float32)
+
+    def full_disk(frames, samples):
+        raise OSError(28, "No space left on device")
+
+    assert camera_turn(camera, 0.0, 1.0, audio, True, full_disk) is None
+    with pytest.raises(InputError, match="could not be made a video"):
+        camera.put(True, [(1.0, jpeg(10))])
+    camera = Camera()
+    camera.put(True, [(0.0, jpeg(10))])
+    message, files = camera_turn(camera, 0.0, 1.0, audio, True, lambda f, s: write_clip(tmp_path / "t.mp4", f, s))
+    assert files == [str(tmp_path / "t.mp4")] and message["content"] == [{"type": "video", "video": files[0]}]
+
+
 def test_byte_and_per_call_budgets():
-    camera = Camera(CameraConfig(max_bytes_per_s=2_000, max_frames_per_call=100))
+    camera = Camera(CameraConfig(max_bytes_per_s=400, max_frames_per_call=100))
     with pytest.raises(InputError, match="KB of camera frames per second"):
         for second in range(10):
             camera.put(True, [(second, jpeg(second))])
@@ -174,7 +215,7 @@ def test_camera_turns_reach_the_model_as_video_with_sound_and_match_the_turn_reb
     assert replies[1].finished.stats.reused_prompt_tokens >= len(prompts[0].input_ids[0])
     assert len(reply.finished.text_token_ids) >= 8  # long enough to compare
     # the prompt: the turn's frames and its sound interleaved per 2 s chunk (TMRoPE), as the processor lays them out
-    ids = prompts[0].input_ids[0].tolist()
+    ids = next(p for p in prompts if p.messages[-1]["content"][0].get("video") == turn.path).input_ids[0].tolist()
     config = engine.model.config.thinker_config
     runs = kinds_in_order(ids, {config.video_token_index: "video", config.audio_token_index: "audio"})
     seconds = len(turn.audio) / SAMPLE_RATE
@@ -273,11 +314,41 @@ def test_the_page_handler_takes_only_its_own_calls_frames_and_switches_a_bad_cam
     assert [frame.at_s for frame in camera.frames] == [0.5]
     # what no page sends: the page is told to switch its camera off, and why; the call goes on
     for bad in ("{not json", json.dumps({"call": prefix, "on": True, "frames": [[1.0, "not base64!"]]}),
-                json.dumps({"call": prefix, "frames": "many"}), "x" * 2_000_000):
+                json.dumps({"call": prefix, "frames": "many"}), "x" * 2_000_000, "[" * 100_000 + "]" * 100_000,
+                json.dumps({"call": prefix, "seq": "1", "on": True, "frames": []})):
         refused = calls.see(bad, Request("a"))
         assert refused["camera"] == "off" and "cannot read" in refused["notice"]
-    refused = calls.see(message(prefix, [(1.0, jpeg(1, (1024, 768)))]), Request("a"))
-    assert refused["camera"] == "off" and "1024×768" in refused["notice"]
-    assert camera.turn_frames(0, 2) is None and not calls.chats.sessions.get("a").is_set()
+        assert camera.turn_frames(0, 2) is None  # off on the server too, not only in the page
+    assert "cannot read" in calls.see(message(prefix, [(1.0, jpeg(50))]), Request("a"))["notice"]  # for the call
+    assert not calls.chats.sessions.get("a").is_set()  # the call goes on
     calls.end(pending, Request("a"))
     assert "Call ended" in list(run)[-1].status
+
+
+def test_without_the_sound_of_videos_a_camera_turn_keeps_its_sound_beside_its_frames():
+    from omni_demo.call.camera import video_turn
+
+    audio = np.ones(1600, np.float32)
+    assert video_turn("turn.mp4", audio, True) == {"role": "user", "content": [{"type": "video", "video": "turn.mp4"}]}
+    saved = []
+    message = video_turn("turn.mp4", audio, False, save_audio=lambda samples: saved.append(samples) or "turn.wav")
+    assert message["content"] == [{"type": "video", "video": "turn.mp4"}, {"type": "audio", "audio": "turn.wav"}]
+    assert saved[0] is audio
+
+
+def test_a_budget_refusal_names_the_budget():
+    from omni_demo.app.call_page import CallHandler
+    from omni_demo.app.chat import ChatHandler
+
+    from .test_ui import SETTINGS, OneWordModel, Request
+
+    calls = CallHandler(ChatHandler(OneWordModel()), load_vad)
+    pending, *_ = calls.accept([], Request("a"))
+    run = calls.run(pending, *SETTINGS, 0.6, 0.5, Request("a"))
+    prefix = next(run).player["chunk_prefix"]
+    big = json.dumps({"call": prefix, "seq": 0, "on": True,
+                      "frames": [[0.0, base64.b64encode(jpeg(1, (1024, 768))).decode()]]})
+    refused = calls.see(big, Request("a"))
+    assert refused["camera"] == "off" and "1024×768" in refused["notice"]
+    calls.end(pending, Request("a"))
+    list(run)

@@ -5,7 +5,6 @@ as a video with its sound interleaved (TMRoPE chunks), gets a spoken reply, and 
 clip, playable; muted, speech makes no turn and the call stays open; with the camera off, a turn is
 audio only and the camera's light is out."""
 
-import time
 
 import pytest
 
@@ -88,12 +87,9 @@ def test_camera_turns_reach_the_model_as_video_with_sound_and_show_in_the_chat(a
         wait_until(page, f"{STATUS}.includes('Listening')", 30)
         assert page.locator("#call-status .call-state-listening").is_visible()  # a badge, coloured by state
         assert contrast(page, "#call-status .call-state-listening") >= 4.5
-        # the microphone's level moves while the first question plays
-        levels = []
-        while page.evaluate(MIC_S) < spans[0][1]:
-            levels.append(int(page.locator("#call-screen .call-level").get_attribute("aria-valuenow")))
-            time.sleep(0.05)
-        assert max(levels) > 20
+        # the microphone's level moves while a question plays (it stays low in the silences)
+        wait_until(page, "+document.querySelector('#call-screen .call-level').getAttribute('aria-valuenow') > 20",
+                   spans[1][1] + 5)
         # both questions with the camera on: two clips in the chat, each a video the page can play
         wait_until(page, f"({CHAT_CLIPS}).filter(c => c.ready >= 1).length === 2", 90)
         clips = page.evaluate(CHAT_CLIPS)

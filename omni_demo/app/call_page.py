@@ -22,8 +22,18 @@ from typing import Any, NamedTuple
 
 import gradio as gr
 
-from omni_demo.call.events import (CallEnded, PlaybackInterrupted, ReplyAudio, ReplyEnded, ReplyText, Status, Tick,
-                                   Trimmed, TurnFailed, UserTurn)
+from omni_demo.call.events import (
+    CallEnded,
+    PlaybackInterrupted,
+    ReplyAudio,
+    ReplyEnded,
+    ReplyText,
+    Status,
+    Tick,
+    Trimmed,
+    TurnFailed,
+    UserTurn,
+)
 from omni_demo.call.voice_call import CallConfig, VoiceCall
 from omni_demo.errors import InputError
 
@@ -71,20 +81,30 @@ def status_line(state: str, text: str) -> str:
     return f'<span class="call-state call-state-{state}">{STATE_ICONS.get(state, "📞")} {text}</span>'
 
 
-def camera_message(payload) -> tuple[str, bool, list[tuple[float, bytes]]]:
+def camera_message(payload, call: str) -> tuple[bool, list[tuple[float, bytes]], int | None] | None:
     """The page's camera message (web/voice.js), a JSON string: {"call": the call's chunk prefix,
-    "on": bool, "frames": [[seconds of call audio, base64 JPEG], ...]}. ValueError when it is not one."""
+    "seq": its number, "on": bool, "frames": [[seconds of call audio, base64 JPEG], ...]}, as
+    (on, frames, seq); None when it names another call than `call` (its frames are not decoded).
+    ValueError when it is no such message."""
     if not isinstance(payload, str) or len(payload) > MAX_CAMERA_MESSAGE:
         raise ValueError("a camera message must be a JSON string of at most 1.5 MB")
-    message = json.loads(payload)
+    try:
+        message = json.loads(payload)
+    except RecursionError as exc:  # nested deeper than Python's parser goes
+        raise ValueError("a camera message nests too deep") from exc
     if not isinstance(message, dict) or not isinstance(message.get("frames", []), list):
         raise ValueError("a camera message must be an object with a list of frames")
+    if message.get("call") != call:
+        return None
+    seq = message.get("seq")
+    if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool)):
+        raise ValueError("a camera message's number must be an integer")
     frames = []
     for frame in message.get("frames", []):
         if not (isinstance(frame, list) and len(frame) == 2 and isinstance(frame[1], str)):
             raise ValueError("a camera frame must be [seconds, base64 JPEG]")
         frames.append((frame[0], base64.b64decode(frame[1], validate=True)))
-    return str(message.get("call")), message.get("on") is True, frames
+    return message.get("on") is True, frames, seq
 
 
 def ended_view(reason: str) -> CallView:
@@ -118,7 +138,8 @@ class CallScreen:
         if isinstance(event, Status):
             return CallView(status=status_line(event.state, event.text))
         if isinstance(event, UserTurn):
-            self.chat = self.chat + [{"role": "user", "content": {"path": event.path}}]
+            sound = [{"role": "user", "content": {"path": event.sound}}] if event.sound else []  # beside its video
+            self.chat = self.chat + [{"role": "user", "content": {"path": event.path}}, *sound]
             self.player, self.replied = PlayerMessages(in_call=True), False
             return CallView(chat=self.chat, player=self.player("thinking", "Thinking…"))
         if isinstance(event, ReplyText):
@@ -260,14 +281,14 @@ class CallHandler:
         if not isinstance(call, CallActivity) or call.call is None or call.is_set():
             return gr.skip()
         try:
-            name, on, frames = camera_message(payload)
-            if name != call.chunks.prefix:
-                return gr.skip()
-            call.call.see(on, frames)
+            message = camera_message(payload, call.chunks.prefix)
+            if message is not None:
+                call.call.see(*message)
         except InputError as exc:
             return {**notice(refused(exc)), "camera": "off"}
         except (ValueError, TypeError, binascii.Error) as exc:
             log.warning("refused a camera message: %s", exc)
+            call.call.camera.refuse("the page sent frames this server cannot read")
             return {**notice("Camera switched off: the page sent frames this server cannot read."), "camera": "off"}
         return gr.skip()
 

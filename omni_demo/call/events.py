@@ -28,6 +28,7 @@ class UserTurn:
     start_s: float  # where the speech began, seconds into the call's audio
     end_s: float  # where it ended
     video: bool = False  # spoken with the camera on: `path` is a video with this sound
+    sound: str | None = None  # ... and its sound as a file of its own, where the model reads it beside the video
 
 
 @dataclass

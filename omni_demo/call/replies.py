@@ -66,7 +66,7 @@ class EarlyReply:
     began_at: float | None = None  # its first step (prompt, prefill)
     ended: bool = False  # its events ran out
     failure: Exception | None = None
-    video: str | None = None  # the turn's video file, when the camera was on (dropped: deleted)
+    files: list = field(default_factory=list)  # the turn's video (and sound) files, with the camera on
 
     @property
     def ready(self) -> bool:
@@ -77,7 +77,7 @@ class EarlyReply:
         if (self.turn.start_s, self.turn.end_s) != (turn.start_s, turn.end_s) or not np.array_equal(self.turn.audio,
                                                                                                    turn.audio):
             return False
-        return self.video is not None or same_audio(self.messages, turn)
+        return bool(self.files) or same_audio(self.messages, turn)
 
     def held_events(self) -> list:
         """The events held, each run of text deltas joined into one."""
@@ -106,8 +106,8 @@ class EarlyReply:
         if self.failure is not None:
             log.warning("an early reply failed before it was dropped", exc_info=self.failure)
         self.events.close()
-        if self.video is not None:  # the clip of words that went on: nobody will see it
-            Path(self.video).unlink(missing_ok=True)
+        for path in self.files:  # the clip of words that went on: nobody will see it
+            Path(path).unlink(missing_ok=True)
 
     def promote(self, latency: TurnLatency, now: float) -> ActiveReply:
         """The turn is certain and this reply answers it: it goes on as the call's reply."""

@@ -34,7 +34,7 @@ from omni_demo.config import INPUT_SAMPLE_RATE, SAMPLE_RATE, GenerationOptions
 from omni_demo.errors import InputError
 from omni_demo.events import AudioChunk, ContextTrimmed, Finished, TextDelta
 
-from .camera import Camera, CameraConfig, video_turn
+from .camera import Camera, CameraConfig, camera_turn
 from .events import (
     CallEnded,
     PlaybackInterrupted,
@@ -123,9 +123,8 @@ class VoiceCall:
         """`history`: the conversation before the call (Qwen messages); `vad`: a voice activity model
         of this call's own (omni_demo.call.vad.load_vad()); `ended`: set to end the call (End call,
         Stop, Clear); `save_audio(samples) -> path`: keep each user turn as a file (a backend that
-        cannot listen is sent that file); `save_video(frames, samples) -> path`: a turn spoken with
-        the camera on as a video file with its sound (omni_demo.inputs.clips.write_clip); without
-        it the camera is not used."""
+        cannot listen is sent that file); `save_video(frames, samples) -> path`: a camera turn as a
+        video with its sound (omni_demo.inputs.clips.write_clip); without it no camera is used."""
         self.backend = backend
         self.save_audio = save_audio
         self.save_video = save_video
@@ -135,6 +134,7 @@ class VoiceCall:
         self.detector = TurnDetector(self.config.turns, vad)
         self.mic = Microphone()
         self.camera = Camera(self.config.camera)
+        self.can_listen: bool | None = None  # the backend listens (this process's engine): known at the first turn
         self.ended = ended or threading.Event()
         self.clock = AudioClock()  # samples fed to the detector, and when they arrived
         self.listening: _TurnListening | None = None  # the backend listening to the turn being spoken
@@ -148,11 +148,10 @@ class VoiceCall:
         """A microphone chunk (any rate, int or float PCM, mono or [n, channels]); thread-safe."""
         self.mic.put(rate, pcm)
 
-    def see(self, on: bool, frames: list[tuple[float, bytes]]) -> None:
-        """The page's camera: on or off, and the JPEG frames it took since it last said, each stamped
-        with the seconds of call audio recorded by then (omni_demo.call.camera); thread-safe. Over a
-        budget: InputError, and the camera is off for the rest of the call, which goes on."""
-        self.camera.put(on, frames)
+    def see(self, on: bool, frames: list[tuple[float, bytes]], seq: int | None = None) -> None:
+        """The page's camera, on or off, its frames since its last message ((seconds of call audio,
+        JPEG) each) and that message's number: Camera.put (omni_demo.call.camera). Thread-safe."""
+        self.camera.put(on, frames, seq, heard_s=self.clock.seconds)
 
     def end(self) -> None:
         self.ended.set()
@@ -219,7 +218,7 @@ class VoiceCall:
                 yield from self._turn_ended(event)
         if self.listening is not None and self.detector.speaking:
             self.listening.feed(self.detector.turn_audio(self.listening.fed))
-        if not self.detector.speaking:  # frames older than any turn to come, but for the newest
+        if self.detector.start is None:  # frames older than any turn to come, but for the newest
             self.camera.forget_before(self.clock.seconds - self.config.turns.pre_roll_s - 1.0)
 
     def _speech_started(self):
@@ -229,8 +228,12 @@ class VoiceCall:
         elif time.monotonic() < self.playing_until:
             self.playing_until = 0.0
             yield PlaybackInterrupted()
+        if self.camera.on and self.can_listen:  # a camera turn: the model will read its frames with its sound
+            self.listening = None
+            return
         listening = _TurnListening(self.backend, self.conversation, self.options)
-        self.listening = listening if listening.listener is not None else None  # none: the turn is read whole
+        self.can_listen = listening.listener is not None
+        self.listening = listening if self.can_listen else None  # none: the turn is read whole
         if self.listening is not None:
             self.listening.feed(self.detector.turn_audio())
 
@@ -238,13 +241,12 @@ class VoiceCall:
         """The user paused: start the reply to the turn so far, in case the pause goes on. Only
         while listening: that backend is this process's engine, whose generator closes at once."""
         self._drop_early()  # (the detector takes a pause back before it tells another)
-        if self.listening is None:
-            return
-        messages, video = self._camera_turn(turn) or (self.listening.end_turn(turn.audio), None)
+        camera = self._camera_turn(turn) if self.can_listen else None
+        messages, files = camera or (self.listening.end_turn(turn.audio) if self.listening else None, [])
         if messages is not None:
             cancel = threading.Event()
             self.early = EarlyReply(turn, messages, self.backend.stream(messages, self.options, cancel), cancel,
-                                    video=video)
+                                    files=files)
 
     def _drop_early(self) -> None:
         """The user went on speaking (or the call ends): the early reply is closed."""
@@ -260,20 +262,20 @@ class VoiceCall:
         if early is not None and not early.answers(event):  # the turn changed since (a max_turn_s cut)
             early.drop()
             early = None
-        messages, video = (early.messages, early.video) if early is not None else (None, None)
+        messages, files = (early.messages, early.files) if early is not None else (None, [])
         if early is None:
-            messages, video = self._camera_turn(event) or (None, None)
+            messages, files = self._camera_turn(event) or (None, [])
         if messages is None and self.listening is not None:
             messages = self.listening.end_turn(event.audio)
             if messages is not None and not same_audio(messages, event):  # fed another turn's audio (one
                 log.warning("the audio listened to is not the turn's; reading it whole")  # upload held both)
                 messages = None
         self.listening = None
-        audio = event.audio if messages is None or video else messages[-1]["content"][0]["audio"]
-        path = video or (self.save_audio(audio) if self.save_audio else None)
+        audio = event.audio if messages is None or files else messages[-1]["content"][0]["audio"]
+        path = files[0] if files else self.save_audio(audio) if self.save_audio else None
         if messages is None:  # not listened to: the turn is read whole, from its file where there is one
             messages = self.conversation + [{"role": "user", "content": [{"type": "audio", "audio": path or audio}]}]
-        yield UserTurn(audio, path, event.start_s, event.end_s, video=video is not None)
+        yield UserTurn(audio, path, event.start_s, event.end_s, video=bool(files), sound=(files[1:] or [None])[0])
         self.conversation = messages
         if early is None:
             cancel = threading.Event()
@@ -287,16 +289,14 @@ class VoiceCall:
         elif early.ended:
             yield from self._reply_done(interrupted=False)
 
-    def _camera_turn(self, turn: SpeechPaused | TurnEnded) -> tuple[list[dict], str] | None:
-        """With the camera on: the conversation ending in the turn as a video with its sound (the
-        frames within its audio, at the model's 2 per second), and that video's file; None with it off.
-        The sound is the video's own track (use_audio_in_video), or its own part beside it."""
-        start_s = turn.end_s - len(turn.audio) / INPUT_SAMPLE_RATE
-        frames = None if self.save_video is None else self.camera.turn_frames(start_s, turn.end_s)
-        if frames is None:
+    def _camera_turn(self, turn: SpeechPaused | TurnEnded) -> tuple[list[dict], list[str]] | None:
+        """With the camera on: the conversation ending in the turn as a video with its sound, and its
+        files (call.camera.camera_turn); None with it off, or where the call keeps no videos."""
+        if self.save_video is None:
             return None
-        path = self.save_video(frames, turn.audio)
-        return self.conversation + [video_turn(path, turn.audio, self.options.use_audio_in_video, self.save_audio)], path
+        made = camera_turn(self.camera, turn.end_s - len(turn.audio) / INPUT_SAMPLE_RATE, turn.end_s, turn.audio,
+                           self.options.use_audio_in_video, self.save_video, self.save_audio)
+        return None if made is None else (self.conversation + [made[0]], made[1])
 
     # -- the reply -----------------------------------------------------------------------------
 

@@ -118,7 +118,11 @@ window.omniCall = {
       if (!window.omniCall.starting) return getUserMedia(c);  // voice messages, the webcam: as they ask
       return getUserMedia(c && c.audio === true
         ? {...c, audio: {echoCancellation: true, noiseSuppression: true, autoGainControl: true}} : c)
-        .then(stream => { window.omniCall.starting = false; window.omniCall.openScreen(stream); return stream; },
+        .then(stream => {
+          window.omniCall.starting = false;
+          try { window.omniCall.openScreen(stream); } catch (error) { console.warn('call screen:', error); }
+          return stream;
+        },
               error => { window.omniCall.refused(error); throw error; });
     };
   }
@@ -198,6 +202,7 @@ Object.assign(window.omniCall, {
   openScreen(stream) {
     this.closeScreen();
     const context = new AudioContext();
+    context.resume();  // Safari starts it suspended outside a gesture
     const analyser = context.createAnalyser();
     analyser.fftSize = 1024;
     context.createMediaStreamSource(stream).connect(analyser);
@@ -229,6 +234,7 @@ Object.assign(window.omniCall, {
   },
   async cameraOn() {
     if (this.camera || !this.mic) return;
+    const mic = this.mic;  // the call it is opened for
     const button = screenPart('.call-camera');
     let stream;
     try {
@@ -237,8 +243,15 @@ Object.assign(window.omniCall, {
       return toast(error && error.name === 'NotAllowedError' ? 'The camera is blocked for this page: allow it in '
         + 'the browser\'s site settings.' : `The camera could not be opened (${error && error.name || error}).`);
     }
-    if (!this.mic || this.camera) { stream.getTracks().forEach(track => track.stop()); return; }  // ended meanwhile
     const preview = screenPart('.call-preview');
+    if (this.mic !== mic || this.camera || !preview) {  // the call ended meanwhile, or it is open already
+      stream.getTracks().forEach(track => track.stop());
+      return;
+    }
+    // The camera stops by itself (unplugged, taken by another app, permission revoked): off here too.
+    stream.getVideoTracks().forEach(track => track.addEventListener('ended', () => {
+      if (this.camera && this.camera.stream === stream) this.cameraOff();
+    }));
     preview.srcObject = stream;
     preview.hidden = false;
     this.camera = {stream, canvas: document.createElement('canvas'), timer: setInterval(() => this.snap(), FRAME_EVERY_MS)};
@@ -274,11 +287,11 @@ Object.assign(window.omniCall, {
       reader.readAsDataURL(blob);
     }, 'image/jpeg', 0.8);
   },
-  sent: 0,  // camera messages sent this page
+  sent: 0,  // camera messages sent by this page: their number, so that a late one changes nothing
   sendCamera(on, frames) {
     const box = document.querySelector('#call-frames textarea, #call-frames input');
     if (!box || !this.chunkPrefix) return;
-    box.value = JSON.stringify({call: this.chunkPrefix, on, frames});
+    box.value = JSON.stringify({call: this.chunkPrefix, seq: this.sent, on, frames});
     box.dispatchEvent(new Event('input', {bubbles: true}));
     this.sent += 1;
   },
@@ -296,3 +309,5 @@ waitFor(() => document.querySelector('#call-frames'), 15000).then(box => {
   box.setAttribute('aria-hidden', 'true');
   box.querySelectorAll('textarea, input').forEach(e => { e.tabIndex = -1; });
 });
+// Leaving the page: the camera and the level meter stop with it, whatever the server says.
+window.addEventListener('pagehide', () => window.omniCall.closeScreen());
