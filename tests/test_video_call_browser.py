@@ -6,6 +6,8 @@ clip, playable; muted, speech makes no turn and the call stays open; with the ca
 audio only and the camera's light is out."""
 
 
+import time
+
 import pytest
 
 from omni_demo.app.page import build_demo
@@ -83,7 +85,7 @@ def test_camera_turns_reach_the_model_as_video_with_sound_and_show_in_the_chat(a
         wait_until(page, "window.omniCall.mic !== null", 30)
         page.click("#call-screen .call-camera")  # before the first question ends
         wait_until(page, "document.querySelector('#call-screen .call-preview').videoWidth > 0", 10)
-        assert page.locator("#call-screen .call-camera").get_attribute("aria-pressed") == "true"
+        assert page.locator("#call-screen .call-camera").inner_text().endswith("Turn camera off")  # what a tap does
         wait_until(page, f"{STATUS}.includes('Listening')", 30)
         assert page.locator("#call-status .call-state-listening").is_visible()  # a badge, coloured by state
         assert contrast(page, "#call-status .call-state-listening") >= 4.5
@@ -105,7 +107,9 @@ def test_camera_turns_reach_the_model_as_video_with_sound_and_show_in_the_chat(a
         assert page.evaluate("s => s.getVideoTracks().every(t => t.readyState === 'ended')", camera)
         assert page.locator("#call-screen .call-preview").is_hidden()
         page.click("#call-screen .call-mute")
-        assert page.locator("#call-screen .call-mute").get_attribute("aria-pressed") == "true"
+        assert page.locator("#call-screen .call-mute").inner_text().endswith("Unmute")
+        assert page.locator("#call-screen .call-muted-note").is_visible()
+        assert page.evaluate("window.omniCall.mic.stream.getAudioTracks().every(t => !t.enabled)")
         wait_until(page, f"{MIC_S} > {spans[2][1] + 0.5}", 30)
         assert page.locator("#call-screen .call-level").get_attribute("aria-valuenow") == "0"
         page.click("#call-screen .call-mute")
@@ -140,7 +144,15 @@ def test_the_call_screen_fits_a_phone_held_upright(app, questions):
         assert all(box["height"] >= 44 for box in boxes[:3]), boxes  # a thumb's target
         assert all(box["bottom"] <= 844 for box in boxes), boxes  # above the fold
         assert min(contrast(page, f"#call-screen {part}") for part in (".call-mute", ".call-camera")) >= 4.5
+        assert page.evaluate("document.querySelector('#clear').getBoundingClientRect().right") <= 390
         shot(page, "video-call-phone")
+        # two quick taps from off: on, then off again before the camera opened; it stays off
+        page.click("#call-screen .call-camera")
+        wait_until(page, "window.omniCall.camera === null", 5)
+        page.evaluate("(() => { const b = document.querySelector('#call-screen .call-camera'); b.click(); b.click(); })()")
+        time.sleep(1.5)
+        assert page.evaluate("window.omniCall.camera === null && window.omniCall.opening === null")
+        assert page.locator("#call-screen .call-preview").is_hidden()
         page.click("#call-end")
         wait_until(page, f"{STATUS}.includes('Call ended')", 15)
         assert page.evaluate("window.omniCall.camera") is None

@@ -45,8 +45,9 @@ CALL_SCREEN_HTML = (
     '<div class="call-screen" hidden>'
     '<div class="call-level" role="meter" aria-label="Microphone level" aria-valuemin="0" aria-valuemax="100" '
     'aria-valuenow="0"><span></span></div>'
-    '<button type="button" class="call-mute" aria-pressed="false">🎙️ Mute</button>'
-    '<button type="button" class="call-camera" aria-pressed="false">📷 Camera off</button>'
+    '<button type="button" class="call-mute">🎙️ Mute</button>'
+    '<button type="button" class="call-camera">📷 Turn camera on</button>'
+    '<span class="call-muted-note" role="status">Muted: the call hears nothing</span>'
     '<video class="call-preview" muted playsinline autoplay hidden aria-label="Your camera, as the model sees it">'
     '</video></div>')
 # Example chips: (label, what they put in the box). Chosen, not sent: the user can edit first.

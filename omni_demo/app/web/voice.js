@@ -69,7 +69,12 @@ window.omniCall = {
   chunkPrefix: null,  // the call's microphone uploads are named `${chunkPrefix}-${n}.wav` (the server's name)
   chunkCount: 0,
   async control(command, serverTime, chunkPrefix) {
-    if (command === 'stop') { window.omniPlayer.stop(); this.closeScreen(); }  // the call is over: so is its voice
+    if (command === 'stop') {  // the call is over: so is its voice, its camera, and focus goes back to Start
+      window.omniPlayer.stop();
+      this.closeScreen();
+      waitFor(() => { const s = document.querySelector('#call-start'); return s && s.offsetParent !== null && s; }, 5000)
+        .then(start => { if (start && document.activeElement === document.body) start.focus(); });
+    }
     if (command === 'start' && serverTime) this.clockOffset = serverTime * 1000 - Date.now();
     if (command === 'start') { this.chunkPrefix = chunkPrefix || null; this.chunkCount = 0; }
     if (command === 'stop') {  // the microphone's last chunk, posted after it stops, still carries the name
@@ -229,22 +234,27 @@ Object.assign(window.omniCall, {
     this.muted = muted;
     if (this.mic) this.mic.stream.getAudioTracks().forEach(track => { track.enabled = !muted; });
     const button = screenPart('.call-mute');
-    if (button) { button.setAttribute('aria-pressed', String(muted)); button.textContent = muted ? '🔇 Unmute' : '🎙️ Mute'; }
+    if (button) button.textContent = muted ? '🔇 Unmute' : '🎙️ Mute';  // what a tap does
     screenPart('.call-screen')?.classList.toggle('muted', muted);
   },
+  opening: null,  // the camera being opened (a tap meanwhile cancels it)
   async cameraOn() {
-    if (this.camera || !this.mic) return;
-    const mic = this.mic;  // the call it is opened for
+    if (this.camera || this.opening || !this.mic) return;
+    const opening = this.opening = {mic: this.mic};  // the call it is opened for
+    const mic = this.mic;
     const button = screenPart('.call-camera');
     let stream;
     try {
       stream = await navigator.mediaDevices.getUserMedia({video: {width: {ideal: 640}, height: {ideal: 480}}});
     } catch (error) {
+      if (this.opening === opening) this.opening = null;
       return toast(error && error.name === 'NotAllowedError' ? 'The camera is blocked for this page: allow it in '
         + 'the browser\'s site settings.' : `The camera could not be opened (${error && error.name || error}).`);
     }
     const preview = screenPart('.call-preview');
-    if (this.mic !== mic || this.camera || !preview) {  // the call ended meanwhile, or it is open already
+    const wanted = this.opening === opening;  // not cancelled by another tap meanwhile
+    if (wanted) this.opening = null;
+    if (!wanted || this.mic !== mic || this.camera || !preview) {  // cancelled, or the call ended meanwhile
       stream.getTracks().forEach(track => track.stop());
       return;
     }
@@ -255,11 +265,12 @@ Object.assign(window.omniCall, {
     preview.srcObject = stream;
     preview.hidden = false;
     this.camera = {stream, canvas: document.createElement('canvas'), timer: setInterval(() => this.snap(), FRAME_EVERY_MS)};
-    button.setAttribute('aria-pressed', 'true');
-    button.textContent = '📷 Camera on';
+    button.textContent = '📷 Turn camera off';
+    screenPart('.call-screen')?.classList.add('camera-on');
   },
   // The camera off: its light goes out at once, and the server hears so (the next turn is audio only).
   cameraOff(tell = true) {
+    this.opening = null;  // a camera still opening closes as it opens
     const camera = this.camera;
     if (!camera) return;
     this.camera = null;
@@ -268,7 +279,8 @@ Object.assign(window.omniCall, {
     const preview = screenPart('.call-preview');
     if (preview) { preview.srcObject = null; preview.hidden = true; }
     const button = screenPart('.call-camera');
-    if (button) { button.setAttribute('aria-pressed', 'false'); button.textContent = '📷 Camera off'; }
+    if (button) button.textContent = '📷 Turn camera on';
+    screenPart('.call-screen')?.classList.remove('camera-on');
     if (tell) this.sendCamera(false, []);
   },
   snap() {
@@ -301,7 +313,7 @@ document.addEventListener('click', e => {
   if (!button) return;
   const call = window.omniCall;
   if (button.classList.contains('call-mute')) call.setMuted(!call.muted);
-  if (button.classList.contains('call-camera')) { if (call.camera) call.cameraOff(); else call.cameraOn(); }
+  if (button.classList.contains('call-camera')) { if (call.camera || call.opening) call.cameraOff(); else call.cameraOn(); }
 });
 // The camera's frames box, like the call's microphone: out of the tab order and of what screen readers read.
 waitFor(() => document.querySelector('#call-frames'), 15000).then(box => {
