@@ -19,11 +19,12 @@ from omni_demo.call.camera import Camera, CameraConfig
 from omni_demo.call.events import ReplyEnded, UserTurn
 from omni_demo.call.vad import load_vad
 from omni_demo.call.voice_call import CallConfig, VoiceCall
-from omni_demo.config import DEFAULT_SYSTEM_PROMPT, GenerationOptions, Limits
+from omni_demo.config import DEFAULT_SYSTEM_PROMPT, CacheConfig, GenerationOptions, Limits
 from omni_demo.config import INPUT_SAMPLE_RATE as SAMPLE_RATE
+from omni_demo.engine.omni_engine import OmniEngine
 from omni_demo.errors import InputError
 from omni_demo.events import Finished
-from omni_demo.inputs.clips import clip_frame_count, write_clip
+from omni_demo.inputs.clips import VideoClip, clip_frame_count, write_clip
 from omni_demo.inputs.media import plan_part, read_audio, read_video
 from omni_demo.inputs.messages import system_message
 
@@ -175,7 +176,7 @@ class Webcam(threading.Thread):
 
 
 @needs_espeak
-def test_camera_turns_reach_the_model_as_video_with_sound_and_match_the_turn_rebuilt_offline(engine, tmp_path,
+def test_camera_turns_reach_the_model_as_video_with_sound_and_match_the_turn_rebuilt_offline(engine, loaded, tmp_path,
                                                                                             monkeypatch):
     folder = tmp_path / "speech"
     folder.mkdir()
@@ -215,19 +216,25 @@ def test_camera_turns_reach_the_model_as_video_with_sound_and_match_the_turn_reb
     assert replies[1].finished.stats.reused_prompt_tokens >= len(prompts[0].input_ids[0])
     assert len(reply.finished.text_token_ids) >= 8  # long enough to compare
     # the prompt: the turn's frames and its sound interleaved per 2 s chunk (TMRoPE), as the processor lays them out
-    ids = next(p for p in prompts if p.messages[-1]["content"][0].get("video") == turn.path).input_ids[0].tolist()
+    clip = call.conversation[0]["content"][0]["video"]  # in memory: the frames and sound exactly as sent and heard
+    assert isinstance(clip, VideoClip) and Path(turn.path).stat().st_size > 0  # the chat's copy: its file
+    ids = next(p for p in prompts if p.messages[-1]["content"][0].get("video") is clip).input_ids[0].tolist()
     config = engine.model.config.thinker_config
     runs = kinds_in_order(ids, {config.video_token_index: "video", config.audio_token_index: "audio"})
     seconds = len(turn.audio) / SAMPLE_RATE
     assert runs[:2] == ["video", "audio"] and runs.count("video") == -(-clip_frame_count(seconds) // 4)
-    assert call.conversation[0]["content"][0]["video"] == turn.path
-    # offline: the frames the page sent and the audio the call heard, through the same camera and clip
+    # watched while spoken: its first 2 s chunk (frames and sound) was prefilled before the turn ended
+    assert reply.finished.stats.reused_prompt_tokens >= 2 * 130 + 50
+    # offline: the frames the page sent and the audio the call heard, through the same camera, processed
+    # whole by an engine that keeps nothing between replies
     offline_camera = Camera(CameraConfig(max_fps=10_000, max_bytes_per_s=10**9))  # all at once, not as a page sends
     offline_camera.put(True, webcam.sent)
     frames = offline_camera.turn_frames(turn.end_s - seconds, turn.end_s)
-    assert all(np.array_equal(a, b) for a, b in zip(frames, clips[0][0], strict=True))
-    path = write_clip(tmp_path / "offline.mp4", frames, turn.audio)
-    offline = list(engine.stream([{"role": "user", "content": [{"type": "video", "video": path}]}], GREEDY))
+    assert np.array_equal(np.stack(frames), clip.frames) and np.array_equal(turn.audio, clip.audio)
+    whole = OmniEngine(loaded, cache=CacheConfig(enabled=False))
+    offline = list(whole.stream([{"role": "user", "content": [{"type": "video", "video": VideoClip(np.stack(frames),
+                                                                                                   turn.audio)}]}],
+                                GREEDY))
     finished = next(e for e in offline if isinstance(e, Finished))
     assert finished.text_token_ids == reply.finished.text_token_ids
     assert finished.codec_token_ids == reply.finished.codec_token_ids
@@ -352,3 +359,59 @@ def test_a_budget_refusal_names_the_budget():
     assert refused["camera"] == "off" and "1024×768" in refused["notice"]
     calls.end(pending, Request("a"))
     list(run)
+
+
+def watched(engine, history, frames: np.ndarray, audio: np.ndarray, options=GREEDY, lag_s: float = 0.5):
+    """A camera turn fed as a call feeds it: 0.25 s of sound at a time, and the frames of the chunks
+    whose time is `lag_s` behind the sound (a frame may still arrive until then)."""
+    watcher = engine.watch(history, options)
+    step = SAMPLE_RATE // 4
+    for at in range(0, len(audio), step):
+        heard_s = (at + step) / SAMPLE_RATE
+        chunks = max(0, int((heard_s - lag_s) // 2))
+        watcher.feed(frames[: 4 * chunks], audio[at : at + step])
+    return watcher, watcher.end_turn(frames)
+
+
+def test_a_camera_turn_watched_chunk_by_chunk_is_the_clip_processed_whole(loaded):
+    """Each 2 s chunk of frames and sound is encoded and prefilled while the user speaks; the
+    greedy reply is token for token and code for code the reply to the clip processed whole."""
+    from omni_demo.config import CacheConfig
+    from omni_demo.engine.omni_engine import OmniEngine
+    from omni_demo.inputs.clips import VideoClip
+    from omni_demo.tools.bench import utterance
+
+    watching, whole = OmniEngine(loaded), OmniEngine(loaded, cache=CacheConfig(enabled=False))
+    rng = np.random.default_rng(7)
+    audio = utterance(7.0)  # 3 whole chunks, then 1 s
+    frames = rng.integers(0, 255, (clip_frame_count(7.0), 280, 392, 3), dtype=np.uint8)
+    history = [system_message(DEFAULT_SYSTEM_PROMPT)]
+    watcher, messages = watched(watching, history, frames, audio)
+    assert len(watcher.seen) == 3 and watcher.chunks_kept == 3
+    ours = [e for e in watching.stream(messages, GREEDY) if isinstance(e, Finished)][-1]
+    theirs = [e for e in whole.stream(history + [{"role": "user", "content": [
+        {"type": "video", "video": VideoClip(frames, audio)}]}], GREEDY) if isinstance(e, Finished)][-1]
+    assert ours.text_token_ids == theirs.text_token_ids
+    assert ours.codec_token_ids == theirs.codec_token_ids and len(ours.codec_token_ids) >= 24
+    # the three chunks (their frames: 140 tokens a second; their sound: 25) came from the cache
+    assert ours.stats.reused_prompt_tokens >= 3 * (2 * 140 + 50)
+
+
+def test_a_clip_in_memory_is_read_as_it_is_within_its_budget_and_like_a_file_over_it():
+    from omni_demo.inputs.prepare import read_media
+
+    frames = np.random.default_rng(1).integers(0, 255, (8, 280, 392, 3), dtype=np.uint8)
+    audio = np.zeros(4 * SAMPLE_RATE, np.float32)
+    part = {"type": "video", "video": VideoClip(frames, audio)}
+    plan = plan_part(part, Limits(), with_audio=True, token_budget=8192, image_max_pixels=10**8)
+    assert plan.options == {} and plan.tokens == 4 * 140 + 100  # its key is the clip's own (a watched turn's)
+    video = read_media(part, plan, with_audio=True)["videos"][0]
+    assert video.shape == (8, 3, 280, 392) and np.array_equal(video[3].permute(1, 2, 0).numpy(), frames[3])
+    small = plan_part(part, Limits(), with_audio=True, token_budget=400, image_max_pixels=10**8)
+    assert small.options["nframes"] < 8 and small.tokens - 100 <= 400  # fewer, smaller frames: as a file's
+    read = read_media({**part, **small.options}, small, with_audio=True)
+    assert read["videos"][0].shape == (small.options["nframes"], 3, small.options["resized_height"],
+                                       small.options["resized_width"])
+    assert read["audio"][0] is audio
+    with pytest.raises(ValueError, match="whole frame pairs"):
+        VideoClip(frames[:3], audio)

@@ -27,6 +27,16 @@ class TurnListener(Protocol):
         """The conversation to reply to: the history, then this turn's first `length` samples."""
 
 
+class TurnWatcher(Protocol):
+    """A turn spoken with the camera on, seen and heard while it arrives (omni_demo.engine.listening.Watcher)."""
+
+    def feed(self, frames: np.ndarray, pcm: np.ndarray) -> None:
+        """The turn's final frames so far ([n, h, w, 3] uint8, 2 per second) and its newest samples."""
+
+    def end_turn(self, frames: np.ndarray, length: int | None = None) -> list[dict]:
+        """The conversation to reply to: the history, then the turn as a video with its sound."""
+
+
 @runtime_checkable
 class Backend(Protocol):
     model_name: str  # what the page's title and /v1/models show
@@ -43,3 +53,7 @@ class Backend(Protocol):
     def listen(self, history: list[dict], options: GenerationOptions | None = None) -> TurnListener | None:
         """A listener for the next spoken turn, or None where the backend cannot listen (it is then
         sent the whole turn). A call starts a reply during the user's pause only while listening."""
+
+    def watch(self, history: list[dict], options: GenerationOptions | None = None) -> TurnWatcher | None:
+        """A watcher for the next turn spoken with the camera on, or None (it is then sent the
+        turn's video file whole)."""

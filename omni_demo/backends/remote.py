@@ -208,3 +208,7 @@ class RemoteBackend:
     def listen(self, history: list[dict], options: GenerationOptions | None = None) -> None:
         """A remote server cannot listen: each spoken turn is sent whole when it ends."""
         return None
+
+    def watch(self, history: list[dict], options: GenerationOptions | None = None) -> None:
+        """Nor watch: a camera turn is sent as its video file when it ends."""
+        return None

@@ -42,3 +42,7 @@ class ZeroGPUBackend:
     def listen(self, history, options=None) -> None:
         """No listening: the GPU is lent per reply, so a turn's windows cannot be prefilled ahead."""
         return None
+
+    def watch(self, history, options=None) -> None:
+        """Nor watching, for the same reason: a camera turn is sent as its video file."""
+        return None

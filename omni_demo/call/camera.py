@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from omni_demo.errors import InputError
-from omni_demo.inputs.clips import VIDEO_FPS, clip_frame_count
+from omni_demo.inputs.clips import VIDEO_FPS, clip_frame_count, video_frame_size
 
 MIN_SIDE = 28  # pixels: one vision patch after merging
 log = logging.getLogger(__name__)
@@ -157,22 +157,22 @@ class Camera:
         checked_jpeg(jpeg, config.max_frame_pixels)
         return Frame(float(at_s), jpeg)
 
-    def turn_frames(self, start_s: float, end_s: float) -> list[np.ndarray] | None:
-        """The turn from `start_s` to `end_s` of the call's audio as frames at VIDEO_FPS (as many as
-        its clip gets: clip_frame_count), all the size of the newest; None while the camera is off,
-        or when its newest frame is over STALE_S older than the turn (it stopped sending)."""
+    def turn_frames(self, start_s: float, end_s: float, count: int | None = None) -> list[np.ndarray] | None:
+        """The turn from `start_s` to `end_s` of the call's audio as frames at VIDEO_FPS (`count`, or
+        as many as its clip gets: clip_frame_count), all the size of the newest; None while the camera
+        is off, or when its newest frame is over STALE_S older than the turn (it stopped sending)."""
         with self.lock:
             if not self.on or not self.frames or self.frames[-1].at_s < start_s - STALE_S:
                 return None
             frames = list(self.frames)
-        count = min(clip_frame_count(end_s - start_s), self.config.max_turn_frames // 2 * 2)
+        count = min(count or clip_frame_count(end_s - start_s), self.config.max_turn_frames // 2 * 2)
         times = [frame.at_s for frame in frames]
         picked = []
         for k in range(count):
             index = bisect.bisect_right(times, start_s + k / VIDEO_FPS) - 1  # the newest taken by then
             picked.append(frames[max(index, 0)])
-        width, height = picked[-1].decode().shape[1::-1]
-        size = (width // 2 * 2, height // 2 * 2)  # even sides, as the video encoder's 4:2:0 needs
+        height, width = video_frame_size(*picked[-1].decode().shape[:2])
+        size = (width, height)  # as the model reads a frame: sides multiples of 28
         decoded: dict[int, np.ndarray] = {}  # a frame picked twice is decoded once
         for frame in picked:
             if id(frame) not in decoded:
@@ -203,13 +203,20 @@ def camera_turn(camera: Camera, start_s: float, end_s: float, audio: np.ndarray,
     with its video, and the files made for it (the video, then its sound where that is a part of
     its own); None while the camera is off. A turn that cannot be made a video stays an audio
     turn, and the camera is off for the rest of the call."""
+    frames = camera.turn_frames(start_s, end_s)
+    path = None if frames is None else save_clip(camera, save_video, frames, audio)
+    if path is None:
+        return None
+    message = video_turn(path, audio, use_audio_in_video, save_audio)
+    return message, [part[part["type"]] for part in message["content"] if isinstance(part[part["type"]], str)]
+
+
+def save_clip(camera: Camera, save_video, frames: list[np.ndarray], audio: np.ndarray) -> str | None:
+    """`save_video(frames, audio)`: the turn's video file; None where it cannot be made (the turn
+    stays an audio turn, and the camera is off for the rest of the call)."""
     try:
-        frames = camera.turn_frames(start_s, end_s)
-        if frames is None:
-            return None
-        message = video_turn(save_video(frames, audio), audio, use_audio_in_video, save_audio)
+        return save_video(frames, audio)
     except Exception as exc:  # a camera only adds to a turn: it goes on as audio
         log.exception("could not make a video of this turn")
         camera.refuse(f"its frames could not be made a video ({type(exc).__name__})")
         return None
-    return message, [part[part["type"]] for part in message["content"] if isinstance(part[part["type"]], str)]

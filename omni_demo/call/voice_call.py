@@ -34,7 +34,7 @@ from omni_demo.config import INPUT_SAMPLE_RATE, SAMPLE_RATE, GenerationOptions
 from omni_demo.errors import InputError
 from omni_demo.events import AudioChunk, ContextTrimmed, Finished, TextDelta
 
-from .camera import Camera, CameraConfig, camera_turn
+from .camera import Camera, CameraConfig, camera_turn, save_clip
 from .events import (
     CallEnded,
     PlaybackInterrupted,
@@ -50,6 +50,7 @@ from .events import (
 )
 from .microphone import AudioClock, Microphone
 from .replies import ActiveReply, EarlyReply, same_audio
+from .turn_listening import TurnListening
 from .turns import SpeechPaused, SpeechResumed, SpeechStarted, TurnConfig, TurnDetector, TurnEnded
 
 log = logging.getLogger(__name__)
@@ -77,43 +78,6 @@ class CallConfig:
             raise ValueError(f"invalid call settings: {self}")
 
 
-class _TurnListening:
-    """The backend listening to the turn being spoken; without a listener the turn is read whole."""
-
-    def __init__(self, backend: Backend, conversation: list[dict], options: GenerationOptions):
-        self.listener = None
-        self.fed = 0  # samples of the turn given to it
-        try:
-            self.listener = backend.listen(conversation, options)
-        except Exception:  # listening only saves time: the turn is then read whole
-            log.exception("could not listen to this turn")
-
-    def feed(self, samples: np.ndarray) -> None:
-        if self.listener is None or not len(samples):
-            return
-        try:
-            self.listener.feed_audio(samples)
-            self.fed += len(samples)
-        except InputError as exc:  # over its audio limit: the turn is then read whole
-            log.warning("stopped listening to this turn: %s", exc)
-            self.listener = None
-        except Exception:  # listening only saves time
-            log.exception("listening failed; this turn will be read whole")
-            self.listener = None
-
-    def end_turn(self, audio: np.ndarray) -> list[dict] | None:
-        """The conversation ending in the turn `audio` (as the detector cut it: its pre-roll to the end
-        of the speech, not the pause after it), its windows heard; None when not listening."""
-        self.feed(audio[self.fed:])  # what the last chunk added before the pause
-        if self.listener is None:
-            return None
-        try:
-            return self.listener.end_turn(len(audio))
-        except Exception:
-            log.exception("listening failed at the end of a turn; reading it whole")
-            return None
-
-
 class VoiceCall:
     """One voice call over a `Backend`."""
 
@@ -134,10 +98,10 @@ class VoiceCall:
         self.detector = TurnDetector(self.config.turns, vad)
         self.mic = Microphone()
         self.camera = Camera(self.config.camera)
-        self.can_listen: bool | None = None  # the backend listens (this process's engine): known at the first turn
+        self.can_listen = False  # the backend listens (this process's engine): known at the first turn
         self.ended = ended or threading.Event()
         self.clock = AudioClock()  # samples fed to the detector, and when they arrived
-        self.listening: _TurnListening | None = None  # the backend listening to the turn being spoken
+        self.listening: TurnListening | None = None  # the backend listening to (or watching) the turn being spoken
         self.reply: ActiveReply | None = None
         self.early: EarlyReply | None = None  # at most one of reply and early is set
         self.playing_until = 0.0  # when the page's player runs out of the last reply's audio (estimate)
@@ -228,21 +192,20 @@ class VoiceCall:
         elif time.monotonic() < self.playing_until:
             self.playing_until = 0.0
             yield PlaybackInterrupted()
-        if self.camera.on and self.can_listen:  # a camera turn: the model will read its frames with its sound
-            self.listening = None
-            return
-        listening = _TurnListening(self.backend, self.conversation, self.options)
+        audio = self.detector.turn_audio()
+        start_s = self.detector.seconds(self.detector.frames) - len(audio) / INPUT_SAMPLE_RATE
+        camera = self.camera if self.camera.on and self.save_video is not None else None
+        listening = TurnListening.begin(self.backend, self.conversation, self.options, camera, start_s)
         self.can_listen = listening.listener is not None
-        self.listening = listening if self.can_listen else None  # none: the turn is read whole
+        self.listening = listening if listening.listener is not None else None  # none: the turn is read whole
         if self.listening is not None:
-            self.listening.feed(self.detector.turn_audio())
+            self.listening.feed(audio)
 
     def _start_early(self, turn: SpeechPaused) -> None:
         """The user paused: start the reply to the turn so far, in case the pause goes on. Only
         while listening: that backend is this process's engine, whose generator closes at once."""
         self._drop_early()  # (the detector takes a pause back before it tells another)
-        camera = self._camera_turn(turn) if self.can_listen else None
-        messages, files = camera or (self.listening.end_turn(turn.audio) if self.listening else None, [])
+        messages, files = self._turn_messages(turn) if self.can_listen else (None, [])
         if messages is not None:
             cancel = threading.Event()
             self.early = EarlyReply(turn, messages, self.backend.stream(messages, self.options, cancel), cancel,
@@ -262,14 +225,10 @@ class VoiceCall:
         if early is not None and not early.answers(event):  # the turn changed since (a max_turn_s cut)
             early.drop()
             early = None
-        messages, files = (early.messages, early.files) if early is not None else (None, [])
-        if early is None:
-            messages, files = self._camera_turn(event) or (None, [])
-        if messages is None and self.listening is not None:
-            messages = self.listening.end_turn(event.audio)
-            if messages is not None and not same_audio(messages, event):  # fed another turn's audio (one
-                log.warning("the audio listened to is not the turn's; reading it whole")  # upload held both)
-                messages = None
+        messages, files = (early.messages, early.files) if early is not None else self._turn_messages(event)
+        if messages is not None and not files and not same_audio(messages, event):  # fed another turn's audio
+            log.warning("the audio listened to is not the turn's; reading it whole")  # (one upload held both)
+            messages = None
         self.listening = None
         audio = event.audio if messages is None or files else messages[-1]["content"][0]["audio"]
         path = files[0] if files else self.save_audio(audio) if self.save_audio else None
@@ -289,14 +248,18 @@ class VoiceCall:
         elif early.ended:
             yield from self._reply_done(interrupted=False)
 
-    def _camera_turn(self, turn: SpeechPaused | TurnEnded) -> tuple[list[dict], list[str]] | None:
-        """With the camera on: the conversation ending in the turn as a video with its sound, and its
-        files (call.camera.camera_turn); None with it off, or where the call keeps no videos."""
-        if self.save_video is None:
-            return None
-        made = camera_turn(self.camera, turn.end_s - len(turn.audio) / INPUT_SAMPLE_RATE, turn.end_s, turn.audio,
-                           self.options.use_audio_in_video, self.save_video, self.save_audio)
-        return None if made is None else (self.conversation + [made[0]], made[1])
+    def _turn_messages(self, turn: SpeechPaused | TurnEnded) -> tuple[list[dict] | None, list[str]]:
+        """The conversation ending in `turn` and its files: a video with its sound while the camera is
+        on (watched, or its file: camera_turn), as the backend listened to it, or (None, []): read whole."""
+        watched = self.listening.end_turn(turn.audio, turn.end_s) if self.listening is not None else None
+        if watched is not None and self.listening.watching:  # the model reads the clip; the chat shows its file
+            clip = watched[-1]["content"][0]["video"]
+            path = save_clip(self.camera, self.save_video, list(clip.frames), clip.audio)
+            return (watched, [path]) if path is not None else (None, [])
+        made = None if self.save_video is None else camera_turn(
+            self.camera, turn.end_s - len(turn.audio) / INPUT_SAMPLE_RATE, turn.end_s, turn.audio,
+            self.options.use_audio_in_video, self.save_video, self.save_audio)
+        return (self.conversation + [made[0]], made[1]) if made is not None else (watched, [])
 
     # -- the reply -----------------------------------------------------------------------------
 

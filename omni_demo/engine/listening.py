@@ -33,6 +33,9 @@ A window encoded alone equals its part of the whole-clip encoding up to float ro
 blocking depends on the shapes; the difference is around 1e-6 of the values), so an exact reply
 after listening is the reply to the clip processed whole wherever greedy decoding is not balanced
 on a knife's edge: in tests/test_listening.py it is the same token for token and code for code.
+
+With the camera on, a `Watcher` (below) does the same for a turn's frames and sound together,
+2 s chunk by 2 s chunk.
 """
 
 from __future__ import annotations
@@ -46,9 +49,17 @@ import torch
 
 from omni_demo.config import INPUT_SAMPLE_RATE, GenerationOptions
 from omni_demo.errors import InputError
+from omni_demo.inputs.clips import VIDEO_FPS, VideoClip
 from omni_demo.inputs.messages import normalize_conversation
-from omni_demo.inputs.prepare import PreparedInputs, media_items
-from omni_demo.inputs.prompt import MediaItem, audio_feature_samples, build_prompt, join_tensors, media_key
+from omni_demo.inputs.prepare import PreparedInputs, media_items, read_media
+from omni_demo.inputs.prompt import (
+    MediaItem,
+    audio_feature_samples,
+    build_prompt,
+    join_tensors,
+    media_key,
+    process_media,
+)
 
 from .conversation_cache import Prefix
 from .decoders import ThinkerDecoder
@@ -68,6 +79,7 @@ class Window:
 class Listener:
     """One spoken user turn, heard as it arrives. Made by `OmniEngine.listen`."""
 
+    kind = "audio"  # the turn's media part
     def __init__(self, engine, history: list[dict], options: GenerationOptions, exact: bool = False):
         if engine.conversation_cache is None:
             raise ValueError("listening needs the engine's conversation cache (CacheConfig(enabled=True))")
@@ -173,13 +185,16 @@ class Listener:
 
     def _catch_up(self) -> None:
         """Encode the newly finished windows, then prefill the thinker through their tokens."""
+        self._encode_windows()
+        self._prefill(self._partial_item())
+
+    def _encode_windows(self) -> None:
         finished = self._finished_windows()
         features = self._log_mel(self.samples)
         digest = hashlib.sha256(self.samples.tobytes()).hexdigest()
         for index in range(len(self.windows), finished):
             frames = features[:, index * self.window_frames : (index + 1) * self.window_frames]
             self.windows.append(Window(f"heard:{digest}:{index}", frames, self._encode(frames)))
-        self._prefill(self._partial_item())
 
     def _partial_item(self) -> MediaItem:
         """The finished windows as one audio item (its tensors carry only what positions need)."""
@@ -236,7 +251,7 @@ class Listener:
             plans = engine.plan_media(self.history, self.options)  # as the reply's fit_context will
             self.history_items = media_items(self.processor, self.history, plans, self.use_audio_in_video,
                                              self.media_cache)
-        messages = self.history + [{"role": "user", "content": [{"type": "audio", "audio": "heard so far"}]}]
+        messages = self.history + [{"role": "user", "content": [{"type": self.kind, self.kind: "heard so far"}]}]
         ids, spans = build_prompt(self.processor, messages, [*self.history_items, item])
         # Through the audio-end token: mRoPE positions are computed for whole <audio> blocks. The
         # cache serves later prompts only as far as their tokens agree, so that token's KV is never
@@ -249,9 +264,158 @@ class Listener:
         input_ids = torch.tensor([ids], device=engine.loaded.device)
         tensors = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                    **{name: value.to(engine.loaded.device) for name, value in join_tensors(items).items()}}
-        inputs = PreparedInputs(tensors, messages, self.use_audio_in_video and self.history_has_video, spans)
+        with_video = self.history_has_video or self.kind == "video"
+        inputs = PreparedInputs(tensors, messages, self.use_audio_in_video and with_video, spans)
         thinker = ThinkerDecoder(engine.model.thinker, engine.decode_step("thinker"))
         thinker.prefill(inputs, engine.conversation_cache, self.options.cache_scope)
         replaces = thinker.supersedes(thinker.prefix is not None and thinker.prefix is self.partial)
         self.partial = thinker.kept_prefix(ids, spans, partial=True)
         engine.conversation_cache.add(self.partial, replaces=replaces)
+
+
+# -- watching: a turn spoken with the camera on ---------------------------------------------------
+# A camera turn's frames and sound encoded and prefilled chunk by chunk as they arrive, as
+# `Listener` does above for a spoken turn's sound.
+#
+# With use_audio_in_video the processor lays a video with its sound out in 2 s chunks on one time
+# axis (TMRoPE): `<|audio_bos|>`, then for each chunk its frames' tokens (4 frames at 2 per second:
+# two temporal patches) and its 50 sound tokens, then `<|audio_eos|>`. Chunk j's tokens and
+# positions are the same in a clip of j + 1 chunks as in any longer clip, and each chunk's encoder
+# outputs depend on that chunk alone: Qwen2.5-Omni's vision tower attends within one temporal patch
+# (its cu_seqlens run per frame pair), its audio encoder within one 2 s window. So a `Watcher`
+# encodes each chunk once its frames and sound are final, and prefills the conversation through
+# the chunks so far (the clip so far, through the processor, with their encoder outputs), keeping
+# the result in the conversation cache:
+#
+#     watcher = engine.watch(history, options)   # history: the conversation before this turn
+#     for pcm, frames in call:                   # the turn's sound, any chunk size; its frames so far
+#         watcher.feed(frames, pcm)              #   (whole chunks of 4 that can no longer change)
+#     messages = watcher.end_turn(frames)        # history + the turn as a VideoClip
+#     for event in engine.stream(messages, options): ...
+#
+# At the end the clip's item is made whole: leading chunks whose frames and sound windows are those
+# of the whole clip are kept (windows compared exactly, as `Listener(exact=True)` does: a window
+# whose log-mel floor moved is encoded again), the rest is encoded there, so the reply is the reply
+# to the clip processed whole (tests/test_video_call.py).
+
+CHUNK_S = 2.0  # seconds per chunk: the processor's seconds_per_chunk, the audio encoder's window
+CHUNK_FRAMES = round(CHUNK_S * VIDEO_FPS)  # 4 frames: two temporal patches
+HEAVY = ("pixel_values_videos", "input_features")  # inputs the encoder outputs stand in for
+
+
+@dataclass
+class SeenChunk:
+    """The frames of one chunk, encoded while the turn was still being spoken."""
+
+    digest: str  # of its frames
+    output: torch.Tensor  # [tokens, D] the vision tower's output
+
+
+class Watcher(Listener):
+    """One camera turn, seen and heard as it arrives. Made by `OmniEngine.watch`."""
+
+    kind = "video"
+
+    def __init__(self, engine, history: list[dict], options: GenerationOptions):
+        if not options.use_audio_in_video:
+            raise ValueError("watching reads a video with its sound: use_audio_in_video")
+        super().__init__(engine, history, options, exact=True)
+        self.video_token = engine.model.config.thinker_config.video_token_index
+        self.frames = np.zeros((0, 0, 0, 3), np.uint8)  # the turn's final frames so far
+        self.seen: list[SeenChunk] = []
+        self.chunks_kept = 0  # after end_turn: the leading chunks that came from watching
+
+    def feed(self, frames: np.ndarray, pcm: np.ndarray) -> None:
+        """The turn's frames so far ([n, h, w, 3] uint8 at 2 per second, none of which can still
+        change) and its newest samples; each chunk they complete is encoded and prefilled as a job
+        of the engine's scheduler."""
+        if len(frames) > len(self.frames):
+            self.frames = np.asarray(frames, np.uint8)
+        self.feed_audio(pcm)  # schedules the work where a sound window completes
+        if self.listening and self._ready_chunks() > len(self.seen):  # (the frames came after the sound)
+            self.engine.scheduler.call(self._catch_up, skip_if_busy=True)
+
+    def end_turn(self, frames: np.ndarray, length: int | None = None) -> list[dict]:
+        """The conversation to reply to: the history, then the turn's `frames` and its first
+        `length` samples as one VideoClip (its item, made of the chunks watched, in the media cache)."""
+        samples = self.samples[:length]
+        if not len(samples):
+            raise InputError("no audio was heard in this turn")
+        part = {"type": "video", "video": VideoClip(np.asarray(frames, np.uint8), samples)}
+        if self.seen:
+            self.engine.scheduler.call(lambda: self._keep_clip(part), skip_if_busy=True)
+        return self.history + [{"role": "user", "content": [part]}]
+
+    # -- chunks -----------------------------------------------------------------------------
+
+    def _ready_chunks(self) -> int:
+        """Chunks whose frames and sound window are both final."""
+        return min(len(self.frames) // CHUNK_FRAMES, self._finished_windows())
+
+    def _catch_up(self) -> None:
+        """Encode the newly final sound windows and chunks of frames; prefill through them."""
+        self._encode_windows()
+        ready = min(len(self.frames) // CHUNK_FRAMES, len(self.windows))
+        if ready <= len(self.seen):
+            return
+        samples = self.samples[: round(ready * CHUNK_S * INPUT_SAMPLE_RATE)]
+        item = self._clip_item(self.frames[: ready * CHUNK_FRAMES], samples, f"watched:{ready}")
+        pixels, grid = item.tensors["pixel_values_videos"], item.tensors["video_grid_thw"]
+        rows = len(pixels) // int(grid[0][0]) * (CHUNK_FRAMES // 2)  # pixel rows per chunk
+        for index in range(len(self.seen), ready):
+            frames = self.frames[index * CHUNK_FRAMES : (index + 1) * CHUNK_FRAMES]
+            self.seen.append(SeenChunk(hashlib.sha256(frames.tobytes()).hexdigest(),
+                                       self._vision(pixels[index * rows : (index + 1) * rows], grid, CHUNK_FRAMES // 2)))
+        item.features = {self.video_token: torch.cat([chunk.output for chunk in self.seen[:ready]]),
+                         self.audio_token: torch.cat([window.output for window in self.windows[:ready]])}
+        item.tensors = {name: value for name, value in item.tensors.items() if name not in HEAVY}
+        item.segments = self._segments(item.key, ready, item)
+        self._prefill(item)
+
+    def _clip_item(self, frames: np.ndarray, samples: np.ndarray, key: str) -> MediaItem:
+        """The processor's item of these frames and this sound (tokens, grids, masks, pixels)."""
+        part = {"type": "video", "video": VideoClip(frames, samples)}
+        return process_media(self.processor, "video", key, read_media(part, None, with_audio=True))
+
+    def _vision(self, pixel_values: torch.Tensor, grid: torch.Tensor, patches: int) -> torch.Tensor:
+        """The vision tower's output [tokens, D] of `patches` temporal patches of one size."""
+        thinker = self.engine.model.thinker.model
+        device = thinker.audio_tower.proj.weight.device
+        grid_thw = torch.tensor([[patches, int(grid[0][1]), int(grid[0][2])]], device=device)
+        with torch.inference_mode():
+            return thinker.get_video_features(pixel_values.to(device), grid_thw).pooler_output[0]
+
+    def _segments(self, key: str, chunks: int, item: MediaItem) -> list[tuple[str, int]]:
+        """(digest, tokens) runs of an item whose first `chunks` chunks came from watching: one per
+        chunk (its frames and its sound window), the first with the item's opening token."""
+        runs, used = [], 0
+        for index in range(chunks):
+            tokens = len(self.seen[index].output) + len(self.windows[index].output) + (index == 0)
+            runs.append((f"{self.seen[index].digest}:{self.windows[index].digest}", tokens))
+            used += tokens
+        return runs + [(f"{key}:from-chunk-{chunks}", len(item.token_ids) - used)]
+
+    def _keep_clip(self, part: dict) -> None:
+        """The clip's item, made of the chunks watched, into the engine's media cache."""
+        clip: VideoClip = part["video"]
+        key = media_key(part, with_audio=True)
+        item = self._clip_item(clip.frames, clip.audio, key)
+        windows = self.windows[: self._finished_windows(len(clip.audio))]
+        sound = self._whole_item({"type": "audio", "audio": clip.audio}, windows)  # exact: identical windows kept
+        kept = 0
+        while (kept < min(len(self.seen), self.windows_kept)
+               and self.seen[kept].digest == hashlib.sha256(
+                   clip.frames[kept * CHUNK_FRAMES : (kept + 1) * CHUNK_FRAMES].tobytes()).hexdigest()):
+            kept += 1
+        self.chunks_kept = kept
+        pixels, grid = item.tensors["pixel_values_videos"], item.tensors["video_grid_thw"]
+        patches = int(grid[0][0])
+        outputs = [chunk.output for chunk in self.seen[:kept]]
+        if kept * CHUNK_FRAMES // 2 < patches:
+            rows = len(pixels) // patches
+            outputs.append(self._vision(pixels[kept * CHUNK_FRAMES // 2 * rows :], grid,
+                                        patches - kept * CHUNK_FRAMES // 2))
+        item.features = {self.video_token: torch.cat(outputs), self.audio_token: sound.features[self.audio_token]}
+        item.tensors = {name: value for name, value in item.tensors.items() if name not in HEAVY}
+        item.segments = self._segments(key, kept, item)
+        self.media_cache.put(item)

@@ -19,8 +19,16 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from omni_demo.config import (DEFAULT_SYSTEM_PROMPT, SAMPLE_RATE, SAMPLES_PER_CODE, BatchConfig, CacheConfig,
-                              GenerationOptions, Limits, StreamingConfig)
+from omni_demo.config import (
+    DEFAULT_SYSTEM_PROMPT,
+    SAMPLE_RATE,
+    SAMPLES_PER_CODE,
+    BatchConfig,
+    CacheConfig,
+    GenerationOptions,
+    Limits,
+    StreamingConfig,
+)
 from omni_demo.errors import Cancelled, InputError
 from omni_demo.events import ContextTrimmed, Event, Finished, ReplyClock
 from omni_demo.inputs.context import fit_context, plan_conversation
@@ -32,7 +40,7 @@ from omni_demo.models.loading import LoadedModel
 from .conversation_cache import ConversationCache, crop
 from .decode_step import LeanStep, PlainStep, graph_buckets
 from .decoders import DecodeStep, TalkerDecoder, ThinkerDecoder
-from .listening import Listener
+from .listening import Listener, Watcher
 from .sampling import talker_eos, talker_sampler, thinker_sampler, token_id_list
 from .scheduler import Scheduler, max_batch
 from .sequence import Sequence
@@ -203,6 +211,13 @@ class OmniEngine:
         `options` those the reply will have (they decide how the history's media are read); `exact`:
         keep only windows identical to the whole clip's."""
         return Listener(self, history, options or GenerationOptions(), exact)
+
+    def watch(self, history: list[dict], options: GenerationOptions | None = None) -> Watcher | None:
+        """A Watcher for the next user turn, spoken with the camera on: its frames and sound encoded
+        and prefilled chunk by chunk (omni_demo.engine.listening.Watcher). None without use_audio_in_video
+        (its sound is then a part beside its frames: the turn is read whole)."""
+        options = options or GenerationOptions()
+        return Watcher(self, history, options) if options.use_audio_in_video else None
 
     # -- the reply -------------------------------------------------------------------------------
 

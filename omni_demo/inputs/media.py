@@ -27,13 +27,10 @@ import numpy as np
 from omni_demo.config import INPUT_SAMPLE_RATE, Limits
 from omni_demo.errors import InputError, first_line
 
-from .clips import VIDEO_FPS
+from .clips import PATCH, VIDEO_FPS, VIDEO_MAX_FRAME_TOKENS, VIDEO_MIN_FRAME_TOKENS, VideoClip, smart_resize
 
-PATCH = 28  # pixels per merged vision token side (14 px patches, 2 x 2 merge)
 AUDIO_RATE = INPUT_SAMPLE_RATE
 AUDIO_TOKENS_PER_S = 25  # 100 mel frames per second, halved by the encoder and again by its pooling
-VIDEO_MIN_FRAME_TOKENS = 128  # qwen-omni-utils' floor per frame pair, whatever the budget
-VIDEO_MAX_FRAME_TOKENS = 768  # per frame pair (the video processor's max_pixels, 602,112 px)
 
 
 @dataclass(frozen=True)
@@ -147,6 +144,8 @@ def plan_part(part: dict, limits: Limits, *, with_audio: bool, token_budget: int
     """The reading plan of one media part, decided from its header; InputError when it is over a limit.
     `token_budget`: most tokens one image or video may take (the rest of the window decides the rest)."""
     kind, source = part["type"], part[part["type"]]
+    if isinstance(source, VideoClip):
+        return _plan_clip(source, limits, with_audio, token_budget)
     if not isinstance(source, (str, Path)):  # in-memory arrays and images (CLI/tests): already decoded
         return _plan_in_memory(part, kind, source)
     name = describe(source)
@@ -169,13 +168,28 @@ def _plan_in_memory(part: dict, kind: str, source: Any) -> PartPlan:
         seconds = len(source) / AUDIO_RATE
         return PartPlan(kind, describe(source), audio_tokens(seconds), seconds)
     if kind == "image" and hasattr(source, "size"):
-        h, w = _resized(source.size[1], source.size[0], part.get("max_pixels", 16384 * PATCH**2))
+        h, w = smart_resize(source.size[1], source.size[0], part.get("max_pixels", 16384 * PATCH**2))
         return PartPlan(kind, describe(source), (h // PATCH) * (w // PATCH))
     return PartPlan(kind, describe(source), 0)
 
 
+def _plan_clip(clip: VideoClip, limits: Limits, with_audio: bool, token_budget: int) -> PartPlan:
+    """A clip in memory is planned as a file of its frames and length would be. Within the budget
+    that reads it as it is: all its frames at their size, with no reading options (so its content
+    key is the clip's own: a call's watched turn is found under it); over it, fewer and smaller
+    frames, as for a file."""
+    n, height, width, _ = clip.frames.shape
+    if clip.seconds > limits.max_video_s:
+        raise InputError(f"this video is {clip.seconds:.1f} s long; the limit is {limits.max_video_s:g} s")
+    info = Probe(width, height, n, VIDEO_FPS, clip.seconds, True, True, "in memory")
+    plan = _plan_video({}, "a camera turn", info, limits, with_audio, min(limits.max_video_tokens, token_budget))
+    if plan.options == {"nframes": n, "resized_height": height, "resized_width": width}:
+        plan.options = {}
+    return plan
+
+
 def _plan_image(name: str, info: Probe, limits: Limits, max_pixels: int) -> PartPlan:
-    h, w = _resized(info.height, info.width, max_pixels)
+    h, w = smart_resize(info.height, info.width, max_pixels)
     decoded = info.pixels
     if info.codec == "JPEG":  # decoded at 1/2, 1/4 or 1/8 scale while still at least h x w (PIL's draft)
         scale = max(s for s in (1, 2, 4, 8) if info.width // s >= w and info.height // s >= h or s == 1)
@@ -200,7 +214,7 @@ def _plan_video(part: dict, name: str, info: Probe, limits: Limits, with_audio: 
     nframes = max(2, min(max_frames, wanted, info.frames or max_frames) // 2 * 2)
     max_pixels = max(min(VIDEO_MAX_FRAME_TOKENS * PATCH**2, token_budget * PATCH**2 * 2 // nframes),
                      int(VIDEO_MIN_FRAME_TOKENS * PATCH**2 * 1.05))
-    h, w = _resized(info.height, info.width, max_pixels, min_pixels=VIDEO_MIN_FRAME_TOKENS * PATCH**2)
+    h, w = smart_resize(info.height, info.width, max_pixels, min_pixels=VIDEO_MIN_FRAME_TOKENS * PATCH**2)
     tokens = nframes // 2 * (h // PATCH) * (w // PATCH)
     audio_s = min(seconds, limits.max_video_s) if with_audio else 0.0
     return PartPlan("video", name, tokens + (audio_tokens(audio_s) if with_audio else 0), audio_s, limits.max_video_s,
@@ -213,22 +227,6 @@ def audio_tokens(seconds: float) -> int:
     return max(((frames - 1) // 2 + 1 - 2) // 2 + 1, 1)
 
 
-def _resized(height: int, width: int, max_pixels: int, min_pixels: int = 4 * PATCH**2) -> tuple[int, int]:
-    """qwen-omni-utils' smart_resize: both sides multiples of 28, pixels within [min, max]."""
-    if min(height, width) <= 0:
-        raise InputError("the picture has no pixels")
-    if max(height, width) / min(height, width) > 200:
-        raise InputError(f"the picture is {width}×{height}: its sides may differ at most 200 times")
-    h, w = max(PATCH, round(height / PATCH) * PATCH), max(PATCH, round(width / PATCH) * PATCH)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h, w = max(PATCH, math.floor(height / beta / PATCH) * PATCH), max(PATCH, math.floor(width / beta / PATCH) * PATCH)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h, w = math.ceil(height * beta / PATCH) * PATCH, math.ceil(width * beta / PATCH) * PATCH
-    return h, w
-
-
 def read_image(path: str, plan: PartPlan):
     """A PIL image within the plan: decoded once (JPEG at a reduced scale), converted to RGB."""
     from PIL import Image
@@ -236,7 +234,7 @@ def read_image(path: str, plan: PartPlan):
 
     with Image.open(path) as image:
         if image.format == "JPEG":
-            h, w = _resized(image.height, image.width, plan.options["max_pixels"])
+            h, w = smart_resize(image.height, image.width, plan.options["max_pixels"])
             image.draft("RGB", (w, h))  # decode at the smallest DCT scale still at least w x h
         if image.width * image.height > plan.probe.pixels:  # the header lied about the size
             raise InputError(f"image {plan.name} decodes larger than its header says")

@@ -13,6 +13,8 @@ import numpy as np
 from omni_demo.config import Limits
 from omni_demo.errors import InputError
 
+from .clips import VideoClip
+
 MEDIA_TYPES = ("image", "audio", "video")
 ROLES = ("system", "user", "assistant")
 
@@ -55,7 +57,8 @@ def _normalize_part(part: Any, index: int) -> dict | None:
             raise InputError(f"message {index} has a text part without text")
         return dict(part) if text.strip() else None
     source = part.get(kind)
-    if isinstance(source, np.ndarray) or (kind == "image" and hasattr(source, "convert")):
+    if isinstance(source, np.ndarray) or (kind == "image" and hasattr(source, "convert")) or (
+            kind == "video" and isinstance(source, VideoClip)):
         return dict(part)
     if not isinstance(source, (str, Path)) or not str(source):
         raise InputError(f"message {index} has a {kind} part without a file")

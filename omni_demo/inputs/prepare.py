@@ -15,6 +15,7 @@ from typing import Any
 from omni_demo.config import Limits
 from omni_demo.errors import Cancelled, InputError, first_line
 
+from .clips import VideoClip
 from .media import PartPlan, describe, plan_part, read_audio, read_image, read_video
 from .messages import check_request, normalize_conversation
 from .prompt import MediaCache, MediaItem, MediaSpan, build_prompt, join_tensors, media_key, pad_rows, process_media
@@ -79,17 +80,24 @@ def read_media(part: dict, plan: PartPlan, with_audio: bool) -> dict:
                 return {"videos": [video]}
             audio = read_audio(str(source), plan.name, max_s=plan.max_s, what="video")
             return {"videos": [video], "audio": [audio], "audio_from_video_indices": [0], "load_audio_from_video": True}
-        return _read_in_memory(part)
+        return _read_in_memory(part, with_audio)
     except InputError:
         raise
     except Exception as exc:  # PIL, av and torchcodec each raise their own types
         raise InputError(f"could not read {kind} {describe(source)}: {first_line(exc)}") from exc
 
 
-def _read_in_memory(part: dict) -> dict:
-    """Arrays and PIL images given directly (CLI, tests): through qwen-omni-utils as they are."""
+def _read_in_memory(part: dict, with_audio: bool) -> dict:
+    """Arrays, PIL images and clips given directly (CLI, tests, a call's camera turns): through
+    qwen-omni-utils as they are; a clip's frames as read_video returns a file's."""
     from qwen_omni_utils import fetch_image
 
+    if isinstance(part[part["type"]], VideoClip):
+        clip = part["video"]
+        videos = {"videos": [clip_tensor(clip.frames, part.get("nframes"), part.get("resized_height"),
+                                         part.get("resized_width"))]}
+        return videos | {"audio": [clip.audio], "audio_from_video_indices": [0],
+                         "load_audio_from_video": True} if with_audio else videos
     if part["type"] == "image":
         return {"images": [fetch_image(part)]}
     if part["type"] == "audio":
@@ -97,6 +105,20 @@ def _read_in_memory(part: dict) -> dict:
 
         return {"audio": [process_audio_info([{"role": "user", "content": [part]}], False)[0]]}
     raise InputError(f"a {part['type']} part needs a file")
+
+
+def clip_tensor(frames, nframes: int | None = None, height: int | None = None, width: int | None = None):
+    """[n, h, w, 3] uint8 frames -> [n, 3, h, w] float32 (0..255), as read_video gives a file's;
+    with a plan's options, `nframes` of them evenly spaced, resized to `height` x `width`."""
+    import torch
+
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    if nframes is not None and nframes != len(video):
+        video = video[torch.linspace(0, len(video) - 1, nframes).round().long()]
+    if height is not None and (height, width) != tuple(video.shape[2:]):
+        video = torch.nn.functional.interpolate(video, size=(height, width), mode="bicubic", antialias=True)
+        video = video.clamp(0, 255)
+    return video
 
 
 def media_items(processor, messages: list[dict], plans: list[list[PartPlan]], use_audio_in_video: bool,
