@@ -14,9 +14,12 @@ it receives; the call's own generator, `run()`, is one loop that Gradio iterates
 
 so a barge-in stops generation within one decode step or audio chunk of being heard (a prompt
 being prefilled finishes first; ZeroGPU's worker is given up after STOP_GRACE_S). While the
-user speaks, the backend listens (`Backend.listen`, omni_demo.engine.listening) where it can,
+user speaks, the backend listens (`Backend.listen`, omni_demo.engine.listening) where it can, or,
+with the camera on, watches (`Backend.watch`: frames and sound, chunk by chunk; call.turn_listening),
 and only then does a reply start early: such a backend is this process's engine, whose reply
-generator closes at once when the user goes on after all.
+generator closes at once when the user goes on after all. A turn spoken with the camera on is a
+video with its sound (call.camera): in memory for this process's engine, a file for the chat and
+for a remote backend.
 No torch here: the voice activity model is given (omni_demo.call.vad), like the backend.
 """
 
